@@ -1,0 +1,437 @@
+//! One account's line of waiters in front of its [`Limiter`].
+//!
+//! Callers line up FIFO; a single dispatcher task per account takes the first
+//! caller still waiting, asks the limiter for a slot, sleeps exactly as long
+//! as the limiter says (no polling), and hands the slot over. A caller that
+//! leaves (cancelled, deadline) simply drops its receiver: the dispatcher
+//! notices and moves on, so no slot is spent on nobody.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::{Notify, oneshot};
+use tokio::time::{Instant, sleep, timeout_at};
+use tokio_util::sync::CancellationToken;
+
+use super::{BudgetError, Decision, Limiter, Rejection};
+use crate::config::BudgetConfig;
+
+/// Longest pushback applied when Infobip answers 429 without Retry-After.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// What a caller learns when its turn comes.
+#[derive(Debug, Clone, Copy)]
+pub struct Turn {
+    /// Callers that were ahead of it when it joined.
+    pub position: usize,
+    /// Time spent in line.
+    pub waited: Duration,
+}
+
+struct Waiter {
+    tx: oneshot::Sender<Result<(), BudgetError>>,
+    ready_by: Instant,
+}
+
+struct State {
+    waiters: VecDeque<Waiter>,
+    /// Callers inside `wait_turn` (admitted, not yet served or gone).
+    live: usize,
+    /// Best estimate of when the limiter grants its next slot.
+    next_slot: Instant,
+    /// Consecutive upstream 429s without Retry-After, for backoff.
+    pushback_streak: u32,
+}
+
+/// The waiters and dispatcher of one account.
+pub struct AccountQueue {
+    limiter: Arc<dyn Limiter>,
+    interval: Duration,
+    max_wait: Duration,
+    max_queue: usize,
+    state: Mutex<State>,
+    wake: Notify,
+    closing: CancellationToken,
+}
+
+impl AccountQueue {
+    /// Creates the queue and spawns its dispatcher on the current runtime.
+    pub fn spawn(limiter: Arc<dyn Limiter>, config: &BudgetConfig) -> Arc<Self> {
+        let queue = Arc::new(Self {
+            limiter,
+            interval: config.interval(),
+            max_wait: config.max_wait,
+            max_queue: config.max_queue.get(),
+            state: Mutex::new(State {
+                waiters: VecDeque::new(),
+                live: 0,
+                next_slot: Instant::now(),
+                pushback_streak: 0,
+            }),
+            wake: Notify::new(),
+            closing: CancellationToken::new(),
+        });
+        tokio::spawn(Arc::clone(&queue).dispatch());
+        queue
+    }
+
+    /// The emission interval T.
+    pub fn interval(&self) -> Duration {
+        self.interval
+    }
+
+    /// Callers waiting now.
+    pub fn depth(&self) -> usize {
+        self.lock().live
+    }
+
+    /// Waits for this account's next slot; `ready_by` is the latest instant at
+    /// which the slot is still useful (caller deadline minus upstream reserve).
+    /// Refuses at once when the turn cannot come by then.
+    pub async fn wait_turn(&self, ready_by: Instant) -> Result<Turn, BudgetError> {
+        let joined = Instant::now();
+        let (tx, rx) = oneshot::channel();
+        let position = {
+            let mut st = self.lock();
+            if self.closing.is_cancelled() {
+                return Err(BudgetError::ShuttingDown);
+            }
+            let eta = self.eta(&st, joined);
+            let refuse = |reason| {
+                Err(BudgetError::Exhausted {
+                    reason,
+                    retry_after: eta,
+                })
+            };
+            if st.live >= self.max_queue {
+                return refuse(Rejection::QueueFull);
+            }
+            if eta > self.max_wait {
+                return refuse(Rejection::MaxWait);
+            }
+            if joined + eta > ready_by {
+                return refuse(Rejection::Deadline);
+            }
+            st.waiters.push_back(Waiter { tx, ready_by });
+            st.live += 1;
+            st.live - 1
+        };
+        let _live = LiveGuard(self);
+        self.wake.notify_one();
+        match timeout_at(ready_by, rx).await {
+            Ok(Ok(Ok(()))) => Ok(Turn {
+                position,
+                waited: joined.elapsed(),
+            }),
+            Ok(Ok(Err(e))) => Err(e),
+            // The dispatcher only drops a sender when it stops.
+            Ok(Err(_)) => Err(BudgetError::ShuttingDown),
+            Err(_) => Err(BudgetError::Exhausted {
+                reason: Rejection::TimedOut,
+                retry_after: self.eta(&self.lock(), Instant::now()),
+            }),
+        }
+    }
+
+    /// Upstream said 429: no slot for `retry_after`, or for T doubled per
+    /// consecutive 429 when the vendor gives no Retry-After.
+    pub async fn pushback(&self, retry_after: Option<Duration>) -> Duration {
+        let wait = {
+            let mut st = self.lock();
+            let wait = retry_after.unwrap_or_else(|| {
+                let factor = 1u32 << st.pushback_streak.min(5);
+                (self.interval * factor).min(MAX_BACKOFF)
+            });
+            st.pushback_streak = st.pushback_streak.saturating_add(1);
+            st.next_slot = st.next_slot.max(Instant::now() + wait);
+            wait
+        };
+        self.limiter.pushback(wait).await;
+        wait
+    }
+
+    /// Upstream accepted a call: 429 backoff starts over.
+    pub fn reset_pushback(&self) {
+        self.lock().pushback_streak = 0;
+    }
+
+    /// Refuses new callers and answers every waiting one with `ShuttingDown`.
+    pub fn close(&self) {
+        self.closing.cancel();
+        self.wake.notify_one();
+    }
+
+    /// When a caller joining now could expect its slot: the next slot plus
+    /// one interval per caller ahead.
+    fn eta(&self, st: &State, now: Instant) -> Duration {
+        let ahead = u32::try_from(st.live).unwrap_or(u32::MAX);
+        st.next_slot.saturating_duration_since(now) + self.interval.saturating_mul(ahead)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // The state stays consistent across a panic elsewhere: every update is a
+        // single assignment, so a poisoned lock is still safe to use.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn dispatch(self: Arc<Self>) {
+        while let Some(waiter) = self.next_waiter().await {
+            self.serve(waiter).await;
+        }
+    }
+
+    /// The first caller still waiting, or `None` once closed (after answering
+    /// everyone still in line).
+    async fn next_waiter(&self) -> Option<Waiter> {
+        loop {
+            // Notify stores a permit when nobody waits, so a wake-up between the
+            // check and the await is not lost.
+            let woken = self.wake.notified();
+            {
+                let mut st = self.lock();
+                if self.closing.is_cancelled() {
+                    for w in st.waiters.drain(..) {
+                        let _ = w.tx.send(Err(BudgetError::ShuttingDown));
+                    }
+                    return None;
+                }
+                let now = Instant::now();
+                while let Some(w) = st.waiters.pop_front() {
+                    if !w.tx.is_closed() && w.ready_by > now {
+                        return Some(w);
+                    }
+                }
+            }
+            woken.await;
+        }
+    }
+
+    /// Gets a slot for `waiter`, sleeping as the limiter says, unless the
+    /// waiter leaves first or the gateway shuts down.
+    async fn serve(&self, mut waiter: Waiter) {
+        loop {
+            let decision = tokio::select! {
+                d = self.limiter.acquire() => d,
+                () = waiter.tx.closed() => return,
+                () = self.closing.cancelled() => {
+                    let _ = waiter.tx.send(Err(BudgetError::ShuttingDown));
+                    return;
+                }
+            };
+            match decision {
+                Ok(Decision::Granted) => {
+                    self.lock().next_slot = Instant::now() + self.interval;
+                    // If the caller left in the instant since the check above,
+                    // this slot is lost; the window is a few instructions wide.
+                    let _ = waiter.tx.send(Ok(()));
+                    return;
+                }
+                Ok(Decision::Wait(wait)) => {
+                    self.lock().next_slot = Instant::now() + wait;
+                    tokio::select! {
+                        () = sleep(wait) => {}
+                        () = waiter.tx.closed() => return,
+                        () = self.closing.cancelled() => {
+                            let _ = waiter.tx.send(Err(BudgetError::ShuttingDown));
+                            return;
+                        }
+                    }
+                }
+                Err(_) => {
+                    let _ = waiter.tx.send(Err(BudgetError::BackendUnavailable));
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Counts a caller out of `live` however `wait_turn` ends, cancellation included.
+struct LiveGuard<'a>(&'a AccountQueue);
+
+impl Drop for LiveGuard<'_> {
+    fn drop(&mut self) {
+        let mut st = self.0.lock();
+        st.live = st.live.saturating_sub(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::budget::local::LocalLimiter;
+    use std::num::{NonZeroU32, NonZeroUsize};
+
+    fn config(max_queue: usize) -> BudgetConfig {
+        BudgetConfig {
+            rate_per_second: NonZeroU32::new(1).unwrap(),
+            burst: NonZeroU32::MIN,
+            safety_margin: Duration::from_millis(10),
+            max_wait: Duration::from_secs(30),
+            max_queue: NonZeroUsize::new(max_queue).unwrap(),
+            upstream_reserve: Duration::from_millis(200),
+        }
+    }
+
+    fn queue(max_queue: usize) -> Arc<AccountQueue> {
+        let c = config(max_queue);
+        AccountQueue::spawn(Arc::new(LocalLimiter::new(&c)), &c)
+    }
+
+    const T: Duration = Duration::from_millis(1010);
+    const FAR: Duration = Duration::from_secs(3600);
+
+    #[tokio::test(start_paused = true)]
+    async fn waiters_are_served_fifo_one_interval_apart() {
+        let q = queue(100);
+        let start = Instant::now();
+        let mut handles = Vec::new();
+        for i in 0..5 {
+            let q = Arc::clone(&q);
+            handles.push(tokio::spawn(async move {
+                let turn = q.wait_turn(Instant::now() + FAR).await.unwrap();
+                (i, turn.position, Instant::now() - start)
+            }));
+            tokio::task::yield_now().await;
+        }
+        for (n, h) in handles.into_iter().enumerate() {
+            let (i, position, at) = h.await.unwrap();
+            // The first is served at once, so each later caller has one fewer ahead.
+            assert_eq!((i, position), (n, n.saturating_sub(1)));
+            assert_eq!(at, T * n as u32, "caller {n} served at {at:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_that_leaves_does_not_waste_a_slot() {
+        let q = queue(100);
+        q.wait_turn(Instant::now() + FAR).await.unwrap(); // takes the slot at t=0
+        let leaver = {
+            let q = Arc::clone(&q);
+            tokio::spawn(async move { q.wait_turn(Instant::now() + FAR).await })
+        };
+        tokio::task::yield_now().await;
+        let stayer = {
+            let q = Arc::clone(&q);
+            tokio::spawn(async move {
+                q.wait_turn(Instant::now() + FAR).await.unwrap();
+                Instant::now()
+            })
+        };
+        tokio::time::advance(T / 2).await;
+        leaver.abort();
+        let start = Instant::now() - T / 2;
+        let served = stayer.await.unwrap();
+        assert_eq!(
+            served - start,
+            T,
+            "the slot at T went to the caller still waiting"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn hopeless_calls_are_refused_at_once_with_retry_after() {
+        let q = queue(100);
+        q.wait_turn(Instant::now() + FAR).await.unwrap();
+        let before = Instant::now();
+        let err = q.wait_turn(Instant::now() + T / 2).await.unwrap_err();
+        assert_eq!(Instant::now(), before, "refused without waiting");
+        match err {
+            BudgetError::Exhausted {
+                reason,
+                retry_after,
+            } => {
+                assert_eq!(reason, Rejection::Deadline);
+                assert_eq!(retry_after, T);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_queue_bound_sheds_load() {
+        let q = queue(2);
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            let q = Arc::clone(&q);
+            held.push(tokio::spawn(async move {
+                q.wait_turn(Instant::now() + FAR).await
+            }));
+            tokio::task::yield_now().await;
+        }
+        // The first was served at once; two wait; a fourth is over the bound.
+        tokio::task::yield_now().await;
+        let err = q.wait_turn(Instant::now() + FAR).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                BudgetError::Exhausted {
+                    reason: Rejection::QueueFull,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn max_wait_refuses_calls_that_would_wait_too_long() {
+        let q = queue(1000);
+        let mut held = Vec::new();
+        for _ in 0..31 {
+            let q = Arc::clone(&q);
+            held.push(tokio::spawn(async move {
+                q.wait_turn(Instant::now() + FAR).await
+            }));
+            tokio::task::yield_now().await;
+        }
+        let err = q.wait_turn(Instant::now() + FAR).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                BudgetError::Exhausted {
+                    reason: Rejection::MaxWait,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pushback_delays_the_next_turn_and_backs_off() {
+        let q = queue(100);
+        q.wait_turn(Instant::now() + FAR).await.unwrap();
+        assert_eq!(q.pushback(None).await, T);
+        assert_eq!(q.pushback(None).await, T * 2);
+        q.reset_pushback();
+        assert_eq!(
+            q.pushback(Some(Duration::from_secs(7))).await,
+            Duration::from_secs(7)
+        );
+        let start = Instant::now();
+        q.wait_turn(Instant::now() + FAR).await.unwrap();
+        assert_eq!(Instant::now() - start, Duration::from_secs(7));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn close_answers_waiters_with_shutting_down() {
+        let q = queue(100);
+        q.wait_turn(Instant::now() + FAR).await.unwrap();
+        let waiting = {
+            let q = Arc::clone(&q);
+            tokio::spawn(async move { q.wait_turn(Instant::now() + FAR).await })
+        };
+        tokio::task::yield_now().await;
+        q.close();
+        assert!(matches!(
+            waiting.await.unwrap(),
+            Err(BudgetError::ShuttingDown)
+        ));
+        assert!(matches!(
+            q.wait_turn(Instant::now() + FAR).await,
+            Err(BudgetError::ShuttingDown)
+        ));
+    }
+}

@@ -1,0 +1,119 @@
+//! The command line: three subcommands, every `serve` flag also read from its
+//! environment variable (Kubernetes passes settings as env from a ConfigMap).
+//!
+//! Values are parsed here only as far as clap does it cheaply; [`crate::config`]
+//! turns them into a checked [`crate::config::Config`] before anything binds.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// gRPC gateway for Infobip's DELETE /provisioning/1/associations, holding its
+/// 1 request/second budget per account for every caller.
+#[derive(Debug, Parser)]
+#[command(name = "provisioning-gateway", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the production gateway.
+    Serve(Box<ServeArgs>),
+    /// Run the built-in Infobip emulator (vendor validation, error bodies, 1 rps limit).
+    MockUpstream(MockArgs),
+    /// Run the gateway and the emulator together on loopback and print grpcurl commands to try.
+    Demo(DemoArgs),
+}
+
+/// Flags of `serve`. The API key is read from `INFOBIP_API_KEY` (environment
+/// only, so it never shows in a process list) or from `--api-key-file`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// gRPC listen address.
+    #[arg(long, env = "GATEWAY_LISTEN", default_value = "0.0.0.0:50051")]
+    pub listen: SocketAddr,
+    /// Metrics and liveness HTTP listen address (/metrics, /healthz).
+    #[arg(long, env = "GATEWAY_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
+    pub metrics_listen: SocketAddr,
+    /// The Infobip account's base URL; /provisioning/1/associations is appended.
+    #[arg(long, env = "INFOBIP_BASE_URL")]
+    pub upstream_url: Option<String>,
+    /// File holding the API key (a mounted Kubernetes Secret). Alternative to INFOBIP_API_KEY.
+    #[arg(long, env = "INFOBIP_API_KEY_FILE")]
+    pub api_key_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub budget: BudgetArgs,
+    /// Longest time one upstream attempt may take (capped by the caller's deadline).
+    #[arg(long, env = "GATEWAY_UPSTREAM_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub upstream_timeout: Duration,
+    /// How long in-flight calls may take to finish after SIGTERM/SIGINT.
+    #[arg(long, env = "GATEWAY_SHUTDOWN_GRACE", default_value = "20s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+    /// Log format; default json unless stderr is a terminal.
+    #[arg(long, env = "GATEWAY_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+/// The per-account budget and its admission rules.
+#[derive(Debug, Args, Clone)]
+pub struct BudgetArgs {
+    /// Upstream requests per second allowed per account (Infobip: 1).
+    #[arg(long, env = "GATEWAY_RATE_PER_SECOND", default_value_t = 1)]
+    pub rate_per_second: u32,
+    /// Requests that may go at once after an idle period.
+    #[arg(long, env = "GATEWAY_BURST", default_value_t = 1)]
+    pub burst: u32,
+    /// Added to the interval 1/rate so arrivals at Infobip, not departures, keep the spacing.
+    #[arg(long, env = "GATEWAY_SAFETY_MARGIN", default_value = "10ms", value_parser = parse_duration)]
+    pub safety_margin: Duration,
+    /// Longest a call may wait for its turn before it is refused.
+    #[arg(long, env = "GATEWAY_MAX_WAIT", default_value = "30s", value_parser = parse_duration)]
+    pub max_wait: Duration,
+    /// Most calls that may wait per account; more are refused at once.
+    #[arg(long, env = "GATEWAY_MAX_QUEUE", default_value_t = 1000)]
+    pub max_queue: usize,
+    /// Least time a call must have left when its slot comes (for the upstream round trip).
+    #[arg(long, env = "GATEWAY_UPSTREAM_RESERVE", default_value = "200ms", value_parser = parse_duration)]
+    pub upstream_reserve: Duration,
+}
+
+/// Flags of `mock-upstream`.
+#[derive(Debug, Args)]
+pub struct MockArgs {
+    /// Address the emulator listens on.
+    #[arg(long, env = "MOCK_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// The API key the emulator accepts (`Authorization: App <key>`); any key when absent.
+    #[arg(long, env = "MOCK_API_KEY")]
+    pub api_key: Option<String>,
+    /// Requests per second the emulator allows per API key before answering 429.
+    #[arg(long, env = "MOCK_RATE_PER_SECOND", default_value_t = 1)]
+    pub rate_per_second: u32,
+}
+
+/// Flags of `demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// gRPC listen address of the demo gateway.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// Metrics listen address of the demo gateway.
+    #[arg(long, default_value = "127.0.0.1:9090")]
+    pub metrics_listen: SocketAddr,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+/// Parses `10ms`, `1s`, `2m 30s`, … (humantime).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (expected e.g. 250ms, 10s, 1m)"))
+}

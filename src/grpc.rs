@@ -1,0 +1,239 @@
+//! The gRPC service. The request path reads top to bottom in
+//! [`Gateway::delete`]: parse → account → budget → upstream → status.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::HeaderMap;
+use tokio::time::Instant;
+use tonic::metadata::MetadataMap;
+use tonic::{Request, Response, Status};
+
+use crate::budget::Budget;
+use crate::config::AccountConfig;
+use crate::domain::Association;
+use crate::pb::association_service_server::AssociationService;
+use crate::pb::{DeleteAssociationRequest, DeleteAssociationResponse};
+use crate::status::CallError;
+use crate::upstream::{TransportError, Upstream};
+
+/// Attempts per call at most: the first and two retries of what provably did
+/// not take effect (no connection, 429, 503).
+const MAX_ATTEMPTS: u32 = 3;
+/// Left between the end of an upstream attempt and the caller's deadline, so
+/// the caller gets our answer rather than its own timeout.
+const ANSWER_MARGIN: Duration = Duration::from_millis(20);
+
+/// Per-call limits from the configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct CallLimits {
+    pub upstream_timeout: Duration,
+    pub upstream_reserve: Duration,
+    /// Deadline of a call that sets none: max-wait + upstream timeout.
+    pub default_deadline: Duration,
+}
+
+/// The `AssociationService` implementation.
+pub struct Gateway {
+    accounts: HashMap<String, AccountConfig>,
+    default_account: String,
+    budget: Arc<Budget>,
+    upstream: Upstream,
+    limits: CallLimits,
+}
+
+/// What happened to one call, for its log event.
+#[derive(Debug, Default)]
+struct Report {
+    attempts: u32,
+    waited: Duration,
+    http_status: Option<u16>,
+}
+
+impl Gateway {
+    pub fn new(
+        accounts: Vec<AccountConfig>,
+        budget: Arc<Budget>,
+        upstream: Upstream,
+        limits: CallLimits,
+    ) -> Self {
+        let default_account = accounts.first().map(|a| a.name.clone()).unwrap_or_default();
+        Self {
+            accounts: accounts.into_iter().map(|a| (a.name.clone(), a)).collect(),
+            default_account,
+            budget,
+            upstream,
+            limits,
+        }
+    }
+
+    async fn delete(
+        &self,
+        account: &AccountConfig,
+        request: DeleteAssociationRequest,
+        deadline: Instant,
+        report: &mut Report,
+    ) -> Result<(), CallError> {
+        // 1. Parse: a refusal here costs no budget and sends nothing.
+        let association = Association::try_from(request)?;
+        let body = association.to_json();
+        let queue = self
+            .budget
+            .account(&account.name)
+            .ok_or(CallError::UnknownAccount)?;
+        let ready_by = deadline
+            .checked_sub(self.limits.upstream_reserve)
+            .unwrap_or(deadline);
+        let mut last: Option<CallError> = None;
+        loop {
+            // 2. Budget: every attempt pays a slot. A retry that cannot get
+            //    one in time answers with the last upstream outcome instead.
+            let turn = match queue.wait_turn(ready_by).await {
+                Ok(turn) => turn,
+                Err(e) => return Err(last.unwrap_or(CallError::Budget(e))),
+            };
+            report.waited += turn.waited;
+            report.attempts += 1;
+
+            // 3. Upstream: one DELETE, bounded by the caller's deadline.
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let timeout = self
+                .limits
+                .upstream_timeout
+                .min(remaining.saturating_sub(ANSWER_MARGIN));
+            let outcome = self
+                .upstream
+                .delete(account, body.clone(), timeout, HeaderMap::new())
+                .await;
+            report.http_status = outcome.as_ref().ok().map(|r| r.status);
+
+            // 4. Outcome: retry only what provably did not take effect.
+            let retry = match outcome {
+                Ok(reply) if reply.is_success() => {
+                    queue.reset_pushback();
+                    return Ok(());
+                }
+                Ok(reply) if reply.status == 429 => {
+                    queue.pushback(reply.retry_after).await;
+                    CallError::Upstream(reply)
+                }
+                Ok(reply) => {
+                    queue.reset_pushback();
+                    if reply.status != 503 {
+                        return Err(CallError::Upstream(reply));
+                    }
+                    CallError::Upstream(reply)
+                }
+                Err(TransportError::Connect) => CallError::Transport(TransportError::Connect),
+                Err(e) => return Err(e.into()),
+            };
+            if report.attempts >= MAX_ATTEMPTS {
+                return Err(retry);
+            }
+            last = Some(retry);
+        }
+    }
+
+    fn account(&self, metadata: &MetadataMap) -> Result<&AccountConfig, CallError> {
+        match metadata.get("x-infobip-account") {
+            None => self.accounts.get(&self.default_account),
+            Some(name) => name.to_str().ok().and_then(|n| self.accounts.get(n)),
+        }
+        .ok_or(CallError::UnknownAccount)
+    }
+}
+
+#[tonic::async_trait]
+impl AssociationService for Gateway {
+    async fn delete_association(
+        &self,
+        request: Request<DeleteAssociationRequest>,
+    ) -> Result<Response<DeleteAssociationResponse>, Status> {
+        let started = Instant::now();
+        let deadline =
+            started + grpc_timeout(request.metadata()).unwrap_or(self.limits.default_deadline);
+        let mut report = Report::default();
+        let (account_name, result) = match self.account(request.metadata()) {
+            Ok(account) => {
+                let result = self
+                    .delete(account, request.into_inner(), deadline, &mut report)
+                    .await;
+                (account.name.as_str(), result)
+            }
+            Err(e) => ("unknown", Err(e)),
+        };
+        let elapsed = started.elapsed();
+        match result {
+            Ok(()) => {
+                tracing::info!(
+                    account = account_name,
+                    outcome = "OK",
+                    attempts = report.attempts,
+                    http_status = report.http_status,
+                    budget_wait_ms = report.waited.as_millis() as u64,
+                    elapsed_ms = elapsed.as_millis() as u64,
+                    "association deleted"
+                );
+                Ok(Response::new(DeleteAssociationResponse {}))
+            }
+            Err(error) => {
+                let status = error.to_status(account_name);
+                tracing::warn!(
+                    account = account_name,
+                    outcome = ?status.code(),
+                    reason = %error.reason(),
+                    attempts = report.attempts,
+                    http_status = report.http_status,
+                    budget_wait_ms = report.waited.as_millis() as u64,
+                    elapsed_ms = elapsed.as_millis() as u64,
+                    "delete failed"
+                );
+                Err(status)
+            }
+        }
+    }
+}
+
+/// The caller's `grpc-timeout` (gRPC over HTTP/2 spec: up to 8 digits and a
+/// unit H, M, S, m, u or n).
+pub fn grpc_timeout(metadata: &MetadataMap) -> Option<Duration> {
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    if value.len() < 2 || value.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_grpc_timeout_units() {
+        let mut m = MetadataMap::new();
+        for (v, d) in [
+            ("5S", Duration::from_secs(5)),
+            ("250m", Duration::from_millis(250)),
+            ("1H", Duration::from_secs(3600)),
+            ("99999999n", Duration::from_nanos(99_999_999)),
+        ] {
+            m.insert("grpc-timeout", v.parse().unwrap());
+            assert_eq!(grpc_timeout(&m), Some(d), "{v}");
+        }
+        for bad in ["", "S", "5x", "123456789S", "-1S"] {
+            m.insert("grpc-timeout", bad.parse().unwrap());
+            assert_eq!(grpc_timeout(&m), None, "{bad}");
+        }
+    }
+}

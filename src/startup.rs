@@ -1,0 +1,173 @@
+//! Build, then run: [`App::build`] checks nothing more (config is already
+//! valid), binds every listener (port 0 allowed) and exposes the bound
+//! addresses; [`App::run_until_stopped`] serves until the shutdown future
+//! completes, then drains within the grace period.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+
+use crate::budget::Budget;
+use crate::config::Config;
+use crate::grpc::{CallLimits, Gateway};
+use crate::pb::association_service_server::AssociationServiceServer;
+use crate::upstream::Upstream;
+
+/// Largest request message accepted; a valid request is well under 2 KiB.
+const MAX_MESSAGE_BYTES: usize = 16 * 1024;
+
+/// A built gateway: listeners bound, not yet serving.
+pub struct App {
+    grpc: TcpListener,
+    metrics: TcpListener,
+    gateway: Gateway,
+    budget: Arc<Budget>,
+    shutdown_grace: Duration,
+}
+
+impl App {
+    /// Binds the gRPC and metrics listeners and wires the service.
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let grpc = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot bind --listen {}", config.listen))?;
+        let metrics = TcpListener::bind(config.metrics_listen)
+            .await
+            .with_context(|| format!("cannot bind --metrics-listen {}", config.metrics_listen))?;
+        let budget = Arc::new(Budget::memory(
+            &config.budget,
+            [config.account.name.as_str()],
+        ));
+        let upstream =
+            Upstream::new(config.upstream_timeout).context("cannot build the HTTP client")?;
+        let limits = CallLimits {
+            upstream_timeout: config.upstream_timeout,
+            upstream_reserve: config.budget.upstream_reserve,
+            default_deadline: config.budget.max_wait + config.upstream_timeout,
+        };
+        let gateway = Gateway::new(vec![config.account], Arc::clone(&budget), upstream, limits);
+        Ok(Self {
+            grpc,
+            metrics,
+            gateway,
+            budget,
+            shutdown_grace: config.shutdown_grace,
+        })
+    }
+
+    /// The bound gRPC address.
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// The bound metrics address.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// Serves until `shutdown` completes; then reports NOT_SERVING, answers
+    /// queued callers with UNAVAILABLE, lets in-flight calls finish, and
+    /// returns within the grace period.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health
+            .set_serving::<AssociationServiceServer<Gateway>>()
+            .await;
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()?;
+        let service = AssociationServiceServer::new(self.gateway)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES);
+
+        let stop = CancellationToken::new();
+        let grpc_addr = self.grpc.local_addr()?;
+        let grpc = Server::builder()
+            // Keepalive finds dead callers (and keeps NATs and load balancers
+            // from dropping idle HTTP/2 connections).
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .max_concurrent_streams(Some(1024))
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(service)
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(self.grpc),
+                stop.clone().cancelled_owned(),
+            );
+        let mut grpc = tokio::spawn(grpc);
+        let metrics = axum::serve(self.metrics, crate::telemetry::metrics_router())
+            .with_graceful_shutdown(stop.clone().cancelled_owned());
+        let metrics = tokio::spawn(metrics.into_future());
+        tracing::info!(%grpc_addr, "serving");
+
+        tokio::select! {
+            () = shutdown => {}
+            res = &mut grpc => {
+                stop.cancel();
+                return res?.context("gRPC server failed");
+            }
+        }
+
+        tracing::info!(grace = ?self.shutdown_grace, "shutting down: NOT_SERVING, draining");
+        health
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+        health
+            .set_not_serving::<AssociationServiceServer<Gateway>>()
+            .await;
+        self.budget.close();
+        stop.cancel();
+        match tokio::time::timeout(self.shutdown_grace, &mut grpc).await {
+            Ok(res) => res?.context("gRPC server failed while draining")?,
+            Err(_) => {
+                tracing::warn!("shutdown grace elapsed with calls still in flight");
+                grpc.abort();
+            }
+        }
+        let _ = metrics.await;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Completes on the first SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("SIGINT received"),
+        () = term => tracing::info!("SIGTERM received"),
+    }
+}

@@ -1,0 +1,34 @@
+//! Logs (tracing, JSON or text, `RUST_LOG` filtered) and the HTTP endpoints of
+//! the metrics listener.
+
+use std::io::IsTerminal;
+
+use axum::Router;
+use axum::routing::get;
+use tracing_subscriber::EnvFilter;
+
+use crate::cli::LogFormat;
+
+/// Installs the global subscriber. Default filter `info`; JSON unless stderr
+/// is a terminal or `format` says otherwise. Safe to call more than once (later
+/// calls are no-ops), which tests rely on.
+pub fn init_logs(format: Option<LogFormat>) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let format = format.unwrap_or(if std::io::stderr().is_terminal() {
+        LogFormat::Text
+    } else {
+        LogFormat::Json
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// The metrics listener's routes: `/healthz` (process liveness).
+pub fn metrics_router() -> Router {
+    Router::new().route("/healthz", get(|| async { "ok\n" }))
+}

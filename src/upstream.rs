@@ -1,0 +1,180 @@
+//! The Infobip REST client: one `DELETE /provisioning/1/associations` per
+//! attempt, over pooled rustls connections, with the vendor's error body
+//! parsed (and size-capped) for the status mapping.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER};
+use serde::Deserialize;
+
+use crate::config::AccountConfig;
+
+/// Most of an error body the gateway reads; Infobip's are a few hundred bytes.
+pub const MAX_BODY: usize = 64 * 1024;
+/// Longest Retry-After the gateway honours, whatever the header says.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+
+/// Infobip's `ApiRequestErrorDetails`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceException {
+    pub message_id: Option<String>,
+    pub text: Option<String>,
+    #[serde(default)]
+    pub validation_errors: BTreeMap<String, Vec<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ApiException {
+    request_error: ApiRequestError,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ApiRequestError {
+    service_exception: ServiceException,
+}
+
+/// What Infobip answered to one attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub status: u16,
+    /// The parsed error body, when it was Infobip's JSON shape.
+    pub error: Option<ServiceException>,
+    pub retry_after: Option<Duration>,
+}
+
+impl Reply {
+    /// Builds a reply from a status, headers and (capped) body bytes.
+    pub fn new(status: u16, headers: &HeaderMap, body: &[u8]) -> Self {
+        let error = serde_json::from_slice::<ApiException>(body)
+            .ok()
+            .map(|e| e.request_error.service_exception);
+        let retry_after = headers
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .filter(|s| s.is_finite() && *s >= 0.0)
+            .map(|s| Duration::from_secs_f64(s.min(MAX_RETRY_AFTER.as_secs_f64())));
+        Self {
+            status,
+            error,
+            retry_after,
+        }
+    }
+
+    pub fn is_success(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+}
+
+/// An attempt that got no HTTP answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TransportError {
+    /// No connection was established (refused, DNS, TLS handshake): the
+    /// request provably did not reach Infobip.
+    #[error("could not connect to Infobip")]
+    Connect,
+    /// The connection broke after the request may have been sent.
+    #[error("the connection to Infobip failed")]
+    Broken,
+    /// No answer within the attempt's timeout.
+    #[error("Infobip did not answer in time")]
+    Timeout,
+}
+
+/// The Infobip client, shared by all calls (its connection pool is the point).
+#[derive(Clone)]
+pub struct Upstream {
+    client: reqwest::Client,
+}
+
+impl Upstream {
+    pub fn new(connect_timeout: Duration) -> Result<Self, reqwest::Error> {
+        let client = reqwest::Client::builder()
+            .user_agent(crate::USER_AGENT)
+            .connect_timeout(connect_timeout)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .tcp_nodelay(true)
+            .build()?;
+        Ok(Self { client })
+    }
+
+    /// Sends one DELETE with `body` for `account`, giving up after `timeout`.
+    pub async fn delete(
+        &self,
+        account: &AccountConfig,
+        body: Vec<u8>,
+        timeout: Duration,
+        extra_headers: HeaderMap,
+    ) -> Result<Reply, TransportError> {
+        let mut auth = HeaderValue::from_str(&format!("App {}", account.api_key.expose()))
+            .map_err(|_| TransportError::Connect)?;
+        auth.set_sensitive(true);
+        let json = HeaderValue::from_static("application/json");
+        let send = self
+            .client
+            .delete(account.endpoint.clone())
+            .header(AUTHORIZATION, auth)
+            .header(CONTENT_TYPE, json.clone())
+            .header(ACCEPT, json)
+            .headers(extra_headers)
+            .body(body)
+            .send();
+        // One deadline covers connect, send and reading the capped body.
+        tokio::time::timeout(timeout, async {
+            let mut response = send.await.map_err(classify)?;
+            let status = response.status().as_u16();
+            let headers = std::mem::take(response.headers_mut());
+            let mut body = Vec::new();
+            while body.len() < MAX_BODY {
+                match response.chunk().await {
+                    Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+                    // A body cut short still has a status worth mapping.
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            body.truncate(MAX_BODY);
+            Ok(Reply::new(status, &headers, &body))
+        })
+        .await
+        .unwrap_or(Err(TransportError::Timeout))
+    }
+}
+
+fn classify(e: reqwest::Error) -> TransportError {
+    if e.is_connect() {
+        TransportError::Connect
+    } else if e.is_timeout() {
+        TransportError::Timeout
+    } else {
+        TransportError::Broken
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_vendor_error_body() {
+        let body = br#"{"requestError":{"serviceException":{"messageId":"BAD_REQUEST","text":"Bad request","validationErrors":{"applicationId":["size must be between 1 and 255"]}}}}"#;
+        let reply = Reply::new(400, &HeaderMap::new(), body);
+        let e = reply.error.unwrap();
+        assert_eq!(e.message_id.as_deref(), Some("BAD_REQUEST"));
+        assert_eq!(e.validation_errors["applicationId"].len(), 1);
+    }
+
+    #[test]
+    fn tolerates_non_json_and_reads_retry_after() {
+        let mut h = HeaderMap::new();
+        h.insert(RETRY_AFTER, HeaderValue::from_static("2"));
+        let reply = Reply::new(429, &h, b"<html>busy</html>");
+        assert_eq!(reply.error, None);
+        assert_eq!(reply.retry_after, Some(Duration::from_secs(2)));
+        h.insert(RETRY_AFTER, HeaderValue::from_static("99999"));
+        assert_eq!(Reply::new(429, &h, b"").retry_after, Some(MAX_RETRY_AFTER));
+    }
+}
