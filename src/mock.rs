@@ -75,6 +75,8 @@ struct Inner {
 pub struct Mock {
     config: Arc<MockConfig>,
     inner: Arc<Mutex<Inner>>,
+    /// Requests received so far (answered or not), for tests to await.
+    received: Arc<tokio::sync::watch::Sender<usize>>,
 }
 
 impl Mock {
@@ -82,6 +84,7 @@ impl Mock {
         Self {
             config: Arc::new(config),
             inner: Arc::default(),
+            received: Arc::new(tokio::sync::watch::channel(0).0),
         }
     }
 
@@ -108,7 +111,13 @@ impl Mock {
         self.lock().script.extend(answers);
     }
 
-    /// Every request seen so far, in arrival order.
+    /// Waits until at least `n` requests have been received (answered or not).
+    pub async fn wait_for_requests(&self, n: usize) {
+        let mut rx = self.received.subscribe();
+        let _ = rx.wait_for(|&count| count >= n).await;
+    }
+
+    /// Every request answered so far, in arrival order.
     pub fn arrivals(&self) -> Vec<Arrival> {
         self.lock().arrivals.clone()
     }
@@ -175,6 +184,7 @@ impl Mock {
 
 async fn handle(State(mock): State<Mock>, headers: HeaderMap, body: Bytes) -> Response {
     let now = Instant::now();
+    mock.received.send_modify(|n| *n += 1);
     let scripted = mock.lock().script.pop_front();
     let response = match scripted {
         Some(s) => {
@@ -193,7 +203,9 @@ async fn handle(State(mock): State<Mock>, headers: HeaderMap, body: Bytes) -> Re
         }
         None => mock.answer(&headers, &body, now),
     };
-    mock.lock().arrivals.push(Arrival {
+    let mut inner = mock.lock();
+    let at = inner.arrivals.partition_point(|a| a.at <= now);
+    inner.arrivals.insert(at, Arrival {
         at: now,
         headers,
         body,

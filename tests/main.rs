@@ -1,0 +1,10 @@
+//! One integration test binary (one link): real gRPC over loopback against
+//! the real server and the Infobip emulator or a raw TCP test upstream.
+
+mod budget;
+mod cli;
+mod contract;
+mod lifecycle;
+mod mapping;
+mod support;
+mod validation;

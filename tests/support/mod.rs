@@ -1,0 +1,159 @@
+//! Spawns the real gateway (`App::build` + `run_until_stopped`, exactly as
+//! `main` does) on 127.0.0.1:0 in front of the Infobip emulator, and hands
+//! tests a gRPC client.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::time::Duration;
+
+use provisioning_gateway::config::{AccountConfig, ApiKey, BudgetConfig, Config, endpoint_url};
+use provisioning_gateway::mock::{Mock, MockConfig};
+use provisioning_gateway::pb::association_service_client::AssociationServiceClient;
+use provisioning_gateway::pb::{Channel as PbChannel, DeleteAssociationRequest, ResourceType};
+use provisioning_gateway::startup::App;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+pub const API_KEY: &str = "test-api-key-0123456789";
+
+/// Knobs of a test gateway.
+#[derive(Clone)]
+pub struct Opts {
+    pub rate_per_second: u32,
+    pub safety_margin: Duration,
+    pub max_wait: Duration,
+    pub max_queue: usize,
+    pub upstream_timeout: Duration,
+    pub upstream_reserve: Duration,
+    pub shutdown_grace: Duration,
+    /// Point the gateway somewhere else than the emulator (transport failures).
+    pub upstream_url: Option<String>,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Self {
+            // 20/s keeps the suite fast; one test runs the real 1 rps.
+            rate_per_second: 20,
+            safety_margin: Duration::from_millis(10),
+            max_wait: Duration::from_secs(30),
+            max_queue: 1000,
+            upstream_timeout: Duration::from_secs(5),
+            upstream_reserve: Duration::from_millis(200),
+            shutdown_grace: Duration::from_secs(5),
+            upstream_url: None,
+        }
+    }
+}
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub mock: Mock,
+    pub stop: CancellationToken,
+    pub server: JoinHandle<anyhow::Result<()>>,
+    mock_stop: CancellationToken,
+}
+
+impl TestApp {
+    pub async fn client(&self) -> AssociationServiceClient<Channel> {
+        AssociationServiceClient::connect(format!("http://{}", self.addr))
+            .await
+            .expect("the gateway is bound before it serves, so connecting succeeds")
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    /// Triggers shutdown and waits for `run_until_stopped` to return.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.stop.cancel();
+        let r = self.server.await.expect("server task panicked");
+        self.mock_stop.cancel();
+        r
+    }
+}
+
+pub fn config(opts: &Opts, upstream: &str) -> Config {
+    Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: "127.0.0.1:0".parse().unwrap(),
+        account: AccountConfig {
+            name: Config::DEFAULT_ACCOUNT.into(),
+            endpoint: endpoint_url(upstream).unwrap(),
+            api_key: ApiKey::new(API_KEY).unwrap(),
+        },
+        budget: BudgetConfig {
+            rate_per_second: NonZeroU32::new(opts.rate_per_second).unwrap(),
+            burst: NonZeroU32::MIN,
+            safety_margin: opts.safety_margin,
+            max_wait: opts.max_wait,
+            max_queue: NonZeroUsize::new(opts.max_queue).unwrap(),
+            upstream_reserve: opts.upstream_reserve,
+        },
+        upstream_timeout: opts.upstream_timeout,
+        shutdown_grace: opts.shutdown_grace,
+        log_format: None,
+    }
+}
+
+/// The emulator on a free loopback port, enforcing the same rate as the gateway.
+pub async fn spawn_mock(rate_per_second: u32) -> (Mock, SocketAddr, CancellationToken) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mock = Mock::new(MockConfig {
+        api_key: Some(API_KEY.into()),
+        rate_per_second,
+    });
+    let stop = CancellationToken::new();
+    tokio::spawn(mock.clone().serve(listener, stop.clone().cancelled_owned()));
+    (mock, addr, stop)
+}
+
+pub async fn spawn_app(opts: Opts) -> TestApp {
+    let (mock, mock_addr, mock_stop) = spawn_mock(opts.rate_per_second).await;
+    let upstream = opts
+        .upstream_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{mock_addr}"));
+    let app = App::build(config(&opts, &upstream)).await.unwrap();
+    let addr = app.grpc_addr();
+    let metrics_addr = app.metrics_addr();
+    let stop = CancellationToken::new();
+    let server = tokio::spawn(app.run_until_stopped(stop.clone().cancelled_owned()));
+    TestApp {
+        addr,
+        metrics_addr,
+        mock,
+        stop,
+        server,
+        mock_stop,
+    }
+}
+
+/// A valid request; `n` makes it unique (the emulator 404s a second delete).
+pub fn request(n: usize) -> DeleteAssociationRequest {
+    DeleteAssociationRequest {
+        resource_type: ResourceType::Number as i32,
+        channel: PbChannel::Sms as i32,
+        application_id: "app-1".into(),
+        entity_id: Some("entity-1".into()),
+        resource_id: format!("number-key-{n}"),
+    }
+}
+
+/// A request with a gRPC deadline.
+pub fn with_timeout<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.set_timeout(timeout);
+    r
+}
