@@ -205,12 +205,15 @@ async fn handle(State(mock): State<Mock>, headers: HeaderMap, body: Bytes) -> Re
     };
     let mut inner = mock.lock();
     let at = inner.arrivals.partition_point(|a| a.at <= now);
-    inner.arrivals.insert(at, Arrival {
-        at: now,
-        headers,
-        body,
-        status: response.status().as_u16(),
-    });
+    inner.arrivals.insert(
+        at,
+        Arrival {
+            at: now,
+            headers,
+            body,
+            status: response.status().as_u16(),
+        },
+    );
     response
 }
 

@@ -20,7 +20,12 @@ fn gaps(app: &TestApp) -> Vec<Duration> {
 async fn concurrent_callers_are_all_served_and_arrivals_keep_the_interval() {
     // 20/s: the vendor (emulator) allows one per 50 ms. A 25 ms margin keeps
     // arrivals apart even when the loaded test machine delays a send.
-    let app = spawn_app(Opts { rate_per_second: 20, safety_margin: Duration::from_millis(25), ..Opts::default() }).await;
+    let app = spawn_app(Opts {
+        rate_per_second: 20,
+        safety_margin: Duration::from_millis(25),
+        ..Opts::default()
+    })
+    .await;
     let client = app.client().await;
     let calls = (0..20).map(|n| {
         let mut c = client.clone();
@@ -29,16 +34,27 @@ async fn concurrent_callers_are_all_served_and_arrivals_keep_the_interval() {
     let results = join_all(calls).await;
     assert!(results.iter().all(Result::is_ok), "{results:?}");
     let arrivals = app.mock.arrivals();
-    assert_eq!(arrivals.len(), 20, "one upstream call each, none refused by the vendor");
+    assert_eq!(
+        arrivals.len(),
+        20,
+        "one upstream call each, none refused by the vendor"
+    );
     assert!(arrivals.iter().all(|a| a.status == 204));
     let min = gaps(&app).into_iter().min().unwrap();
-    assert!(min >= Duration::from_millis(50), "smallest gap {min:?} is under the vendor's interval");
+    assert!(
+        min >= Duration::from_millis(50),
+        "smallest gap {min:?} is under the vendor's interval"
+    );
 }
 
 #[tokio::test]
 async fn a_caller_that_cancels_does_not_waste_a_slot() {
     // 5/s: T = 210 ms, wide enough to tell "next slot" from "the one after".
-    let app = spawn_app(Opts { rate_per_second: 5, ..Opts::default() }).await;
+    let app = spawn_app(Opts {
+        rate_per_second: 5,
+        ..Opts::default()
+    })
+    .await;
     let client = app.client().await;
     client.clone().delete_association(request(0)).await.unwrap(); // slot at t0
     let mut leaver = client.clone();
@@ -48,16 +64,30 @@ async fn a_caller_that_cancels_does_not_waste_a_slot() {
     let mut stayer = client.clone();
     stayer.delete_association(request(2)).await.unwrap();
     let arrivals = app.mock.arrivals();
-    let bodies: Vec<String> = arrivals.iter().map(|a| String::from_utf8_lossy(&a.body).into_owned()).collect();
-    assert_eq!(arrivals.len(), 2, "the cancelled call never went upstream: {bodies:?}");
+    let bodies: Vec<String> = arrivals
+        .iter()
+        .map(|a| String::from_utf8_lossy(&a.body).into_owned())
+        .collect();
+    assert_eq!(
+        arrivals.len(),
+        2,
+        "the cancelled call never went upstream: {bodies:?}"
+    );
     assert!(bodies[1].contains("number-key-2"));
     let gap = arrivals[1].at - arrivals[0].at;
-    assert!(gap < Duration::from_millis(315), "the stayer got the next slot, not the one after ({gap:?})");
+    assert!(
+        gap < Duration::from_millis(315),
+        "the stayer got the next slot, not the one after ({gap:?})"
+    );
 }
 
 #[tokio::test]
 async fn a_call_that_cannot_be_served_in_time_is_refused_at_once() {
-    let app = spawn_app(Opts { rate_per_second: 1, ..Opts::default() }).await;
+    let app = spawn_app(Opts {
+        rate_per_second: 1,
+        ..Opts::default()
+    })
+    .await;
     let mut client = app.client().await;
     client.delete_association(request(0)).await.unwrap(); // the next slot is ~1 s away
     let started = Instant::now();
@@ -67,19 +97,34 @@ async fn a_call_that_cannot_be_served_in_time_is_refused_at_once() {
         .unwrap_err();
     let took = started.elapsed();
     assert_eq!(status.code(), Code::ResourceExhausted);
-    assert!(took < Duration::from_millis(400), "refused at once, not after waiting ({took:?})");
+    assert!(
+        took < Duration::from_millis(400),
+        "refused at once, not after waiting ({took:?})"
+    );
     let d = status.get_error_details();
     let info = d.error_info().unwrap();
     assert_eq!(info.reason, "BUDGET_EXHAUSTED");
     assert_eq!(info.metadata["rejection"], "deadline");
     let retry = d.retry_info().unwrap().retry_delay.unwrap();
-    assert!(retry > Duration::from_millis(300) && retry <= Duration::from_millis(1010), "{retry:?}");
-    assert_eq!(app.mock.arrivals().len(), 1, "nothing sent for the refused call");
+    assert!(
+        retry > Duration::from_millis(300) && retry <= Duration::from_millis(1010),
+        "{retry:?}"
+    );
+    assert_eq!(
+        app.mock.arrivals().len(),
+        1,
+        "nothing sent for the refused call"
+    );
 }
 
 #[tokio::test]
 async fn the_queue_bound_sheds_load_with_queue_full() {
-    let app = spawn_app(Opts { rate_per_second: 5, max_queue: 2, ..Opts::default() }).await;
+    let app = spawn_app(Opts {
+        rate_per_second: 5,
+        max_queue: 2,
+        ..Opts::default()
+    })
+    .await;
     let client = app.client().await;
     let calls = (0..6).map(|n| {
         let mut c = client.clone();
@@ -87,17 +132,27 @@ async fn the_queue_bound_sheds_load_with_queue_full() {
     });
     let results = join_all(calls).await;
     let refused: Vec<_> = results.iter().filter_map(|r| r.as_ref().err()).collect();
-    assert!(refused.len() >= 3, "at most one in flight and two queued: {results:?}");
+    assert!(
+        refused.len() >= 3,
+        "at most one in flight and two queued: {results:?}"
+    );
     for s in &refused {
         assert_eq!(s.code(), Code::ResourceExhausted);
-        assert_eq!(s.get_error_details().error_info().unwrap().metadata["rejection"], "queue_full");
+        assert_eq!(
+            s.get_error_details().error_info().unwrap().metadata["rejection"],
+            "queue_full"
+        );
     }
     assert_eq!(app.mock.arrivals().len(), 6 - refused.len());
 }
 
 #[tokio::test]
 async fn real_one_request_per_second() {
-    let app = spawn_app(Opts { rate_per_second: 1, ..Opts::default() }).await;
+    let app = spawn_app(Opts {
+        rate_per_second: 1,
+        ..Opts::default()
+    })
+    .await;
     let client = app.client().await;
     let started = Instant::now();
     let calls = (0..3).map(|n| {
@@ -107,7 +162,10 @@ async fn real_one_request_per_second() {
     let results = join_all(calls).await;
     assert!(results.iter().all(Result::is_ok), "{results:?}");
     for gap in gaps(&app) {
-        assert!(gap >= Duration::from_secs(1), "arrivals {gap:?} apart at 1 rps");
+        assert!(
+            gap >= Duration::from_secs(1),
+            "arrivals {gap:?} apart at 1 rps"
+        );
     }
     assert!(started.elapsed() >= Duration::from_secs(2));
 }

@@ -5,12 +5,19 @@ use std::process::Command;
 
 fn serve(env: &[(&str, &str)], args: &[&str]) -> (i32, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_provisioning-gateway"));
-    cmd.env_clear().env("RUST_BACKTRACE", "1").arg("serve").args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"]).args(args);
+    cmd.env_clear()
+        .env("RUST_BACKTRACE", "1")
+        .arg("serve")
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .args(args);
     for (k, v) in env {
         cmd.env(k, v);
     }
     let out = cmd.output().expect("the binary runs");
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
@@ -20,11 +27,23 @@ fn each_bad_setting_is_named_in_one_line() {
     let cases: &[(&[(&str, &str)], &[&str], &str)] = &[
         (&[key], &[], "INFOBIP_BASE_URL"),
         (&[url], &[], "INFOBIP_API_KEY"),
-        (&[("INFOBIP_BASE_URL", "not a url"), key], &[], "INFOBIP_BASE_URL"),
-        (&[url, key], &["--rate-per-second", "0"], "--rate-per-second"),
+        (
+            &[("INFOBIP_BASE_URL", "not a url"), key],
+            &[],
+            "INFOBIP_BASE_URL",
+        ),
+        (
+            &[url, key],
+            &["--rate-per-second", "0"],
+            "--rate-per-second",
+        ),
         (&[url, key], &["--burst", "0"], "--burst"),
         (&[url, key], &["--max-queue", "0"], "--max-queue"),
-        (&[url], &["--api-key-file", "/nonexistent/key"], "--api-key-file"),
+        (
+            &[url],
+            &["--api-key-file", "/nonexistent/key"],
+            "--api-key-file",
+        ),
         (&[url, key], &["--max-wait", "soon"], "--max-wait"),
         (&[url, key], &["--listen", "nowhere"], "--listen"),
     ];
@@ -32,15 +51,34 @@ fn each_bad_setting_is_named_in_one_line() {
         let (code, stderr) = serve(env, args);
         assert_ne!(code, 0, "{setting}: {stderr}");
         assert!(stderr.contains(setting), "{setting} not named in: {stderr}");
-        assert!(!stderr.contains("panicked") && !stderr.contains("backtrace"), "{stderr}");
+        assert!(
+            !stderr.contains("panicked") && !stderr.contains("backtrace"),
+            "{stderr}"
+        );
     }
 }
 
 #[test]
 fn help_lists_every_serve_flag_with_its_variable() {
-    let out = Command::new(env!("CARGO_BIN_EXE_provisioning-gateway")).args(["serve", "--help"]).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_provisioning-gateway"))
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
     let help = String::from_utf8_lossy(&out.stdout);
-    for var in ["GATEWAY_LISTEN", "GATEWAY_METRICS_LISTEN", "INFOBIP_BASE_URL", "INFOBIP_API_KEY_FILE", "GATEWAY_RATE_PER_SECOND", "GATEWAY_BURST", "GATEWAY_SAFETY_MARGIN", "GATEWAY_MAX_WAIT", "GATEWAY_MAX_QUEUE", "GATEWAY_UPSTREAM_TIMEOUT", "GATEWAY_UPSTREAM_RESERVE", "GATEWAY_SHUTDOWN_GRACE"] {
+    for var in [
+        "GATEWAY_LISTEN",
+        "GATEWAY_METRICS_LISTEN",
+        "INFOBIP_BASE_URL",
+        "INFOBIP_API_KEY_FILE",
+        "GATEWAY_RATE_PER_SECOND",
+        "GATEWAY_BURST",
+        "GATEWAY_SAFETY_MARGIN",
+        "GATEWAY_MAX_WAIT",
+        "GATEWAY_MAX_QUEUE",
+        "GATEWAY_UPSTREAM_TIMEOUT",
+        "GATEWAY_UPSTREAM_RESERVE",
+        "GATEWAY_SHUTDOWN_GRACE",
+    ] {
         assert!(help.contains(var), "{var} missing from serve --help");
     }
 }

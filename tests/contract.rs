@@ -25,7 +25,11 @@ async fn sends_exactly_the_vendor_body_and_headers() {
                "entityId": "entity-1", "resourceId": "number-key-7"})
     );
     let body: serde_json::Value = serde_json::from_slice(&arrivals[1].body).unwrap();
-    assert_eq!(body["entityId"], serde_json::Value::Null, "absent entity is sent as null");
+    assert_eq!(
+        body["entityId"],
+        serde_json::Value::Null,
+        "absent entity is sent as null"
+    );
     assert!(body.as_object().unwrap().contains_key("entityId"));
 
     let h = &arrivals[0].headers;
@@ -33,7 +37,10 @@ async fn sends_exactly_the_vendor_body_and_headers() {
     assert_eq!(h["content-type"], "application/json");
     assert_eq!(h["accept"], "application/json");
     let ua = h["user-agent"].to_str().unwrap();
-    assert_eq!(ua, concat!("provisioning-gateway/", env!("CARGO_PKG_VERSION")));
+    assert_eq!(
+        ua,
+        concat!("provisioning-gateway/", env!("CARGO_PKG_VERSION"))
+    );
 }
 
 #[tokio::test]

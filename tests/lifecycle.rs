@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 use provisioning_gateway::mock::Scripted;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tonic::Code;
+use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
 use tonic_types::StatusExt;
 
 use crate::support::{API_KEY, Opts, request, spawn_app, spawn_mock};
@@ -21,8 +21,17 @@ async fn health_reports_serving_for_the_server_and_the_service() {
     let app = spawn_app(Opts::default()).await;
     let mut health = HealthClient::new(app.channel().await);
     for service in ["", SERVICE] {
-        let r = health.check(HealthCheckRequest { service: service.into() }).await.unwrap();
-        assert_eq!(r.into_inner().status(), ServingStatus::Serving, "service {service:?}");
+        let r = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            r.into_inner().status(),
+            ServingStatus::Serving,
+            "service {service:?}"
+        );
     }
 }
 
@@ -33,30 +42,68 @@ async fn reflection_lists_the_service_in_v1_and_v1alpha() {
     let channel = app.channel().await;
 
     let mut c = v1::server_reflection_client::ServerReflectionClient::new(channel.clone());
-    let req = v1::ServerReflectionRequest { host: String::new(), message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(String::new())) };
-    let mut stream = c.server_reflection_info(futures::stream::iter([req])).await.unwrap().into_inner();
-    let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) = stream.message().await.unwrap().unwrap().message_response else { panic!("no list") };
+    let req = v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
+    };
+    let mut stream = c
+        .server_reflection_info(futures::stream::iter([req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        stream.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("no list")
+    };
     let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
     assert!(names.contains(&SERVICE.to_owned()), "{names:?}");
-    assert!(names.contains(&"grpc.health.v1.Health".to_owned()), "{names:?}");
+    assert!(
+        names.contains(&"grpc.health.v1.Health".to_owned()),
+        "{names:?}"
+    );
 
     let mut c = v1alpha::server_reflection_client::ServerReflectionClient::new(channel);
-    let req = v1alpha::ServerReflectionRequest { host: String::new(), message_request: Some(v1alpha::server_reflection_request::MessageRequest::ListServices(String::new())) };
-    let mut stream = c.server_reflection_info(futures::stream::iter([req])).await.unwrap().into_inner();
-    let Some(v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(list)) = stream.message().await.unwrap().unwrap().message_response else { panic!("no list") };
+    let req = v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            v1alpha::server_reflection_request::MessageRequest::ListServices(String::new()),
+        ),
+    };
+    let mut stream = c
+        .server_reflection_info(futures::stream::iter([req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        stream.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("no list")
+    };
     assert!(list.service.iter().any(|s| s.name == SERVICE));
 }
 
 #[tokio::test]
 async fn shutdown_finishes_in_flight_calls_and_answers_queued_ones() {
-    let app = spawn_app(Opts { rate_per_second: 1, ..Opts::default() }).await;
+    let app = spawn_app(Opts {
+        rate_per_second: 1,
+        ..Opts::default()
+    })
+    .await;
     let client = app.client().await;
     let mut watch = HealthClient::new(app.channel().await)
-        .watch(HealthCheckRequest { service: SERVICE.into() })
+        .watch(HealthCheckRequest {
+            service: SERVICE.into(),
+        })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(watch.message().await.unwrap().unwrap().status(), ServingStatus::Serving);
+    assert_eq!(
+        watch.message().await.unwrap().unwrap().status(),
+        ServingStatus::Serving
+    );
 
     // One call in flight upstream for 1.5 s, one queued behind it for the next slot.
     let mut slow = Scripted::new(204, "");
@@ -72,22 +119,42 @@ async fn shutdown_finishes_in_flight_calls_and_answers_queued_ones() {
 
     let started = Instant::now();
     app.stop.cancel();
-    assert_eq!(watch.message().await.unwrap().unwrap().status(), ServingStatus::NotServing);
+    assert_eq!(
+        watch.message().await.unwrap().unwrap().status(),
+        ServingStatus::NotServing
+    );
     drop(watch); // a Watch stream never ends by itself and would hold the drain to the grace
 
     let queued = queued.await.unwrap().unwrap_err();
     assert_eq!(queued.code(), Code::Unavailable);
-    assert_eq!(queued.get_error_details().error_info().unwrap().reason, "SHUTTING_DOWN");
-    in_flight.await.unwrap().expect("the in-flight call finishes");
+    assert_eq!(
+        queued.get_error_details().error_info().unwrap().reason,
+        "SHUTTING_DOWN"
+    );
+    in_flight
+        .await
+        .unwrap()
+        .expect("the in-flight call finishes");
     app.server.await.unwrap().expect("clean shutdown");
-    assert!(started.elapsed() < Duration::from_secs(5), "within the grace");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "within the grace"
+    );
 }
 
 #[tokio::test]
 async fn sigterm_stops_the_binary_cleanly() {
     let (mock, mock_addr, _stop) = spawn_mock(20).await;
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_provisioning-gateway"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--log-format", "json"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+        ])
         .env_clear()
         .env("INFOBIP_BASE_URL", format!("http://{mock_addr}"))
         .env("INFOBIP_API_KEY", API_KEY)
@@ -97,26 +164,44 @@ async fn sigterm_stops_the_binary_cleanly() {
         .unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let addr = loop {
-        let line = lines.next_line().await.unwrap().expect("the gateway logs its address");
+        let line = lines
+            .next_line()
+            .await
+            .unwrap()
+            .expect("the gateway logs its address");
         assert!(!line.contains(API_KEY), "the key leaked into a log: {line}");
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         if v["message"] == "serving" {
             break v["grpc_addr"].as_str().unwrap().to_owned();
         }
     };
-    let mut client = provisioning_gateway::pb::association_service_client::AssociationServiceClient::connect(format!("http://{addr}")).await.unwrap();
+    let mut client =
+        provisioning_gateway::pb::association_service_client::AssociationServiceClient::connect(
+            format!("http://{addr}"),
+        )
+        .await
+        .unwrap();
     client.delete_association(request(0)).await.unwrap();
     assert_eq!(mock.arrivals().len(), 1);
 
     let pid = child.id().unwrap().to_string();
-    let killed = std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
     assert!(killed.success());
     let mut rest = Vec::new();
     while let Some(line) = lines.next_line().await.unwrap() {
         assert!(!line.contains(API_KEY), "the key leaked into a log: {line}");
         rest.push(line);
     }
-    let status = tokio::time::timeout(Duration::from_secs(10), child.wait()).await.unwrap().unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(status.success(), "exit {status:?}; logs: {rest:?}");
-    assert!(rest.iter().any(|l| l.contains("SIGTERM received")), "{rest:?}");
+    assert!(
+        rest.iter().any(|l| l.contains("SIGTERM received")),
+        "{rest:?}"
+    );
 }

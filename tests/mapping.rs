@@ -12,17 +12,24 @@ use tonic_types::StatusExt;
 use crate::support::{API_KEY, Opts, request, spawn_app, with_timeout};
 
 fn vendor_body(message_id: &str, text: &str) -> String {
-    format!(r#"{{"requestError":{{"serviceException":{{"messageId":"{message_id}","text":"{text}"}}}}}}"#)
+    format!(
+        r#"{{"requestError":{{"serviceException":{{"messageId":"{message_id}","text":"{text}"}}}}}}"#
+    )
 }
 
 /// Checks the one ErrorInfo: reason, domain, account and (when given) http_status.
 fn assert_info(status: &tonic::Status, reason: &str, http: Option<u16>) {
     let d = status.get_error_details();
-    let info = d.error_info().unwrap_or_else(|| panic!("no ErrorInfo on {status:?}"));
+    let info = d
+        .error_info()
+        .unwrap_or_else(|| panic!("no ErrorInfo on {status:?}"));
     assert_eq!(info.reason, reason, "{status:?}");
     assert_eq!(info.domain, "provisioning-gateway");
     assert_eq!(info.metadata["account"], "default");
-    assert_eq!(info.metadata.get("http_status").map(String::as_str), http.map(|h| h.to_string()).as_deref());
+    assert_eq!(
+        info.metadata.get("http_status").map(String::as_str),
+        http.map(|h| h.to_string()).as_deref()
+    );
     assert!(!format!("{status:?}").contains(API_KEY));
 }
 
@@ -50,16 +57,26 @@ async fn every_http_row_maps_with_the_vendor_reason_and_text() {
     ];
     for (n, &(http, code, attempts)) in rows.iter().enumerate() {
         let before = app.mock.arrivals().len();
-        let mut answer = Scripted::new(http, vendor_body(&format!("VENDOR_{http}"), &format!("vendor says {http}")));
+        let mut answer = Scripted::new(
+            http,
+            vendor_body(&format!("VENDOR_{http}"), &format!("vendor says {http}")),
+        );
         answer.headers.push(("retry-after".into(), "0".into()));
         app.mock.script(std::iter::repeat_n(answer, attempts));
         let status = client.delete_association(request(n)).await.unwrap_err();
         assert_eq!(status.code(), code, "HTTP {http}");
         assert_eq!(status.message(), format!("vendor says {http}"));
         assert_info(&status, &format!("VENDOR_{http}"), Some(http));
-        assert_eq!(app.mock.arrivals().len() - before, attempts, "attempts for HTTP {http}");
+        assert_eq!(
+            app.mock.arrivals().len() - before,
+            attempts,
+            "attempts for HTTP {http}"
+        );
         if http == 429 {
-            assert!(status.get_error_details().retry_info().is_some(), "429 carries RetryInfo");
+            assert!(
+                status.get_error_details().retry_info().is_some(),
+                "429 carries RetryInfo"
+            );
         }
     }
 }
@@ -68,7 +85,14 @@ async fn every_http_row_maps_with_the_vendor_reason_and_text() {
 async fn non_json_bodies_still_map_by_http_status() {
     let app = spawn_app(Opts::default()).await;
     let mut client = app.client().await;
-    for (n, (http, code)) in [(502, Code::Unavailable), (404, Code::NotFound), (500, Code::Internal)].into_iter().enumerate() {
+    for (n, (http, code)) in [
+        (502, Code::Unavailable),
+        (404, Code::NotFound),
+        (500, Code::Internal),
+    ]
+    .into_iter()
+    .enumerate()
+    {
         let mut html = Scripted::new(http, "<html><body>Bad Gateway</body></html>");
         html.headers = vec![("content-type".into(), "text/html".into())];
         app.mock.script([html]);
@@ -84,18 +108,42 @@ async fn validation_errors_become_field_violations_with_proto_names() {
     let app = spawn_app(Opts::default()).await;
     let body = r#"{"requestError":{"serviceException":{"messageId":"BAD_REQUEST","text":"Bad request","validationErrors":{"applicationId":["application not found"],"resourceId":["unknown number"]}}}}"#;
     app.mock.script([Scripted::new(400, body)]);
-    let status = app.client().await.delete_association(request(0)).await.unwrap_err();
+    let status = app
+        .client()
+        .await
+        .delete_association(request(0))
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
     let d = status.get_error_details();
-    let fields: Vec<_> = d.bad_request().unwrap().field_violations.iter().map(|v| (v.field.as_str(), v.description.as_str())).collect();
-    assert_eq!(fields, [("application_id", "application not found"), ("resource_id", "unknown number")]);
+    let fields: Vec<_> = d
+        .bad_request()
+        .unwrap()
+        .field_violations
+        .iter()
+        .map(|v| (v.field.as_str(), v.description.as_str()))
+        .collect();
+    assert_eq!(
+        fields,
+        [
+            ("application_id", "application not found"),
+            ("resource_id", "unknown number")
+        ]
+    );
 }
 
 #[tokio::test]
 async fn a_503_then_success_is_retried_to_ok() {
     let app = spawn_app(Opts::default()).await;
-    app.mock.script([Scripted::new(503, vendor_body("SERVICE_UNAVAILABLE", "try later"))]);
-    app.client().await.delete_association(request(0)).await.unwrap();
+    app.mock.script([Scripted::new(
+        503,
+        vendor_body("SERVICE_UNAVAILABLE", "try later"),
+    )]);
+    app.client()
+        .await
+        .delete_association(request(0))
+        .await
+        .unwrap();
     let statuses: Vec<_> = app.mock.arrivals().iter().map(|a| a.status).collect();
     assert_eq!(statuses, [503, 204]);
 }
@@ -103,9 +151,23 @@ async fn a_503_then_success_is_retried_to_ok() {
 #[tokio::test]
 async fn connection_refused_is_unavailable_upstream_unreachable() {
     // A port that was free a moment ago: nothing listens there.
-    let port = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().port();
-    let app = spawn_app(Opts { upstream_url: Some(format!("http://127.0.0.1:{port}")), ..Opts::default() }).await;
-    let status = app.client().await.delete_association(request(0)).await.unwrap_err();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let app = spawn_app(Opts {
+        upstream_url: Some(format!("http://127.0.0.1:{port}")),
+        ..Opts::default()
+    })
+    .await;
+    let status = app
+        .client()
+        .await
+        .delete_association(request(0))
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);
     assert_info(&status, "UPSTREAM_UNREACHABLE", None);
 }
@@ -125,34 +187,68 @@ async fn a_reset_after_the_request_is_sent_is_unavailable_and_not_retried() {
             drop(conn);
         }
     });
-    let app = spawn_app(Opts { upstream_url: Some(format!("http://{addr}")), ..Opts::default() }).await;
-    let status = app.client().await.delete_association(request(0)).await.unwrap_err();
+    let app = spawn_app(Opts {
+        upstream_url: Some(format!("http://{addr}")),
+        ..Opts::default()
+    })
+    .await;
+    let status = app
+        .client()
+        .await
+        .delete_association(request(0))
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);
     assert_info(&status, "UPSTREAM_UNREACHABLE", None);
-    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1, "it may have taken effect: no retry");
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "it may have taken effect: no retry"
+    );
 }
 
 #[tokio::test]
 async fn a_slow_upstream_is_deadline_exceeded_at_the_upstream_timeout() {
-    let app = spawn_app(Opts { upstream_timeout: Duration::from_millis(300), ..Opts::default() }).await;
+    let app = spawn_app(Opts {
+        upstream_timeout: Duration::from_millis(300),
+        ..Opts::default()
+    })
+    .await;
     let mut slow = Scripted::new(204, "");
     slow.delay = Duration::from_secs(5);
     app.mock.script([slow]);
     let started = Instant::now();
-    let status = app.client().await.delete_association(request(0)).await.unwrap_err();
+    let status = app
+        .client()
+        .await
+        .delete_association(request(0))
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::DeadlineExceeded);
     assert_info(&status, "UPSTREAM_TIMEOUT", None);
-    assert!(started.elapsed() < Duration::from_secs(4), "answered at the upstream timeout, not when the upstream did");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "answered at the upstream timeout, not when the upstream did"
+    );
 }
 
 #[tokio::test]
 async fn the_callers_deadline_caps_the_upstream_attempt() {
-    let app = spawn_app(Opts { upstream_timeout: Duration::from_secs(30), ..Opts::default() }).await;
+    let app = spawn_app(Opts {
+        upstream_timeout: Duration::from_secs(30),
+        ..Opts::default()
+    })
+    .await;
     let mut slow = Scripted::new(204, "");
     slow.delay = Duration::from_secs(10);
     app.mock.script([slow]);
     let started = Instant::now();
-    let status = app.client().await.delete_association(with_timeout(request(0), Duration::from_secs(1))).await.unwrap_err();
+    let status = app
+        .client()
+        .await
+        .delete_association(with_timeout(request(0), Duration::from_secs(1)))
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     assert!(started.elapsed() < Duration::from_secs(5));
 }
