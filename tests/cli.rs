@@ -24,7 +24,8 @@ fn serve(env: &[(&str, &str)], args: &[&str]) -> (i32, String) {
 fn each_bad_setting_is_named_in_one_line() {
     let url = ("INFOBIP_BASE_URL", "https://example.invalid");
     let key = ("INFOBIP_API_KEY", "k");
-    let cases: &[(&[(&str, &str)], &[&str], &str)] = &[
+    type Case<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str], &'a str);
+    let cases: &[Case] = &[
         (&[key], &[], "INFOBIP_BASE_URL"),
         (&[url], &[], "INFOBIP_API_KEY"),
         (

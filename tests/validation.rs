@@ -1,7 +1,7 @@
 //! Every validation rule: INVALID_ARGUMENT with a BadRequest naming the proto
 //! fields, all violations at once, no budget spent, nothing sent upstream.
 
-use provisioning_gateway::pb::{Channel, ResourceType};
+use provisioning_gateway::pb::{Channel, DeleteAssociationRequest, ResourceType};
 use tonic::Code;
 use tonic_types::StatusExt;
 
@@ -25,11 +25,8 @@ async fn every_rule_is_enforced_before_anything_goes_upstream() {
     let app = spawn_app(Opts::default()).await;
     let mut client = app.client().await;
     let long = |n| "é".repeat(n); // two bytes each: the limit counts characters
-    let cases: Vec<(
-        &str,
-        Box<dyn Fn(&mut provisioning_gateway::pb::DeleteAssociationRequest)>,
-        Vec<&str>,
-    )> = vec![
+    type Mutation = Box<dyn Fn(&mut DeleteAssociationRequest)>;
+    let cases: Vec<(&str, Mutation, Vec<&str>)> = vec![
         (
             "unset resource type",
             Box::new(|r| r.resource_type = 0),
