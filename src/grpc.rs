@@ -5,17 +5,19 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::HeaderMap;
 use tokio::time::Instant;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
+use tracing::field::Empty;
 
-use crate::budget::Budget;
+use crate::budget::{AccountQueue, Budget, BudgetError, Turn};
 use crate::config::AccountConfig;
 use crate::domain::Association;
 use crate::pb::association_service_server::AssociationService;
 use crate::pb::{DeleteAssociationRequest, DeleteAssociationResponse};
 use crate::status::CallError;
+use crate::telemetry::{self, metrics};
 use crate::upstream::{TransportError, Upstream};
 
 /// Attempts per call at most: the first and two retries of what provably did
@@ -89,7 +91,7 @@ impl Gateway {
         loop {
             // 2. Budget: every attempt pays a slot. A retry that cannot get
             //    one in time answers with the last upstream outcome instead.
-            let turn = match queue.wait_turn(ready_by).await {
+            let turn = match self.wait_turn(&account.name, queue, ready_by).await {
                 Ok(turn) => turn,
                 Err(e) => return Err(last.unwrap_or(CallError::Budget(e))),
             };
@@ -104,7 +106,7 @@ impl Gateway {
                 .min(remaining.saturating_sub(ANSWER_MARGIN));
             let outcome = self
                 .upstream
-                .delete(account, body.clone(), timeout, HeaderMap::new())
+                .delete(account, body.clone(), timeout, report.attempts)
                 .await;
             report.http_status = outcome.as_ref().ok().map(|r| r.status);
 
@@ -133,6 +135,46 @@ impl Gateway {
             }
             last = Some(retry);
         }
+    }
+
+    /// One budget wait, as its own span with its metrics.
+    async fn wait_turn(
+        &self,
+        account: &str,
+        queue: &AccountQueue,
+        ready_by: Instant,
+    ) -> Result<Turn, BudgetError> {
+        let span = tracing::info_span!(
+            "budget.wait",
+            account,
+            budget.queue_position = Empty,
+            budget.waited_ms = Empty,
+            budget.outcome = Empty,
+            otel.status_code = Empty,
+            trace_id = Empty,
+            span_id = Empty,
+        );
+        telemetry::record_ids(&span);
+        let result = queue.wait_turn(ready_by).instrument(span.clone()).await;
+        match &result {
+            Ok(turn) => {
+                span.record("budget.queue_position", turn.position);
+                span.record("budget.waited_ms", turn.waited.as_millis() as u64);
+                span.record("budget.outcome", "granted");
+                metrics::budget_wait(account, turn.waited);
+            }
+            Err(e) => {
+                let outcome = match e {
+                    BudgetError::Exhausted { reason, .. } => reason.as_str(),
+                    BudgetError::ShuttingDown => "shutting_down",
+                    BudgetError::BackendUnavailable => "backend_unavailable",
+                };
+                span.record("budget.outcome", outcome);
+                span.record("otel.status_code", "ERROR");
+                metrics::rejection(account, outcome);
+            }
+        }
+        result
     }
 
     fn account(&self, metadata: &MetadataMap) -> Result<&AccountConfig, CallError> {
@@ -164,6 +206,11 @@ impl AssociationService for Gateway {
             Err(e) => ("unknown", Err(e)),
         };
         let elapsed = started.elapsed();
+        tracing::Span::current().record("account", account_name);
+        let code = result
+            .as_ref()
+            .map_or_else(CallError::code, |()| tonic::Code::Ok);
+        metrics::request(account_name, code, elapsed);
         match result {
             Ok(()) => {
                 tracing::info!(

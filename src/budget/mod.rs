@@ -105,7 +105,10 @@ impl Budget {
     ) -> Self {
         let accounts = limiters
             .into_iter()
-            .map(|(name, limiter)| (name, AccountQueue::spawn(limiter, config)))
+            .map(|(name, limiter)| {
+                let queue = AccountQueue::spawn(&name, limiter, config);
+                (name, queue)
+            })
             .collect();
         Self { accounts }
     }

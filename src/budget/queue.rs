@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{BudgetError, Decision, Limiter, Rejection};
 use crate::config::BudgetConfig;
+use crate::telemetry::metrics;
 
 /// Longest pushback applied when Infobip answers 429 without Retry-After.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -46,6 +47,7 @@ struct State {
 
 /// The waiters and dispatcher of one account.
 pub struct AccountQueue {
+    name: String,
     limiter: Arc<dyn Limiter>,
     interval: Duration,
     max_wait: Duration,
@@ -57,8 +59,9 @@ pub struct AccountQueue {
 
 impl AccountQueue {
     /// Creates the queue and spawns its dispatcher on the current runtime.
-    pub fn spawn(limiter: Arc<dyn Limiter>, config: &BudgetConfig) -> Arc<Self> {
+    pub fn spawn(name: &str, limiter: Arc<dyn Limiter>, config: &BudgetConfig) -> Arc<Self> {
         let queue = Arc::new(Self {
+            name: name.to_owned(),
             limiter,
             interval: config.interval(),
             max_wait: config.max_wait,
@@ -115,6 +118,7 @@ impl AccountQueue {
             }
             st.waiters.push_back(Waiter { tx, ready_by });
             st.live += 1;
+            metrics::queue_depth(&self.name, st.live);
             st.live - 1
         };
         let _live = LiveGuard(self);
@@ -254,6 +258,7 @@ impl Drop for LiveGuard<'_> {
     fn drop(&mut self) {
         let mut st = self.0.lock();
         st.live = st.live.saturating_sub(1);
+        metrics::queue_depth(&self.0.name, st.live);
     }
 }
 
@@ -276,7 +281,7 @@ mod tests {
 
     fn queue(max_queue: usize) -> Arc<AccountQueue> {
         let c = config(max_queue);
-        AccountQueue::spawn(Arc::new(LocalLimiter::new(&c)), &c)
+        AccountQueue::spawn("test", Arc::new(LocalLimiter::new(&c)), &c)
     }
 
     const T: Duration = Duration::from_millis(1010);
