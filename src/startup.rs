@@ -103,6 +103,7 @@ impl App {
 
         let stop = CancellationToken::new();
         let grpc_addr = self.grpc.local_addr()?;
+        let metrics_addr = self.metrics.local_addr()?;
         let grpc = Server::builder()
             // The server span wraps everything of a call, including tonic's
             // decoding and size limits, so refusals there are traced too.
@@ -136,7 +137,7 @@ impl App {
         let metrics = axum::serve(self.metrics, metrics::router(prometheus))
             .with_graceful_shutdown(stop.clone().cancelled_owned());
         let metrics = tokio::spawn(metrics.into_future());
-        tracing::info!(%grpc_addr, "serving");
+        tracing::info!(%grpc_addr, %metrics_addr, "serving");
 
         tokio::select! {
             () = shutdown => {}

@@ -4,6 +4,9 @@
 
 #![allow(dead_code)]
 
+pub mod otlp;
+pub mod process;
+
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::time::Duration;
