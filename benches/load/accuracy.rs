@@ -1,0 +1,193 @@
+//! Accuracy: many callers against gateway replicas (release binaries) in
+//! front of the Infobip emulator at the vendor's real 1 request/second, for
+//! `--duration`. Reports upstream calls per second ÷ configured rate, the
+//! smallest gap between upstream arrivals, the vendor's 429s, and how callers
+//! fared against their deadlines; draws the arrivals over time.
+//!
+//! Several replicas share one budget only through Redis: with `--replicas`
+//! above 1 the tool starts its own `redis-server` on a free loopback port and
+//! runs the replicas with `--budget-backend redis`, which needs a binary that
+//! has that flag.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use provisioning_gateway::pb::association_service_client::AssociationServiceClient;
+use serde_json::json;
+use tonic_types::StatusExt;
+
+use crate::Opts;
+use crate::harness::{label, request};
+use crate::report::{table, verdict, write};
+use crate::systems::{GatewayBin, emulator};
+
+/// Each caller's deadline.
+const DEADLINE: Duration = Duration::from_secs(10);
+const RATE_TARGET: f64 = 0.98;
+
+/// Whether this build of the binary has the Redis budget backend.
+fn has_redis_backend() -> bool {
+    std::process::Command::new(env!("CARGO_BIN_EXE_provisioning-gateway"))
+        .args(["serve", "--help"])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("--budget-backend"))
+}
+
+/// A throwaway `redis-server` on a free loopback port (no persistence).
+async fn redis_server() -> anyhow::Result<(tokio::process::Child, SocketAddr)> {
+    // `--port 0` would mean "no TCP listener": pick a free port ourselves.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let child = tokio::process::Command::new("redis-server")
+        .args(["--port", &addr.port().to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no"])
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("redis-server must be installed (scripts/test installs it)")?;
+    let started = Instant::now();
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        if started.elapsed() > Duration::from_secs(10) {
+            bail!("redis-server did not listen on {addr} within 10 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok((child, addr))
+}
+
+#[derive(Default)]
+struct Tally {
+    outcomes: BTreeMap<String, u64>,
+    late: u64,
+    hung: u64,
+}
+
+/// One caller: calls with a 10 s deadline, one after another; when refused
+/// it comes back after the RetryInfo delay, as a well-behaved client does.
+async fn caller(addr: SocketAddr, end: Instant, ids: &'static AtomicUsize) -> Tally {
+    let mut tally = Tally::default();
+    let Ok(mut client) = AssociationServiceClient::connect(format!("http://{addr}")).await else {
+        tally.hung += 1;
+        return tally;
+    };
+    while Instant::now() < end {
+        let mut req = tonic::Request::new(request());
+        req.get_mut().resource_id = format!("accuracy-{}", ids.fetch_add(1, Ordering::Relaxed));
+        req.set_timeout(DEADLINE);
+        let t0 = Instant::now();
+        let answer = tokio::time::timeout(DEADLINE * 2, client.delete_association(req)).await;
+        if t0.elapsed() > DEADLINE {
+            tally.late += 1;
+        }
+        let (outcome, back_off) = match answer {
+            Err(_) => {
+                tally.hung += 1;
+                continue;
+            }
+            Ok(Ok(_)) => ("OK".to_owned(), None),
+            Ok(Err(s)) => (label(&s), s.get_error_details().retry_info().and_then(|r| r.retry_delay)),
+        };
+        *tally.outcomes.entry(outcome).or_default() += 1;
+        if let Some(delay) = back_off {
+            tokio::time::sleep(delay.min(DEADLINE).min(end.saturating_duration_since(Instant::now()))).await;
+        }
+    }
+    tally
+}
+
+pub async fn run(opts: &Opts) -> anyhow::Result<()> {
+    let redis_available = has_redis_backend();
+    let replicas = opts.replicas.unwrap_or(if redis_available { 3 } else { 1 });
+    if replicas > 1 && !redis_available {
+        bail!(
+            "PENDING: {replicas} replicas share a budget only through the Redis backend, \
+             which this build does not have yet (--budget-backend); run with --replicas 1"
+        );
+    }
+    if !redis_available {
+        println!("  PENDING: 3 replicas on one Redis needs the Redis budget backend; measuring 1 replica (in-memory budget)");
+    }
+    let (mock, upstream) = emulator(1).await?;
+    let redis = if replicas > 1 { Some(redis_server().await?) } else { None };
+    let redis_url = redis.as_ref().map(|(_, a)| format!("redis://{a}"));
+    let mut flags = vec!["--rate-per-second", "1"];
+    if let Some(url) = &redis_url {
+        flags.extend(["--budget-backend", "redis", "--redis-url", url]);
+    }
+    let mut gateways = Vec::new();
+    for r in 0..replicas {
+        gateways.push(GatewayBin::start(&format!("accuracy-{r}"), upstream, &flags, &[]).await?);
+    }
+    println!(
+        "  {} callers, {replicas} replica(s), {:?}, deadline {DEADLINE:?} per call",
+        opts.callers, opts.duration
+    );
+    static IDS: AtomicUsize = AtomicUsize::new(0);
+    let started = Instant::now();
+    let end = started + opts.duration;
+    let callers: Vec<_> = (0..opts.callers)
+        .map(|i| tokio::spawn(caller(gateways[i % replicas].addr, end, &IDS)))
+        .collect();
+    let mut tally = Tally::default();
+    for c in futures::future::join_all(callers).await {
+        let t = c?;
+        tally.late += t.late;
+        tally.hung += t.hung;
+        for (k, v) in t.outcomes {
+            *tally.outcomes.entry(k).or_default() += v;
+        }
+    }
+    for g in gateways {
+        g.stop().await;
+    }
+
+    let arrivals: Vec<_> = mock.arrivals().into_iter().filter(|a| a.at >= started && a.at <= end).collect();
+    let times: Vec<f64> = arrivals.iter().map(|a| (a.at - arrivals[0].at).as_secs_f64()).collect();
+    let span = times.last().copied().unwrap_or(0.0);
+    let rate = (times.len().saturating_sub(1)) as f64 / span.max(1e-9);
+    let min_gap = times.windows(2).map(|w| w[1] - w[0]).fold(f64::MAX, f64::min);
+    let vendor_429 = arrivals.iter().filter(|a| a.status == 429).count();
+    let total: u64 = tally.outcomes.values().sum();
+    let ok = tally.outcomes.get("OK").copied().unwrap_or(0);
+    let refused: u64 = tally.outcomes.iter().filter(|(k, _)| k.contains("BUDGET_EXHAUSTED")).map(|(_, v)| v).sum();
+    let timed_out: u64 = tally.outcomes.iter().filter(|(k, _)| k.ends_with("timed_out")).map(|(_, v)| v).sum();
+    let admitted = total - refused + timed_out;
+    table(
+        &["figure", "value", "target"],
+        &[
+            vec!["upstream calls/s ÷ configured rate".into(), format!("{rate:.4}"), format!("≥ {RATE_TARGET}: {}", verdict(rate >= RATE_TARGET))],
+            vec!["smallest gap between arrivals".into(), format!("{:.1} ms", min_gap * 1e3), format!("≥ 1000 ms: {}", verdict(min_gap >= 1.0))],
+            vec!["vendor 429s".into(), vendor_429.to_string(), format!("0: {}", verdict(vendor_429 == 0))],
+            vec!["calls (all answered)".into(), format!("{total} ({} hung, {} after deadline)", tally.hung, tally.late), format!("none late: {}", verdict(tally.hung + tally.late == 0))],
+            vec!["served (OK)".into(), ok.to_string(), String::new()],
+            vec!["refused at once (BUDGET_EXHAUSTED)".into(), (refused - timed_out).to_string(), String::new()],
+            vec!["admitted and served within deadline".into(), format!("{:.1} %", 100.0 * ok as f64 / admitted.max(1) as f64), String::new()],
+        ],
+    );
+    println!("  answers: {:?}", tally.outcomes);
+    let svg = opts.svg_dir.join("bench-arrivals.svg");
+    let title = format!(
+        "Upstream arrivals: {} callers, {replicas} replica(s), budget 1 rps (T = 1010 ms)",
+        opts.callers
+    );
+    crate::plot::arrivals(&svg, &title, &times, 1000.0, &[])?;
+    println!("wrote {}", svg.display());
+    write(
+        "accuracy",
+        json!({
+            "replicas": replicas, "backend": if replicas > 1 { "redis" } else { "memory" },
+            "callers": opts.callers, "duration_s": opts.duration.as_secs_f64(),
+            "deadline_s": DEADLINE.as_secs_f64(),
+            "upstream_rate_ratio": rate, "min_gap_ms": min_gap * 1e3, "vendor_429s": vendor_429,
+            "arrivals": times.len(), "calls": total, "ok": ok, "refused": refused - timed_out,
+            "timed_out_in_queue": timed_out, "late": tally.late, "hung": tally.hung,
+            "served_share_of_admitted": ok as f64 / admitted.max(1) as f64,
+            "outcomes": tally.outcomes, "arrival_times_s": times,
+        }),
+    );
+    drop(redis);
+    Ok(())
+}

@@ -1,0 +1,140 @@
+//! Memory: resident set size (VmRSS from /proc) of the release binary with
+//! 10,000 callers queued on one account, and of the budget state for 10,000
+//! accounts.
+//!
+//! The binary has one account (multi-account configuration is another
+//! issue), so the second figure is measured in this process: the RSS growth
+//! from `Budget::memory` over 10,000 account names (a queue, a GCRA limiter
+//! and a parked dispatcher task each), measured first thing in the process.
+
+use std::time::{Duration, Instant};
+
+use provisioning_gateway::budget::Budget;
+use provisioning_gateway::pb::association_service_client::AssociationServiceClient;
+use serde_json::json;
+use tonic::transport::Endpoint;
+
+use crate::Opts;
+use crate::harness::request;
+use crate::report::{verdict, write};
+use crate::systems::{GatewayBin, config, emulator, rss, scrape};
+
+const CALLERS: usize = 10_000;
+const ACCOUNTS: usize = 10_000;
+const TARGET_MIB: f64 = 64.0;
+const QUEUE_DEPTH: &str = "provisioning_gateway_budget_queue_depth";
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+/// Polls the gateway's queue depth until `done` says so (bounded).
+async fn wait_depth(
+    metrics: std::net::SocketAddr,
+    limit: Duration,
+    mut done: impl FnMut(f64) -> bool,
+) -> f64 {
+    let started = Instant::now();
+    loop {
+        let depth = scrape(metrics, QUEUE_DEPTH).await.unwrap_or(-1.0);
+        if done(depth) || started.elapsed() > limit {
+            return depth;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn accounts() -> anyhow::Result<serde_json::Value> {
+    let budget_config = config("127.0.0.1:9".parse()?, &[])?.budget;
+    let names: Vec<String> = (0..ACCOUNTS).map(|i| format!("account-{i:05}")).collect();
+    let (before, _) = rss(0);
+    let budget = Budget::memory(&budget_config, names.iter().map(String::as_str));
+    // Let every dispatcher run once and park on its queue.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (after, _) = rss(0);
+    budget.close();
+    let delta = after.saturating_sub(before);
+    println!(
+        "  budget state for {ACCOUNTS} accounts (in process): +{:.1} MiB RSS, {:.0} bytes per account",
+        mib(delta),
+        delta as f64 / ACCOUNTS as f64
+    );
+    Ok(json!({"accounts": ACCOUNTS, "rss_delta_bytes": delta, "bytes_per_account": delta as f64 / ACCOUNTS as f64}))
+}
+
+async fn queued() -> anyhow::Result<serde_json::Value> {
+    let (mock, upstream) = emulator(1).await?;
+    let flags = [
+        "--rate-per-second",
+        "1",
+        "--max-queue",
+        "20000",
+        "--max-wait",
+        "1h",
+    ];
+    let gateway = GatewayBin::start("memory", upstream, &flags, &[]).await?;
+    let mut warm = AssociationServiceClient::connect(format!("http://{}", gateway.addr)).await?;
+    warm.delete_association(request()).await?;
+    let (idle, _) = rss(gateway.pid());
+
+    // 12 connections × up to 1024 streams each (the server's limit) hold 10,000 calls.
+    let mut clients = Vec::new();
+    for _ in 0..12 {
+        let channel = Endpoint::from_shared(format!("http://{}", gateway.addr))?
+            .connect()
+            .await?;
+        clients.push(AssociationServiceClient::new(channel));
+    }
+    let started = Instant::now();
+    let callers: Vec<_> = (0..CALLERS)
+        .map(|i| {
+            let mut client = clients[i % clients.len()].clone();
+            let mut req = request();
+            req.resource_id = format!("queued-{i}");
+            tokio::spawn(async move { client.delete_association(req).await })
+        })
+        .collect();
+    // All are in line when those waiting plus those already served (one a
+    // second, after the warm-up call) make 10,000.
+    let depth = wait_depth(gateway.metrics_addr, Duration::from_secs(60), |d| {
+        d + (mock.arrivals().len() - 1) as f64 >= CALLERS as f64
+    })
+    .await;
+    let joined = started.elapsed();
+    let (loaded, peak) = rss(gateway.pid());
+    callers.iter().for_each(|c| c.abort());
+    let drained = wait_depth(gateway.metrics_addr, Duration::from_secs(30), |d| d == 0.0).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (after, _) = rss(gateway.pid());
+    gateway.stop().await;
+
+    let ok = mib(loaded) <= TARGET_MIB;
+    println!(
+        "  release binary, idle after one call: {:.1} MiB RSS",
+        mib(idle)
+    );
+    println!(
+        "  with {depth} callers queued on one account (all in line after {joined:.1?}): {:.1} MiB RSS \
+         (target ≤ {TARGET_MIB} MiB: {}), peak {:.1} MiB, {:.0} bytes per queued caller",
+        mib(loaded),
+        verdict(ok),
+        mib(peak),
+        loaded.saturating_sub(idle) as f64 / CALLERS as f64
+    );
+    println!(
+        "  after every caller left (queue depth {drained}): {:.1} MiB RSS",
+        mib(after)
+    );
+    Ok(json!({
+        "callers": CALLERS, "queue_depth_seen": depth, "seconds_to_queue_all": joined.as_secs_f64(),
+        "rss_idle_bytes": idle, "rss_queued_bytes": loaded, "rss_peak_bytes": peak,
+        "rss_after_bytes": after, "target_mib": TARGET_MIB, "met": ok,
+    }))
+}
+
+pub async fn run(_opts: &Opts) -> anyhow::Result<()> {
+    let accounts = accounts().await?;
+    let queued = queued().await?;
+    write("memory", json!({"accounts": accounts, "queued_callers": queued}));
+    Ok(())
+}

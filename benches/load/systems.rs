@@ -1,0 +1,248 @@
+//! What the scenarios start, all on 127.0.0.1: a fast upstream answering 204,
+//! a bare tonic echo server, the Infobip emulator, and the gateway itself,
+//! in process (`App::build`, as the tests do) or as the release binary.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use provisioning_gateway::cli::{Cli, Command};
+use provisioning_gateway::config::Config;
+use provisioning_gateway::mock::{Mock, MockConfig};
+use provisioning_gateway::pb::association_service_server::{
+    AssociationService, AssociationServiceServer,
+};
+use provisioning_gateway::pb::{DeleteAssociationRequest, DeleteAssociationResponse};
+use provisioning_gateway::startup::App;
+use tokio::net::TcpListener;
+use tonic::transport::server::TcpIncoming;
+use tonic::{Request, Response, Status};
+
+pub const API_KEY: &str = "bench-api-key-0123456789";
+
+/// Budget flags under which the budget never refuses nor delays a call in a
+/// benchmark run: 1000/s (the highest allowed rate), no margin, a burst of a
+/// billion slots.
+pub const UNLIMITED: &[&str] = &[
+    "--rate-per-second",
+    "1000",
+    "--burst",
+    "1000000000",
+    "--safety-margin",
+    "0ms",
+    "--max-queue",
+    "100000",
+];
+
+/// The upstream for overhead runs: answers every DELETE with 204 at once, and
+/// counts them.
+pub async fn fast_upstream() -> anyhow::Result<(SocketAddr, Arc<AtomicU64>)> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let count = Arc::new(AtomicU64::new(0));
+    let counter = Arc::clone(&count);
+    let router = axum::Router::new().route(
+        provisioning_gateway::mock::PATH,
+        axum::routing::delete(move |_body: axum::body::Bytes| {
+            counter.fetch_add(1, Ordering::Relaxed);
+            std::future::ready(axum::http::StatusCode::NO_CONTENT)
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    Ok((addr, count))
+}
+
+/// The gateway's own service shape with nothing behind it: the bare cost of a
+/// tonic unary call with identical messages.
+struct Echo;
+
+#[tonic::async_trait]
+impl AssociationService for Echo {
+    async fn delete_association(
+        &self,
+        _request: Request<DeleteAssociationRequest>,
+    ) -> Result<Response<DeleteAssociationResponse>, Status> {
+        Ok(Response::new(DeleteAssociationResponse {}))
+    }
+}
+
+/// A bare tonic server (as `Server::serve` sets it up) with the echo service.
+pub async fn echo_server() -> anyhow::Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .max_concurrent_streams(Some(1024))
+            .add_service(AssociationServiceServer::new(Echo))
+            .serve_with_incoming(incoming),
+    );
+    Ok(addr)
+}
+
+/// The Infobip emulator enforcing `rate_per_second` (any API key).
+pub async fn emulator(rate_per_second: u32) -> anyhow::Result<(Mock, SocketAddr)> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let mock = Mock::new(MockConfig {
+        api_key: None,
+        rate_per_second,
+    });
+    tokio::spawn(mock.clone().serve(listener, std::future::pending()));
+    Ok((mock, addr))
+}
+
+/// `serve` flags, parsed exactly as the binary parses them.
+pub fn config(upstream: SocketAddr, flags: &[&str]) -> anyhow::Result<Config> {
+    let url = format!("http://{upstream}");
+    let mut argv = vec![
+        "provisioning-gateway",
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--upstream-url",
+        &url,
+    ];
+    argv.extend_from_slice(flags);
+    let Command::Serve(args) = Cli::try_parse_from(argv)?.command else {
+        unreachable!("the argv names the serve subcommand")
+    };
+    Ok(Config::from_args(&args, Some(API_KEY.into()))?)
+}
+
+/// The gateway in this process, as the tests run it; returns its gRPC address.
+pub async fn gateway_in_process(
+    upstream: SocketAddr,
+    flags: &[&str],
+) -> anyhow::Result<(SocketAddr, SocketAddr)> {
+    let app = App::build(config(upstream, flags)?).await?;
+    let addrs = (app.grpc_addr(), app.metrics_addr());
+    tokio::spawn(app.run_until_stopped(std::future::pending()));
+    Ok(addrs)
+}
+
+/// Where results, logs and pictures go: `target/bench-results/`.
+pub fn results_dir() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"));
+    let dir = target.join("bench-results");
+    let _ = std::fs::create_dir_all(dir.join("logs"));
+    dir
+}
+
+/// The release binary (`serve`) as a child process, logging JSON at `info`
+/// (its production default) to `target/bench-results/logs/<name>.log`.
+pub struct GatewayBin {
+    child: tokio::process::Child,
+    pub addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+}
+
+impl GatewayBin {
+    pub async fn start(
+        name: &str,
+        upstream: SocketAddr,
+        flags: &[&str],
+        env: &[(&str, String)],
+    ) -> anyhow::Result<Self> {
+        let log = results_dir().join("logs").join(format!("{name}.log"));
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_provisioning-gateway"));
+        cmd.args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+        ])
+        .args(flags)
+        .env_clear()
+        .env("INFOBIP_BASE_URL", format!("http://{upstream}"))
+        .env("INFOBIP_API_KEY", API_KEY)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log)?)
+        .kill_on_drop(true);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().context("cannot start the gateway binary")?;
+        // The binary logs its bound addresses once it has bound them.
+        let started = Instant::now();
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if let Some(v) = text
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .find(|v| v["message"] == "serving")
+            {
+                let addr = |k: &str| v[k].as_str().unwrap_or_default().parse();
+                return Ok(Self {
+                    child,
+                    addr: addr("grpc_addr")?,
+                    metrics_addr: addr("metrics_addr")?,
+                });
+            }
+            if started.elapsed() > Duration::from_secs(20) {
+                bail!("the gateway did not start within 20 s; see {}", log.display());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().unwrap_or_default()
+    }
+
+    /// SIGTERM, then wait (bounded) for the exit.
+    pub async fn stop(mut self) {
+        let pid = self.pid().to_string();
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status();
+        let _ = tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await;
+    }
+}
+
+/// `VmRSS` and `VmHWM` of a process, in bytes.
+pub fn rss(pid: u32) -> (u64, u64) {
+    let path = if pid == 0 {
+        "/proc/self/status".to_owned()
+    } else {
+        format!("/proc/{pid}/status")
+    };
+    let status = std::fs::read_to_string(path).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .map_or(0, |kib| kib * 1024)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// One sample of a Prometheus metric from the gateway's `/metrics`
+/// (the first series whose name matches, labels ignored).
+pub async fn scrape(metrics_addr: SocketAddr, name: &str) -> Option<f64> {
+    let text = reqwest::get(format!("http://{metrics_addr}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}

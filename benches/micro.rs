@@ -1,0 +1,102 @@
+//! Criterion micro-benchmarks of the hot pieces of a call:
+//! parsing the request and encoding the vendor body, the status mapping
+//! table (with and without rich details), and one local budget decision.
+//!
+//! `cargo bench --bench micro` (HTML-free: plain text reports).
+
+use std::hint::black_box;
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
+use provisioning_gateway::budget::local::LocalLimiter;
+use provisioning_gateway::budget::{BudgetError, Rejection};
+use provisioning_gateway::domain::Association;
+use provisioning_gateway::pb::{Channel, DeleteAssociationRequest, ResourceType};
+use provisioning_gateway::status::{CallError, code_for_http};
+use provisioning_gateway::upstream::Reply;
+use reqwest::header::HeaderMap;
+
+fn request() -> DeleteAssociationRequest {
+    DeleteAssociationRequest {
+        resource_type: ResourceType::Number as i32,
+        channel: Channel::Sms as i32,
+        application_id: "8F0792F86035A9F4290821F1EE6BC06A".into(),
+        entity_id: Some("entity-42".into()),
+        resource_id: "number-key-8F0792F86035A9F4".into(),
+    }
+}
+
+fn parse_and_encode(c: &mut Criterion) {
+    let mut g = c.benchmark_group("request");
+    g.bench_function("parse (TryFrom)", |b| {
+        b.iter_batched(request, |r| Association::try_from(r), BatchSize::SmallInput)
+    });
+    let association = Association::try_from(request()).expect("a valid request");
+    g.bench_function("encode JSON body", |b| {
+        b.iter(|| black_box(&association).to_json())
+    });
+    g.bench_function("parse + encode", |b| {
+        b.iter_batched(
+            request,
+            |r| Association::try_from(r).map(|a| a.to_json()),
+            BatchSize::SmallInput,
+        )
+    });
+    let invalid = DeleteAssociationRequest::default();
+    g.bench_function("parse invalid (4 violations)", |b| {
+        b.iter_batched(
+            || invalid.clone(),
+            |r| Association::try_from(r),
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+}
+
+fn mapping(c: &mut Criterion) {
+    let mut g = c.benchmark_group("mapping");
+    let statuses: Vec<u16> = (100..600).collect();
+    g.bench_function("code_for_http (500 statuses)", |b| {
+        b.iter(|| {
+            black_box(&statuses)
+                .iter()
+                .map(|&s| code_for_http(s) as i32)
+                .sum::<i32>()
+        })
+    });
+    let body = br#"{"requestError":{"serviceException":{"messageId":"NOT_FOUND","text":"Resource association not found."}}}"#;
+    g.bench_function("Reply::new (parse vendor error body)", |b| {
+        b.iter(|| Reply::new(404, &HeaderMap::new(), black_box(body)))
+    });
+    let not_found = CallError::Upstream(Reply::new(404, &HeaderMap::new(), body));
+    g.bench_function("to_status: upstream 404 + ErrorInfo", |b| {
+        b.iter(|| black_box(&not_found).to_status("default"))
+    });
+    let refused = CallError::Budget(BudgetError::Exhausted {
+        reason: Rejection::Deadline,
+        retry_after: Duration::from_millis(681),
+    });
+    g.bench_function("to_status: budget refusal + RetryInfo", |b| {
+        b.iter(|| black_box(&refused).to_status("default"))
+    });
+    g.finish();
+}
+
+fn budget(c: &mut Criterion) {
+    let mut g = c.benchmark_group("budget");
+    // A burst so large the bucket never empties: every decision grants.
+    let open = LocalLimiter::with_interval(
+        Duration::from_millis(1),
+        NonZeroU32::new(u32::MAX).expect("non-zero"),
+    );
+    g.bench_function("LocalLimiter::decide granted", |b| b.iter(|| open.decide()));
+    // 1 rps, burst 1, slot taken: every decision says how long to wait.
+    let busy = LocalLimiter::with_interval(Duration::from_millis(1010), NonZeroU32::MIN);
+    busy.decide();
+    g.bench_function("LocalLimiter::decide wait", |b| b.iter(|| busy.decide()));
+    g.finish();
+}
+
+criterion_group!(benches, parse_and_encode, mapping, budget);
+criterion_main!(benches);

@@ -1,0 +1,126 @@
+//! 10,000 failing calls in a row (invalid requests, hopeless deadlines,
+//! upstream 500s), then: live tasks back to where they were (in process,
+//! tokio's runtime metrics) and no growth of the binary's resident memory.
+//!
+//! Both compare against a warm-up run of the same mix, so connection pools,
+//! allocator arenas and metric series already exist: what is left is growth
+//! per call, which 10,000 calls would make plain.
+
+use std::time::{Duration, Instant};
+
+use provisioning_gateway::mock::Scripted;
+use provisioning_gateway::pb::DeleteAssociationRequest;
+use provisioning_gateway::pb::association_service_client::AssociationServiceClient;
+
+use super::{Outcome, assert_definite, storm, tally};
+use crate::support::process::GatewayProcess;
+use crate::support::{Opts, request, spawn_app, spawn_mock};
+
+const CALLS: usize = 10_000;
+const CONCURRENCY: usize = 32;
+
+/// `n` failing calls: 2/5 invalid, 2/5 with a deadline under the 200 ms
+/// upstream reserve (refused at once), 1/5 answered 500 by Infobip.
+fn failing(n: usize) -> Vec<(DeleteAssociationRequest, Duration)> {
+    (0..n)
+        .map(|i| match i % 5 {
+            0 | 1 => (DeleteAssociationRequest::default(), Duration::from_secs(5)),
+            2 | 3 => (request(i), Duration::from_millis(100)),
+            _ => (request(i), Duration::from_secs(5)),
+        })
+        .collect()
+}
+
+fn script_500s(mock: &provisioning_gateway::mock::Mock, n: usize) {
+    mock.script(std::iter::repeat_n(Scripted::new(500, "{}"), n.div_ceil(5)));
+}
+
+fn assert_all_failed(outcomes: &[Outcome]) {
+    assert_definite(outcomes);
+    let t = tally(outcomes);
+    assert!(!t.contains_key("OK"), "{t:?}");
+    assert_eq!(
+        t.get("InvalidArgument/INVALID_REQUEST").copied().unwrap_or(0)
+            + t.get("ResourceExhausted/BUDGET_EXHAUSTED").copied().unwrap_or(0)
+            + t.get("Internal/UPSTREAM_HTTP_500").copied().unwrap_or(0),
+        outcomes.len(),
+        "{t:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_failing_calls_leave_no_tasks_behind() {
+    let app = spawn_app(Opts {
+        rate_per_second: 1000,
+        safety_margin: Duration::ZERO,
+        ..Opts::default()
+    })
+    .await;
+    let client = app.client().await;
+    let tasks = || tokio::runtime::Handle::current().metrics().num_alive_tasks();
+
+    script_500s(&app.mock, 1000);
+    assert_all_failed(&storm(&client, failing(1000), CONCURRENCY).await);
+    let warm = tasks();
+
+    script_500s(&app.mock, CALLS);
+    assert_all_failed(&storm(&client, failing(CALLS), CONCURRENCY).await);
+    // Per-stream tasks end just after their answer is written: allow them a moment.
+    let started = Instant::now();
+    let mut now = tasks();
+    while now > warm + CONCURRENCY && started.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        now = tasks();
+    }
+    assert!(
+        now <= warm + CONCURRENCY,
+        "live tasks grew from {warm} to {now} over {CALLS} failing calls"
+    );
+}
+
+/// `VmRSS` of a process, in bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .expect("VmRSS in /proc/<pid>/status")
+        * 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_failing_calls_do_not_grow_the_binarys_memory() {
+    let (mock, mock_addr, _stop) = spawn_mock(1000).await;
+    let gateway = GatewayProcess::start(
+        &format!("http://{mock_addr}"),
+        &[
+            ("GATEWAY_RATE_PER_SECOND", "1000"),
+            ("GATEWAY_SAFETY_MARGIN", "0ms"),
+        ],
+    )
+    .await;
+    let pid = gateway.child.id().unwrap();
+    let client = AssociationServiceClient::connect(format!("http://{}", gateway.addr))
+        .await
+        .unwrap();
+
+    script_500s(&mock, 2000);
+    assert_all_failed(&storm(&client, failing(2000), CONCURRENCY).await);
+    let warm = rss(pid);
+    script_500s(&mock, CALLS);
+    assert_all_failed(&storm(&client, failing(CALLS), CONCURRENCY).await);
+    let after = rss(pid);
+
+    let mib = |b: u64| b as f64 / 1048576.0;
+    eprintln!("RSS after warm-up {:.1} MiB, after {CALLS} more failing calls {:.1} MiB", mib(warm), mib(after));
+    // A leak of 1 KiB per call would add about 10 MiB.
+    assert!(
+        after <= warm + 4 * 1024 * 1024,
+        "RSS grew from {:.1} MiB to {:.1} MiB over {CALLS} failing calls",
+        mib(warm),
+        mib(after)
+    );
+    let (status, _) = gateway.terminate().await;
+    assert!(status.success());
+}
