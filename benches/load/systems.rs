@@ -75,7 +75,7 @@ impl AssociationService for Echo {
 pub async fn echo_server() -> anyhow::Result<SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let incoming = TcpIncoming::from(listener).with_nodelay(std::env::var_os("ECHO_NAGLE").is_none().then_some(true));
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     tokio::spawn(
         tonic::transport::Server::builder()
             .max_concurrent_streams(Some(1024))
