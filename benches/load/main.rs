@@ -19,6 +19,7 @@
 //!   --callers N          accuracy callers (default 200)
 //!   --replicas N         accuracy replicas (default 3 with the Redis backend, else 1)
 //!   --svg-dir DIR        where pictures go (default target/bench-results)
+//!   --only NAME          overhead: run only the system named NAME (for profiling)
 //! ```
 //! Results: a table on stdout and `target/bench-results/<scenario>.json`.
 
@@ -48,6 +49,8 @@ pub struct Opts {
     /// Accuracy replicas; default 3 when the binary has the Redis backend, else 1.
     pub replicas: Option<usize>,
     pub svg_dir: PathBuf,
+    /// Run only the systems whose name starts with this (for profiling one).
+    pub only: Option<String>,
 }
 
 impl Default for Opts {
@@ -60,6 +63,7 @@ impl Default for Opts {
             callers: 200,
             replicas: None,
             svg_dir: systems::results_dir(),
+            only: None,
         }
     }
 }
@@ -83,6 +87,7 @@ fn parse(args: &[String]) -> anyhow::Result<(Vec<String>, Opts)> {
             "--callers" => opts.callers = value()?.parse()?,
             "--replicas" => opts.replicas = Some(value()?.parse()?),
             "--svg-dir" => opts.svg_dir = PathBuf::from(value()?),
+            "--only" => opts.only = Some(value()?.clone()),
             "--concurrency" => {
                 opts.concurrency = value()?
                     .split(',')

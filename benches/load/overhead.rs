@@ -38,6 +38,13 @@ pub async fn run(opts: &Opts) -> anyhow::Result<()> {
             ("gateway", Target::grpc(gateway, conns, None).await?),
             ("gateway binary", Target::grpc(binary.addr, conns, None).await?),
         ];
+        if let Some(only) = &opts.only {
+            let target = systems.iter().find(|(n, _)| n == only);
+            let (name, target) = target.ok_or_else(|| anyhow::anyhow!("no system named {only:?}"))?;
+            let s = crate::harness::run(target, c, opts.round * opts.rounds as u32).await;
+            println!("  {name} alone at concurrency {c}: {:.0}/s, p50 {}, p99 {}", s.throughput(), fmt(s.p(0.5)), fmt(s.p(0.99)));
+            continue;
+        }
         println!(
             "concurrency {c}: {} rounds of {:?} per system, {conns} HTTP/2 connection(s) per gRPC system",
             opts.rounds, opts.round
@@ -103,6 +110,9 @@ pub async fn run(opts: &Opts) -> anyhow::Result<()> {
         ));
     }
     binary.stop().await;
+    if opts.only.is_some() {
+        return Ok(());
+    }
     println!(
         "  upstream answered {} requests",
         upstream_calls.load(std::sync::atomic::Ordering::Relaxed)

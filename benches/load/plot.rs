@@ -42,8 +42,15 @@ pub fn latency_cdf(path: &Path, panels: &[Panel]) -> anyhow::Result<()> {
             .map_err(err)?;
         chart
             .configure_mesh()
-            .x_desc("latency (µs, log scale)")
+            .x_desc("latency (log scale)")
             .y_desc("fraction of calls ≤ x")
+            .x_label_formatter(&|us| {
+                if *us >= 1000.0 {
+                    format!("{} ms", us / 1000.0)
+                } else {
+                    format!("{us} µs")
+                }
+            })
             .draw()
             .map_err(err)?;
         for (i, (name, h)) in series.iter().enumerate() {
@@ -56,9 +63,9 @@ pub fn latency_cdf(path: &Path, panels: &[Panel]) -> anyhow::Result<()> {
                 })
                 .collect();
             let label = format!(
-                "{name}: p50 {:.0} µs, p99 {:.0} µs",
-                us(h, 0.5),
-                us(h, 0.99)
+                "{name}: p50 {}, p99 {}",
+                crate::harness::fmt(std::time::Duration::from_nanos(h.value_at_quantile(0.5))),
+                crate::harness::fmt(std::time::Duration::from_nanos(h.value_at_quantile(0.99)))
             );
             chart
                 .draw_series(LineSeries::new(points, color.stroke_width(2)))
@@ -70,7 +77,7 @@ pub fn latency_cdf(path: &Path, panels: &[Panel]) -> anyhow::Result<()> {
         }
         chart
             .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
+            .position(SeriesLabelPosition::UpperLeft)
             .background_style(WHITE.mix(0.9))
             .border_style(BLACK)
             .draw()
