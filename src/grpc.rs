@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 use tracing::field::Empty;
 
-use crate::budget::{AccountQueue, Budget, BudgetError, Turn};
+use crate::budget::{AccountQueue, Budget, BudgetError, Caller, Turn};
 use crate::config::AccountConfig;
 use crate::domain::Association;
 use crate::pb::association_service_server::AssociationService;
@@ -73,6 +73,7 @@ impl Gateway {
     async fn delete(
         &self,
         account: &AccountConfig,
+        caller: &Caller,
         request: DeleteAssociationRequest,
         deadline: Instant,
         report: &mut Report,
@@ -91,7 +92,7 @@ impl Gateway {
         loop {
             // 2. Budget: every attempt pays a slot. A retry that cannot get
             //    one in time answers with the last upstream outcome instead.
-            let turn = match self.wait_turn(&account.name, queue, ready_by).await {
+            let turn = match self.wait_turn(&account.name, queue, caller, ready_by).await {
                 Ok(turn) => turn,
                 Err(e) => return Err(last.unwrap_or(CallError::Budget(e))),
             };
@@ -142,6 +143,7 @@ impl Gateway {
         &self,
         account: &str,
         queue: &AccountQueue,
+        caller: &Caller,
         ready_by: Instant,
     ) -> Result<Turn, BudgetError> {
         let span = tracing::info_span!(
@@ -155,7 +157,10 @@ impl Gateway {
             span_id = Empty,
         );
         telemetry::record_ids(&span);
-        let result = queue.wait_turn(ready_by).instrument(span.clone()).await;
+        let result = queue
+            .wait_turn(caller, ready_by)
+            .instrument(span.clone())
+            .await;
         match &result {
             Ok(turn) => {
                 span.record("budget.queue_position", turn.position);
@@ -196,10 +201,17 @@ impl AssociationService for Gateway {
         let deadline =
             started + grpc_timeout(request.metadata()).unwrap_or(self.limits.default_deadline);
         let mut report = Report::default();
+        let caller = caller(request.metadata());
         let (account_name, result) = match self.account(request.metadata()) {
             Ok(account) => {
                 let result = self
-                    .delete(account, request.into_inner(), deadline, &mut report)
+                    .delete(
+                        account,
+                        &caller,
+                        request.into_inner(),
+                        deadline,
+                        &mut report,
+                    )
                     .await;
                 (account.name.as_str(), result)
             }
@@ -240,6 +252,24 @@ impl AssociationService for Gateway {
             }
         }
     }
+}
+
+/// Longest `x-caller` name kept for fairness.
+const MAX_CALLER_NAME: usize = 128;
+
+/// The fairness key of an anonymous call: its `x-caller` metadata (used for
+/// fair shares only, never for authorization), else `anonymous`.
+fn caller(metadata: &MetadataMap) -> Caller {
+    metadata
+        .get("x-caller")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|name| !name.is_empty())
+        .map(|name| {
+            let name: String = name.chars().take(MAX_CALLER_NAME).collect();
+            Caller::new(name, std::num::NonZeroU32::MIN)
+        })
+        .unwrap_or_else(Caller::anonymous)
 }
 
 /// The caller's `grpc-timeout` (gRPC over HTTP/2 spec: up to 8 digits and a

@@ -15,9 +15,11 @@ use futures::future::BoxFuture;
 
 use crate::config::BudgetConfig;
 
+pub mod fair;
 pub mod local;
 pub mod queue;
 
+pub use fair::Caller;
 pub use queue::{AccountQueue, Turn};
 
 /// A limiter's answer: the slot is taken now, or the next one is this far off.
