@@ -7,6 +7,8 @@
 //! and the tests.
 #![forbid(unsafe_code)]
 
+pub mod accounts;
+pub mod auth;
 pub mod budget;
 pub mod cli;
 pub mod config;
