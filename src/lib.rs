@@ -15,6 +15,7 @@ pub mod config;
 pub mod demo;
 pub mod domain;
 pub mod grpc;
+pub mod keys;
 pub mod mock;
 pub mod startup;
 pub mod status;
