@@ -3,10 +3,12 @@
 
 use std::io::IsTerminal;
 
-use axum::Router;
 use axum::routing::get;
+use axum::{Json, Router};
+use serde::Serialize;
 use tracing_subscriber::EnvFilter;
 
+use crate::budget::{BackendHealth, BackendReport};
 use crate::cli::LogFormat;
 
 /// Installs the global subscriber. Default filter `info`; JSON unless stderr
@@ -28,7 +30,23 @@ pub fn init_logs(format: Option<LogFormat>) {
     };
 }
 
-/// The metrics listener's routes: `/healthz` (process liveness).
-pub fn metrics_router() -> Router {
-    Router::new().route("/healthz", get(|| async { "ok\n" }))
+/// The metrics listener's routes: `/healthz`, process liveness with the
+/// budget backend's state (`{"status":"ok","budget_backend":"redis",
+/// "degraded":false,…}`). Always 200: a replica on its fallback budget is
+/// alive and serving; the detail is for people and dashboards.
+pub fn metrics_router(budget: BackendHealth) -> Router {
+    Router::new().route(
+        "/healthz",
+        get(move || {
+            let report = budget.report();
+            async move { Json(Healthz { status: "ok", report }) }
+        }),
+    )
+}
+
+#[derive(Serialize)]
+struct Healthz {
+    status: &'static str,
+    #[serde(flatten)]
+    report: BackendReport,
 }

@@ -231,6 +231,9 @@ impl AccountQueue {
                     self.lock().next_slot = Instant::now() + wait;
                     tokio::select! {
                         () = sleep(wait) => {}
+                        // The limiter switched budgets (Redis lost or back):
+                        // this wait may no longer hold, ask again.
+                        () = self.limiter.changed() => {}
                         () = waiter.tx.closed() => return,
                         () = self.closing.cancelled() => {
                             let _ = waiter.tx.send(Err(BudgetError::ShuttingDown));

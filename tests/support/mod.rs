@@ -8,7 +8,9 @@ use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::time::Duration;
 
-use provisioning_gateway::config::{AccountConfig, ApiKey, BudgetConfig, Config, endpoint_url};
+use provisioning_gateway::config::{
+    AccountConfig, ApiKey, BackendConfig, BudgetConfig, Config, endpoint_url,
+};
 use provisioning_gateway::mock::{Mock, MockConfig};
 use provisioning_gateway::pb::association_service_client::AssociationServiceClient;
 use provisioning_gateway::pb::{Channel as PbChannel, DeleteAssociationRequest, ResourceType};
@@ -32,6 +34,9 @@ pub struct Opts {
     pub shutdown_grace: Duration,
     /// Point the gateway somewhere else than the emulator (transport failures).
     pub upstream_url: Option<String>,
+    /// Where the budget lives (memory unless a test says otherwise).
+    pub backend: BackendConfig,
+    pub account_name: String,
 }
 
 impl Default for Opts {
@@ -46,6 +51,8 @@ impl Default for Opts {
             upstream_reserve: Duration::from_millis(200),
             shutdown_grace: Duration::from_secs(5),
             upstream_url: None,
+            backend: BackendConfig::Memory,
+            account_name: Config::DEFAULT_ACCOUNT.into(),
         }
     }
 }
@@ -88,7 +95,7 @@ pub fn config(opts: &Opts, upstream: &str) -> Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         metrics_listen: "127.0.0.1:0".parse().unwrap(),
         account: AccountConfig {
-            name: Config::DEFAULT_ACCOUNT.into(),
+            name: opts.account_name.clone(),
             endpoint: endpoint_url(upstream).unwrap(),
             api_key: ApiKey::new(API_KEY).unwrap(),
         },
@@ -100,6 +107,7 @@ pub fn config(opts: &Opts, upstream: &str) -> Config {
             max_queue: NonZeroUsize::new(opts.max_queue).unwrap(),
             upstream_reserve: opts.upstream_reserve,
         },
+        backend: opts.backend.clone(),
         upstream_timeout: opts.upstream_timeout,
         shutdown_grace: opts.shutdown_grace,
         log_format: None,
