@@ -91,7 +91,12 @@ pub struct BudgetArgs {
 #[derive(Debug, Args, Clone)]
 pub struct BackendArgs {
     /// `memory`: one replica holds the budget; `redis`: every replica shares it through Redis.
-    #[arg(long, env = "GATEWAY_BUDGET_BACKEND", value_enum, default_value = "memory")]
+    #[arg(
+        long,
+        env = "GATEWAY_BUDGET_BACKEND",
+        value_enum,
+        default_value = "memory"
+    )]
     pub budget_backend: BackendKind,
     /// Redis URL (`redis://` or `rediss://` for TLS; `redis://:PASSWORD@HOST:6379/0`). Required with `--budget-backend redis`.
     #[arg(long, env = "GATEWAY_REDIS_URL", hide_env_values = true)]
@@ -104,7 +109,12 @@ pub struct BackendArgs {
     )]
     pub redis_key_prefix: String,
     /// While Redis is unreachable: `local` serves from a budget of rate / --expected-replicas per replica; `deny` answers UNAVAILABLE.
-    #[arg(long, env = "GATEWAY_REDIS_FALLBACK", value_enum, default_value = "local")]
+    #[arg(
+        long,
+        env = "GATEWAY_REDIS_FALLBACK",
+        value_enum,
+        default_value = "local"
+    )]
     pub redis_fallback: RedisFallback,
     /// Replicas sharing the budget (the Deployment's replicas); divides the rate for the `local` fallback.
     #[arg(long, env = "GATEWAY_EXPECTED_REPLICAS", default_value_t = 1)]

@@ -422,10 +422,7 @@ mod tests {
         let shown = format!("{url:?} {url}");
         assert!(!shown.contains("s3cr3t"), "{shown}");
         assert!(shown.contains("redis.example:6380"), "{shown}");
-        assert_eq!(
-            url.expose(),
-            "rediss://user:s3cr3t-pw@redis.example:6380/2"
-        );
+        assert_eq!(url.expose(), "rediss://user:s3cr3t-pw@redis.example:6380/2");
         for bad in [
             "http://x",
             "redis://",

@@ -9,6 +9,7 @@
 
 pub mod budget;
 pub mod cli;
+pub mod coalesce;
 pub mod config;
 pub mod demo;
 pub mod domain;

@@ -125,7 +125,7 @@ impl App {
             self.metrics,
             crate::telemetry::metrics_router(self.budget.health()),
         )
-            .with_graceful_shutdown(stop.clone().cancelled_owned());
+        .with_graceful_shutdown(stop.clone().cancelled_owned());
         let metrics = tokio::spawn(metrics.into_future());
         tracing::info!(%grpc_addr, "serving");
 

@@ -39,7 +39,12 @@ pub fn metrics_router(budget: BackendHealth) -> Router {
         "/healthz",
         get(move || {
             let report = budget.report();
-            async move { Json(Healthz { status: "ok", report }) }
+            async move {
+                Json(Healthz {
+                    status: "ok",
+                    report,
+                })
+            }
         }),
     )
 }

@@ -6,5 +6,6 @@ mod cli;
 mod contract;
 mod lifecycle;
 mod mapping;
+mod redis;
 mod support;
 mod validation;

@@ -134,6 +134,11 @@ impl AccountQueue {
         }
     }
 
+    /// When a caller joining now could expect its slot (for `RetryInfo`).
+    pub fn retry_after(&self) -> Duration {
+        self.eta(&self.lock(), Instant::now())
+    }
+
     /// Upstream said 429: no slot for `retry_after`, or for T doubled per
     /// consecutive 429 when the vendor gives no Retry-After.
     pub async fn pushback(&self, retry_after: Option<Duration>) -> Duration {

@@ -134,7 +134,9 @@ impl RedisBackend {
     /// Redis failed: switch to the fallback (once per outage: one warn).
     fn degrade(&self, error: &StoreError) {
         metrics::counter!("provisioning_gateway_budget_backend_errors_total").increment(1);
-        let flipped = self.degraded.send_if_modified(|d| !std::mem::replace(d, true));
+        let flipped = self
+            .degraded
+            .send_if_modified(|d| !std::mem::replace(d, true));
         if flipped {
             metrics::gauge!(DEGRADED_GAUGE).set(1.0);
             tracing::warn!(
@@ -149,7 +151,10 @@ impl RedisBackend {
 
     /// The probe reconnected: back on the shared budget.
     fn recover(&self) {
-        if self.degraded.send_if_modified(|d| std::mem::replace(d, false)) {
+        if self
+            .degraded
+            .send_if_modified(|d| std::mem::replace(d, false))
+        {
             metrics::gauge!(DEGRADED_GAUGE).set(0.0);
             tracing::info!(
                 budget_backend = "redis",
