@@ -3,6 +3,7 @@
 
 mod budget;
 mod cli;
+mod coalesce;
 mod contract;
 mod lifecycle;
 mod mapping;
