@@ -101,6 +101,9 @@ pub struct BackendArgs {
     /// Redis URL (`redis://` or `rediss://` for TLS; `redis://:PASSWORD@HOST:6379/0`). Required with `--budget-backend redis`.
     #[arg(long, env = "GATEWAY_REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
+    /// PEM file of the CA(s) that sign the Redis server's certificate (`rediss://` with a private CA); default: the Mozilla root store.
+    #[arg(long, env = "GATEWAY_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
     /// Prefix of the budget keys in Redis; the account name follows it.
     #[arg(
         long,

@@ -120,6 +120,16 @@ impl fmt::Display for RedisUrl {
     }
 }
 
+/// CA certificates (PEM) that verify the Redis server, for a private CA.
+#[derive(Clone, PartialEq, Eq)]
+pub struct CaPem(pub Vec<u8>);
+
+impl fmt::Debug for CaPem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CaPem({} bytes)", self.0.len())
+    }
+}
+
 /// One Infobip account: where to send, with which key, under which name.
 #[derive(Debug, Clone)]
 pub struct AccountConfig {
@@ -238,8 +248,13 @@ impl BackendConfig {
                         "must be 1 to 200 bytes long",
                     ));
                 }
+                let ca = match &args.redis_ca_file {
+                    None => None,
+                    Some(path) => Some(ca_file(path, &url)?),
+                };
                 Ok(Self::Redis(RedisConfig {
                     url,
+                    ca,
                     key_prefix,
                     fallback: args.redis_fallback,
                     expected_replicas: replicas,
@@ -254,6 +269,8 @@ impl BackendConfig {
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
     pub url: RedisUrl,
+    /// Trust these CAs for `rediss://` instead of the Mozilla root store.
+    pub ca: Option<CaPem>,
     /// Keys are `<prefix><account name>`.
     pub key_prefix: String,
     pub fallback: RedisFallback,
@@ -339,6 +356,26 @@ pub fn endpoint_url(base: &str) -> Result<Url, ConfigError> {
     let path = format!("{}/{ASSOCIATIONS_PATH}", url.path().trim_end_matches('/'));
     url.set_path(&path);
     Ok(url)
+}
+
+/// Reads the Redis CA file; it only makes sense with TLS.
+fn ca_file(path: &Path, url: &RedisUrl) -> Result<CaPem, ConfigError> {
+    const SETTING: &str = "--redis-ca-file (GATEWAY_REDIS_CA_FILE)";
+    if !url.expose().starts_with("rediss://") {
+        return Err(ConfigError::new(
+            SETTING,
+            "needs a rediss:// (TLS) --redis-url",
+        ));
+    }
+    let pem = std::fs::read(path)
+        .map_err(|e| ConfigError::new(SETTING, format!("cannot read {}: {e}", path.display())))?;
+    if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
+        return Err(ConfigError::new(
+            SETTING,
+            format!("{} holds no PEM certificate", path.display()),
+        ));
+    }
+    Ok(CaPem(pem))
 }
 
 /// An account name: a bounded label for metrics, logs, ErrorInfo and the Redis key.

@@ -58,14 +58,26 @@ fn each_bad_setting_is_named_in_one_line() {
             &[],
             "--redis-url",
         ),
-        (&[url, key], &["--budget-backend", "etcd"], "--budget-backend"),
+        (
+            &[url, key],
+            &["--budget-backend", "etcd"],
+            "--budget-backend",
+        ),
         (
             &[url, key],
             &["--redis-fallback", "hope", "--budget-backend", "redis"],
             "--redis-fallback",
         ),
-        (&[url, key], &["--expected-replicas", "0"], "--expected-replicas"),
-        (&[url, key], &["--account-name", "two words"], "--account-name"),
+        (
+            &[url, key],
+            &["--expected-replicas", "0"],
+            "--expected-replicas",
+        ),
+        (
+            &[url, key],
+            &["--account-name", "two words"],
+            "--account-name",
+        ),
         (
             &[url, key],
             &[

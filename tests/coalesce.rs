@@ -36,7 +36,11 @@ async fn identical_concurrent_calls_share_one_upstream_call() {
         .iter()
         .map(|a| (a.status, String::from_utf8_lossy(&a.body).into_owned()))
         .collect();
-    assert_eq!(arrivals.len(), 3, "one upstream call per association: {seen:?}");
+    assert_eq!(
+        arrivals.len(),
+        3,
+        "one upstream call per association: {seen:?}"
+    );
     // Later, the same call again is a new call (Infobip answers 404 now).
     let status = client
         .clone()
@@ -71,7 +75,10 @@ async fn a_follower_answers_by_its_own_deadline_without_disturbing_the_leader() 
         .await
         .unwrap_err();
     let took = started.elapsed();
-    assert!(took < Duration::from_millis(400), "answered in time ({took:?})");
+    assert!(
+        took < Duration::from_millis(400),
+        "answered in time ({took:?})"
+    );
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     let d = status.get_error_details();
     let info = d.error_info().unwrap();

@@ -38,7 +38,7 @@ fn opts_20() -> Opts {
 }
 
 async fn store(redis: &RedisServer) -> Arc<RedisStore> {
-    let store = RedisStore::new(&RedisUrl::new(redis.url()).unwrap(), TIMEOUT).unwrap();
+    let store = RedisStore::new(&RedisUrl::new(redis.url()).unwrap(), None, TIMEOUT).unwrap();
     store.connect().await.unwrap();
     Arc::new(store)
 }
@@ -580,4 +580,59 @@ async fn redis_killed_mid_load_no_call_outlives_its_deadline_and_the_spacing_ret
         .collect();
     assert!(after.len() >= 5, "{} calls after recovery", after.len());
     assert_spacing(&after, "after Redis returned");
+}
+
+#[tokio::test]
+async fn rediss_with_a_password_and_a_private_ca() {
+    let certs = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = crate::support::redis::tls_files(certs.path());
+    let tls_port = crate::support::redis::free_port();
+    let path = |p: &std::path::Path| p.to_str().unwrap().to_owned();
+    let redis = RedisServer::start_with(
+        Some("s3cr3t-pw".into()),
+        vec![
+            "--tls-port".into(),
+            tls_port.to_string(),
+            "--tls-cert-file".into(),
+            path(&cert),
+            "--tls-key-file".into(),
+            path(&key),
+            "--tls-ca-cert-file".into(),
+            path(&ca),
+            "--tls-auth-clients".into(),
+            "no".into(),
+        ],
+    );
+    let url = format!("rediss://:s3cr3t-pw@127.0.0.1:{tls_port}");
+    let (mock, addr, _stop) = spawn_mock(20).await;
+    let trusted = {
+        let mut o = opts_20().redis(&url, RedisFallback::Deny, 1);
+        if let provisioning_gateway::config::BackendConfig::Redis(r) = &mut o.backend {
+            r.ca = Some(provisioning_gateway::config::CaPem(
+                std::fs::read(&ca).unwrap(),
+            ));
+        }
+        o
+    };
+    let apps = replicas(1, &[trusted], &mock, addr).await;
+    let h = healthz(apps[0].metrics_addr).await;
+    assert_eq!(h["degraded"], false, "TLS + AUTH with the private CA: {h}");
+    apps[0]
+        .client()
+        .await
+        .delete_association(request(0))
+        .await
+        .unwrap();
+    let mut c = raw(&redis).await;
+    let exists: bool = redis::cmd("EXISTS")
+        .arg("provisioning-gateway:test:default")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(exists, "the decision was made in Redis, over TLS");
+    // Without the CA (Mozilla roots only) the server is not trusted: no
+    // budget from an unverified Redis.
+    let untrusted = opts_20().redis(&url, RedisFallback::Deny, 1);
+    let apps = replicas(1, &[untrusted], &mock, addr).await;
+    assert_eq!(healthz(apps[0].metrics_addr).await["degraded"], true);
 }

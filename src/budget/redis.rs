@@ -23,7 +23,7 @@ use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Script};
 
 use super::{BackendUnavailable, Decision, Limiter, WallClock};
-use crate::config::RedisUrl;
+use crate::config::{CaPem, RedisUrl};
 
 /// Longest a connect or a command may take. Loopback or in-cluster Redis
 /// answers in well under a millisecond; this only bounds a dead one.
@@ -59,10 +59,21 @@ pub struct RedisStore {
 }
 
 impl RedisStore {
-    /// A store for `url`; does not connect yet.
-    pub fn new(url: &RedisUrl, timeout: Duration) -> Result<Self, StoreError> {
+    /// A store for `url` (TLS verified against `ca` when given, else the
+    /// Mozilla roots); does not connect yet.
+    pub fn new(url: &RedisUrl, ca: Option<&CaPem>, timeout: Duration) -> Result<Self, StoreError> {
+        let client = match ca {
+            None => redis::Client::open(url.expose())?,
+            Some(CaPem(pem)) => redis::Client::build_with_tls(
+                url.expose(),
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.clone()),
+                },
+            )?,
+        };
         Ok(Self {
-            client: redis::Client::open(url.expose())?,
+            client,
             timeout,
             conn: Mutex::new(None),
             generation: AtomicU64::new(0),

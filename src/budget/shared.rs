@@ -61,7 +61,7 @@ impl RedisBackend {
     /// Connects (bounded) and starts the probe. Redis being down is no error:
     /// the backend starts degraded and the probe keeps trying.
     pub async fn start(config: &RedisConfig) -> Result<Arc<Self>, StoreError> {
-        let store = Arc::new(RedisStore::new(&config.url, TIMEOUT)?);
+        let store = Arc::new(RedisStore::new(&config.url, config.ca.as_ref(), TIMEOUT)?);
         let backend = Arc::new(Self {
             store,
             key_prefix: config.key_prefix.clone(),

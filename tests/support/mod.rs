@@ -50,6 +50,7 @@ impl Opts {
         Self {
             backend: BackendConfig::Redis(RedisConfig {
                 url: RedisUrl::new(url).unwrap(),
+                ca: None,
                 key_prefix: "provisioning-gateway:test:".into(),
                 fallback,
                 expected_replicas: NonZeroU32::new(expected_replicas).unwrap(),
