@@ -38,6 +38,8 @@ pub struct CallLimits {
 /// Identical calls in flight at the same time share one outcome: the account
 /// and the five fields.
 type FlightKey = (String, Association);
+/// What every caller of a flight receives.
+type Flown = (Result<(), CallError>, Report);
 
 /// The `AssociationService` implementation. Cheap to clone: a coalesced
 /// call's work runs in a task of its own, holding a clone.
@@ -48,7 +50,7 @@ pub struct Gateway {
     budget: Arc<Budget>,
     upstream: Upstream,
     limits: CallLimits,
-    flights: Arc<Coalescer<FlightKey, (Result<(), CallError>, Report)>>,
+    flights: Arc<Coalescer<FlightKey, Flown>>,
 }
 
 /// What happened to one call, for its log event.
