@@ -5,18 +5,20 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::HeaderMap;
 use tokio::time::Instant;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
+use tracing::field::Empty;
 
-use crate::budget::{Budget, BudgetError, Rejection};
+use crate::budget::{AccountQueue, Budget, BudgetError, Caller, Rejection, Turn};
 use crate::coalesce::{Coalescer, Expired, Mark, Role};
 use crate::config::AccountConfig;
 use crate::domain::Association;
 use crate::pb::association_service_server::AssociationService;
 use crate::pb::{DeleteAssociationRequest, DeleteAssociationResponse};
 use crate::status::CallError;
+use crate::telemetry::{self, metrics};
 use crate::upstream::{TransportError, Upstream};
 
 /// Attempts per call at most: the first and two retries of what provably did
@@ -84,6 +86,7 @@ impl Gateway {
     async fn delete(
         &self,
         account: &AccountConfig,
+        caller: &Caller,
         request: DeleteAssociationRequest,
         deadline: Instant,
         report: &mut Report,
@@ -91,7 +94,8 @@ impl Gateway {
         // 1. Parse: a refusal here costs no budget and sends nothing.
         let association = Association::try_from(request)?;
         // Identical calls at the same time share steps 2-4 (one slot).
-        self.coalesced(account, association, deadline, report).await
+        self.coalesced(account, caller, association, deadline, report)
+            .await
     }
 
     /// Steps 2-4 for one association, under the deadline of the call that
@@ -99,6 +103,7 @@ impl Gateway {
     async fn send(
         &self,
         account: &AccountConfig,
+        caller: &Caller,
         association: Association,
         deadline: Instant,
         mark: Mark,
@@ -116,7 +121,7 @@ impl Gateway {
         loop {
             // 2. Budget: every attempt pays a slot. A retry that cannot get
             //    one in time answers with the last upstream outcome instead.
-            let turn = match queue.wait_turn(ready_by).await {
+            let turn = match self.wait_turn(&account.name, queue, caller, ready_by).await {
                 Ok(turn) => turn,
                 Err(e) => return Err(last.unwrap_or(CallError::Budget(e))),
             };
@@ -132,7 +137,7 @@ impl Gateway {
             mark.set();
             let outcome = self
                 .upstream
-                .delete(account, body.clone(), timeout, HeaderMap::new())
+                .delete(account, body.clone(), timeout, report.attempts)
                 .await;
             report.http_status = outcome.as_ref().ok().map(|r| r.status);
 
@@ -168,6 +173,7 @@ impl Gateway {
     async fn coalesced(
         &self,
         account: &AccountConfig,
+        caller: &Caller,
         association: Association,
         deadline: Instant,
         report: &mut Report,
@@ -177,12 +183,14 @@ impl Gateway {
         let mut joins = 0;
         loop {
             let (gateway, account, association) = (self.clone(), account.clone(), key.1.clone());
+            // The shared call takes its turn in the leader's fair share.
+            let caller = caller.clone();
             let joined = self
                 .flights
                 .run(key.clone(), deadline, patience, move |mark| async move {
                     let mut report = Report::default();
                     let result = gateway
-                        .send(&account, association, deadline, mark, &mut report)
+                        .send(&account, &caller, association, deadline, mark, &mut report)
                         .await;
                     (result, report)
                 })
@@ -190,7 +198,7 @@ impl Gateway {
             joins += 1;
             let follower = joined.role == Role::Follower;
             if follower {
-                metrics::counter!("provisioning_gateway_coalesced_calls_total").increment(1);
+                metrics::coalesced(&key.0);
             }
             let (result, shared) = match joined.outcome {
                 Ok(outcome) => outcome,
@@ -232,6 +240,50 @@ impl Gateway {
         }
     }
 
+    /// One budget wait, as its own span with its metrics.
+    async fn wait_turn(
+        &self,
+        account: &str,
+        queue: &AccountQueue,
+        caller: &Caller,
+        ready_by: Instant,
+    ) -> Result<Turn, BudgetError> {
+        let span = tracing::info_span!(
+            "budget.wait",
+            account,
+            budget.queue_position = Empty,
+            budget.waited_ms = Empty,
+            budget.outcome = Empty,
+            otel.status_code = Empty,
+            trace_id = Empty,
+            span_id = Empty,
+        );
+        telemetry::record_ids(&span);
+        let result = queue
+            .wait_turn(caller, ready_by)
+            .instrument(span.clone())
+            .await;
+        match &result {
+            Ok(turn) => {
+                span.record("budget.queue_position", turn.position);
+                span.record("budget.waited_ms", turn.waited.as_millis() as u64);
+                span.record("budget.outcome", "granted");
+                metrics::budget_wait(account, turn.waited);
+            }
+            Err(e) => {
+                let outcome = match e {
+                    BudgetError::Exhausted { reason, .. } => reason.as_str(),
+                    BudgetError::ShuttingDown => "shutting_down",
+                    BudgetError::BackendUnavailable => "backend_unavailable",
+                };
+                span.record("budget.outcome", outcome);
+                span.record("otel.status_code", "ERROR");
+                metrics::rejection(account, outcome);
+            }
+        }
+        result
+    }
+
     fn account(&self, metadata: &MetadataMap) -> Result<&AccountConfig, CallError> {
         match metadata.get("x-infobip-account") {
             None => self.accounts.get(&self.default_account),
@@ -251,16 +303,28 @@ impl AssociationService for Gateway {
         let deadline =
             started + grpc_timeout(request.metadata()).unwrap_or(self.limits.default_deadline);
         let mut report = Report::default();
+        let caller = caller(request.metadata());
         let (account_name, result) = match self.account(request.metadata()) {
             Ok(account) => {
                 let result = self
-                    .delete(account, request.into_inner(), deadline, &mut report)
+                    .delete(
+                        account,
+                        &caller,
+                        request.into_inner(),
+                        deadline,
+                        &mut report,
+                    )
                     .await;
                 (account.name.as_str(), result)
             }
             Err(e) => ("unknown", Err(e)),
         };
         let elapsed = started.elapsed();
+        tracing::Span::current().record("account", account_name);
+        let code = result
+            .as_ref()
+            .map_or_else(CallError::code, |()| tonic::Code::Ok);
+        metrics::request(account_name, code, elapsed);
         match result {
             Ok(()) => {
                 tracing::info!(
@@ -292,6 +356,24 @@ impl AssociationService for Gateway {
             }
         }
     }
+}
+
+/// Longest `x-caller` name kept for fairness.
+const MAX_CALLER_NAME: usize = 128;
+
+/// The fairness key of an anonymous call: its `x-caller` metadata (used for
+/// fair shares only, never for authorization), else `anonymous`.
+fn caller(metadata: &MetadataMap) -> Caller {
+    metadata
+        .get("x-caller")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|name| !name.is_empty())
+        .map(|name| {
+            let name: String = name.chars().take(MAX_CALLER_NAME).collect();
+            Caller::new(name, std::num::NonZeroU32::MIN)
+        })
+        .unwrap_or_else(Caller::anonymous)
 }
 
 /// The caller's `grpc-timeout` (gRPC over HTTP/2 spec: up to 8 digits and a

@@ -21,16 +21,32 @@ async fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            telemetry::init_logs(config.log_format);
-            serve(config).await
+            let format = config.log_format;
+            let telemetry = match tokio::task::spawn_blocking(move || telemetry::init(format)).await
+            {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("provisioning-gateway: telemetry setup failed: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let result = serve(config).await;
+            // Flush spans still in the batch (blocking; off the async threads).
+            let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+            result
         }
         Command::MockUpstream(args) => {
             telemetry::init_logs(None);
             mock_upstream(args).await
         }
         Command::Demo(args) => {
-            telemetry::init_logs(Some(provisioning_gateway::cli::LogFormat::Text));
-            demo::run(args).await
+            let format = Some(provisioning_gateway::cli::LogFormat::Text);
+            let telemetry = tokio::task::spawn_blocking(move || telemetry::init(format)).await;
+            let result = demo::run(args).await;
+            if let Ok(t) = telemetry {
+                let _ = tokio::task::spawn_blocking(move || t.shutdown()).await;
+            }
+            result
         }
     };
     match result {

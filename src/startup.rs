@@ -18,6 +18,7 @@ use crate::budget::Budget;
 use crate::config::Config;
 use crate::grpc::{CallLimits, Gateway};
 use crate::pb::association_service_server::AssociationServiceServer;
+use crate::telemetry::{GrpcTraceLayer, metrics};
 use crate::upstream::Upstream;
 
 /// Largest request message accepted; a valid request is well under 2 KiB.
@@ -106,7 +107,11 @@ impl App {
 
         let stop = CancellationToken::new();
         let grpc_addr = self.grpc.local_addr()?;
+        let metrics_addr = self.metrics.local_addr()?;
         let grpc = Server::builder()
+            // The server span wraps everything of a call, including tonic's
+            // decoding and size limits, so refusals there are traced too.
+            .layer(GrpcTraceLayer)
             // Keepalive finds dead callers (and keeps NATs and load balancers
             // from dropping idle HTTP/2 connections).
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -121,13 +126,25 @@ impl App {
                 stop.clone().cancelled_owned(),
             );
         let mut grpc = tokio::spawn(grpc);
+        let prometheus = metrics::handle();
+        let upkeep = tokio::spawn({
+            let prometheus = prometheus.clone();
+            async move {
+                // Histograms are folded into their buckets here, off the request path.
+                let mut tick = tokio::time::interval(Duration::from_secs(5));
+                loop {
+                    tick.tick().await;
+                    prometheus.run_upkeep();
+                }
+            }
+        });
         let metrics = axum::serve(
             self.metrics,
-            crate::telemetry::metrics_router(self.budget.health()),
+            metrics::router(prometheus, self.budget.health()),
         )
         .with_graceful_shutdown(stop.clone().cancelled_owned());
         let metrics = tokio::spawn(metrics.into_future());
-        tracing::info!(%grpc_addr, "serving");
+        tracing::info!(%grpc_addr, %metrics_addr, "serving");
 
         tokio::select! {
             () = shutdown => {}
@@ -154,6 +171,7 @@ impl App {
             }
         }
         let _ = metrics.await;
+        upkeep.abort();
         tracing::info!("stopped");
         Ok(())
     }

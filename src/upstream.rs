@@ -3,12 +3,18 @@
 //! parsed (and size-capped) for the status mapping.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use opentelemetry_http::HeaderInjector;
+use tracing::Instrument;
+use tracing::field::Empty;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER};
 use serde::Deserialize;
 
 use crate::config::AccountConfig;
+use crate::telemetry::metrics;
 
 /// Most of an error body the gateway reads; Infobip's are a few hundred bytes.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -98,29 +104,88 @@ impl Upstream {
             .connect_timeout(connect_timeout)
             .pool_idle_timeout(Duration::from_secs(60))
             .tcp_nodelay(true)
+            // A redirect would replay a DELETE somewhere unplanned: map it instead.
+            .redirect(reqwest::redirect::Policy::none())
             .build()?;
         Ok(Self { client })
     }
 
     /// Sends one DELETE with `body` for `account`, giving up after `timeout`.
+    /// `attempt` counts from 1; each attempt is its own HTTP client span, whose
+    /// `traceparent` goes upstream.
     pub async fn delete(
         &self,
         account: &AccountConfig,
         body: Vec<u8>,
         timeout: Duration,
-        extra_headers: HeaderMap,
+        attempt: u32,
+    ) -> Result<Reply, TransportError> {
+        let url = &account.endpoint;
+        let span = tracing::info_span!(
+            "http.client",
+            otel.name = "DELETE",
+            otel.kind = "client",
+            otel.status_code = Empty,
+            http.request.method = "DELETE",
+            server.address = url.host_str().unwrap_or_default(),
+            server.port = url.port_or_known_default(),
+            // The endpoint is checked at startup to carry no credentials.
+            url.full = url.as_str(),
+            http.request.resend_count = attempt.saturating_sub(1),
+            http.response.status_code = Empty,
+            error.type = Empty,
+            account = %account.name,
+            trace_id = Empty,
+            span_id = Empty,
+        );
+        crate::telemetry::record_ids(&span);
+        let started = Instant::now();
+        let result = self
+            .send(account, body, timeout, &span)
+            .instrument(span.clone())
+            .await;
+        let (status_label, error_type) = match &result {
+            Ok(reply) => (
+                reply.status.to_string(),
+                (reply.status >= 400).then(|| reply.status.to_string()),
+            ),
+            Err(e) => (e.label().to_owned(), Some(e.label().to_owned())),
+        };
+        if let Ok(reply) = &result {
+            span.record("http.response.status_code", reply.status);
+        }
+        if let Some(error_type) = error_type {
+            span.record("error.type", error_type);
+            span.record("otel.status_code", "ERROR");
+        }
+        metrics::upstream(&account.name, status_label, started.elapsed());
+        result
+    }
+
+    async fn send(
+        &self,
+        account: &AccountConfig,
+        body: Vec<u8>,
+        timeout: Duration,
+        span: &tracing::Span,
     ) -> Result<Reply, TransportError> {
         let mut auth = HeaderValue::from_str(&format!("App {}", account.api_key.expose()))
             .map_err(|_| TransportError::Connect)?;
         auth.set_sensitive(true);
         let json = HeaderValue::from_static("application/json");
+        // The traceparent names this attempt's client span, so the vendor's
+        // side (or a proxy) can be joined to the caller's trace.
+        let mut trace_headers = HeaderMap::new();
+        opentelemetry::global::get_text_map_propagator(|p| {
+            p.inject_context(&span.context(), &mut HeaderInjector(&mut trace_headers))
+        });
         let send = self
             .client
             .delete(account.endpoint.clone())
             .header(AUTHORIZATION, auth)
             .header(CONTENT_TYPE, json.clone())
             .header(ACCEPT, json)
-            .headers(extra_headers)
+            .headers(trace_headers)
             .body(body)
             .send();
         // One deadline covers connect, send and reading the capped body.
@@ -141,6 +206,17 @@ impl Upstream {
         })
         .await
         .unwrap_or(Err(TransportError::Timeout))
+    }
+}
+
+impl TransportError {
+    /// Metric label and `error.type` of the failure.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Connect => "unreachable",
+            Self::Broken => "broken",
+            Self::Timeout => "timeout",
+        }
     }
 }
 

@@ -1,17 +1,18 @@
 //! Health, reflection and graceful shutdown (in process, and with a real
 //! SIGTERM to the real binary).
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use provisioning_gateway::mock::Scripted;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tonic::Code;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_types::StatusExt;
 
+use provisioning_gateway::pb::association_service_client::AssociationServiceClient;
+
+use crate::support::process::GatewayProcess;
 use crate::support::{API_KEY, Opts, request, spawn_app, spawn_mock};
 
 const SERVICE: &str = "infobip.provisioning.v1.AssociationService";
@@ -145,63 +146,21 @@ async fn shutdown_finishes_in_flight_calls_and_answers_queued_ones() {
 #[tokio::test]
 async fn sigterm_stops_the_binary_cleanly() {
     let (mock, mock_addr, _stop) = spawn_mock(20).await;
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_provisioning-gateway"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-        ])
-        .env_clear()
-        .env("INFOBIP_BASE_URL", format!("http://{mock_addr}"))
-        .env("INFOBIP_API_KEY", API_KEY)
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines
-            .next_line()
-            .await
-            .unwrap()
-            .expect("the gateway logs its address");
-        assert!(!line.contains(API_KEY), "the key leaked into a log: {line}");
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-        if v["message"] == "serving" {
-            break v["grpc_addr"].as_str().unwrap().to_owned();
-        }
-    };
-    let mut client =
-        provisioning_gateway::pb::association_service_client::AssociationServiceClient::connect(
-            format!("http://{addr}"),
-        )
+    let gateway = GatewayProcess::start(&format!("http://{mock_addr}"), &[]).await;
+    let mut client = AssociationServiceClient::connect(format!("http://{}", gateway.addr))
         .await
         .unwrap();
     client.delete_association(request(0)).await.unwrap();
     assert_eq!(mock.arrivals().len(), 1);
 
-    let pid = child.id().unwrap().to_string();
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let mut rest = Vec::new();
-    while let Some(line) = lines.next_line().await.unwrap() {
-        assert!(!line.contains(API_KEY), "the key leaked into a log: {line}");
-        rest.push(line);
-    }
-    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(status.success(), "exit {status:?}; logs: {rest:?}");
+    let (status, logs) = gateway.terminate().await;
+    assert!(status.success(), "exit {status:?}; logs: {logs:?}");
     assert!(
-        rest.iter().any(|l| l.contains("SIGTERM received")),
-        "{rest:?}"
+        logs.iter().any(|l| l.contains("SIGTERM received")),
+        "{logs:?}"
+    );
+    assert!(
+        logs.iter().all(|l| !l.contains(API_KEY)),
+        "the key leaked into a log"
     );
 }

@@ -7,6 +7,7 @@ mod coalesce;
 mod contract;
 mod lifecycle;
 mod mapping;
+mod observability;
 mod redis;
 mod support;
 mod validation;

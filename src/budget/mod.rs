@@ -18,11 +18,13 @@ use serde::Serialize;
 
 use crate::config::{BackendConfig, BudgetConfig};
 
+pub mod fair;
 pub mod local;
 pub mod queue;
 pub mod redis;
 pub mod shared;
 
+pub use fair::Caller;
 pub use queue::{AccountQueue, Turn};
 
 /// A limiter's answer: the slot is taken now, or the next one is this far off.
@@ -207,7 +209,10 @@ impl Budget {
     ) -> Self {
         let accounts = limiters
             .into_iter()
-            .map(|(name, limiter)| (name, AccountQueue::spawn(limiter, config)))
+            .map(|(name, limiter)| {
+                let queue = AccountQueue::spawn(&name, limiter, config);
+                (name, queue)
+            })
             .collect();
         Self {
             accounts,

@@ -34,6 +34,7 @@ use super::redis::{RedisLimiter, RedisStore, StoreError, TIMEOUT, measure_skew};
 use super::{BackendReport, BackendUnavailable, Decision, Limiter, WallClock};
 use crate::cli::RedisFallback;
 use crate::config::{BudgetConfig, RedisConfig};
+use crate::telemetry::metrics::{BACKEND_ERRORS, CLOCK_SKEW, DEGRADED};
 
 /// Reconnect attempts while degraded.
 pub const PROBE_DEGRADED: Duration = Duration::from_millis(200);
@@ -41,8 +42,6 @@ pub const PROBE_DEGRADED: Duration = Duration::from_millis(200);
 pub const PROBE_HEALTHY: Duration = Duration::from_secs(1);
 /// Skew worth a warning (NTP is off): harmless to the budget, not to logs.
 const SKEW_WARNING_US: i64 = 1_000_000;
-
-const DEGRADED_GAUGE: &str = "provisioning_gateway_budget_backend_degraded";
 
 /// The process' Redis connection, its health, and its probe.
 pub struct RedisBackend {
@@ -79,7 +78,7 @@ impl RedisBackend {
             ),
             Err(e) => backend.degrade(&e),
         }
-        metrics::gauge!(DEGRADED_GAUGE).set(if backend.is_degraded() { 1.0 } else { 0.0 });
+        metrics::gauge!(DEGRADED).set(if backend.is_degraded() { 1.0 } else { 0.0 });
         tokio::spawn(probe(Arc::downgrade(&backend)));
         Ok(backend)
     }
@@ -133,12 +132,12 @@ impl RedisBackend {
 
     /// Redis failed: switch to the fallback (once per outage: one warn).
     fn degrade(&self, error: &StoreError) {
-        metrics::counter!("provisioning_gateway_budget_backend_errors_total").increment(1);
+        metrics::counter!(BACKEND_ERRORS).increment(1);
         let flipped = self
             .degraded
             .send_if_modified(|d| !std::mem::replace(d, true));
         if flipped {
-            metrics::gauge!(DEGRADED_GAUGE).set(1.0);
+            metrics::gauge!(DEGRADED).set(1.0);
             tracing::warn!(
                 budget_backend = "redis",
                 fallback = self.fallback_name(),
@@ -155,7 +154,7 @@ impl RedisBackend {
             .degraded
             .send_if_modified(|d| std::mem::replace(d, false))
         {
-            metrics::gauge!(DEGRADED_GAUGE).set(0.0);
+            metrics::gauge!(DEGRADED).set(0.0);
             tracing::info!(
                 budget_backend = "redis",
                 "Redis answers again: back on the shared budget"
@@ -172,8 +171,7 @@ impl RedisBackend {
     async fn check_skew(&self, connected_now: bool) -> Result<(), StoreError> {
         let skew = measure_skew(&self.store, self.clock).await?;
         let before = self.skew_us.swap(skew, Ordering::Relaxed);
-        metrics::gauge!("provisioning_gateway_budget_redis_clock_skew_seconds")
-            .set(skew as f64 / 1e6);
+        metrics::gauge!(CLOCK_SKEW).set(skew as f64 / 1e6);
         let was_large = before != i64::MIN && before.abs() > SKEW_WARNING_US;
         if skew.abs() > SKEW_WARNING_US && (connected_now || !was_large) {
             tracing::warn!(
@@ -201,6 +199,8 @@ async fn probe(backend: Weak<RedisBackend>) {
             Err(e) if degraded => tracing::debug!(error = %e, "Redis still unreachable"),
             Err(e) => b.degrade(&e),
         }
+        // Re-stated every round: the recorder may be installed after start.
+        metrics::gauge!(DEGRADED).set(if b.is_degraded() { 1.0 } else { 0.0 });
         let pause = if b.is_degraded() {
             PROBE_DEGRADED
         } else {
