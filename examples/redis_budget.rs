@@ -205,7 +205,7 @@ async fn spacing(url: &str, seconds: u64) -> anyhow::Result<()> {
         for c in 0..CALLERS {
             let mut client = client.clone();
             callers.push(tokio::spawn(async move {
-                let (mut ok, mut refused, mut other) = (0u32, 0u32, 0u32);
+                let (mut ok, mut refused, mut other) = (0u32, Vec::new(), 0u32);
                 let mut n = ((r * CALLERS + c) as u64) << 32;
                 while Instant::now() < end {
                     n += 1;
@@ -214,14 +214,11 @@ async fn spacing(url: &str, seconds: u64) -> anyhow::Result<()> {
                     match client.delete_association(req).await {
                         Ok(_) => ok += 1,
                         Err(s) => {
-                            let budget = s
-                                .get_error_details()
-                                .error_info()
-                                .is_some_and(|i| i.reason == "BUDGET_EXHAUSTED");
-                            if budget {
-                                refused += 1;
-                            } else {
-                                other += 1;
+                            let info = s.get_error_details().error_info().cloned();
+                            match info {
+                                Some(i) if i.reason == "BUDGET_EXHAUSTED" => refused
+                                    .push(i.metadata.get("rejection").cloned().unwrap_or_default()),
+                                _ => other += 1,
                             }
                             let back = s
                                 .get_error_details()
@@ -240,13 +237,17 @@ async fn spacing(url: &str, seconds: u64) -> anyhow::Result<()> {
             }));
         }
     }
-    let (mut ok, mut refused, mut other) = (0, 0, 0);
+    let (mut ok, mut other) = (0u32, 0u32);
+    let mut refused = std::collections::BTreeMap::<String, u32>::new();
     for c in callers {
         let (o, r, x) = c.await?;
         ok += o;
-        refused += r;
         other += x;
+        for reason in r {
+            *refused.entry(reason).or_default() += 1;
+        }
     }
+    let refused_total: u32 = refused.values().sum();
     let elapsed = started.elapsed();
     stop.cancel();
 
@@ -261,7 +262,7 @@ async fn spacing(url: &str, seconds: u64) -> anyhow::Result<()> {
         .map(|(l, f)| l.at - f.at)
         .unwrap_or_default();
     let steady = (arrivals.len().saturating_sub(1)) as f64 / span.as_secs_f64();
-    let calls = ok + refused + other;
+    let calls = ok + refused_total + other;
     println!(
         "  upstream arrivals: {} in {:.1} s ({accepted} accepted, {throttled} answered 429 by the vendor)",
         arrivals.len(),
@@ -277,9 +278,9 @@ async fn spacing(url: &str, seconds: u64) -> anyhow::Result<()> {
         min_gap.as_secs_f64() * 1e3
     );
     println!(
-        "  calls: {calls}; served {ok} ({:.1}%), refused BUDGET_EXHAUSTED {refused} ({:.1}%), other errors {other}",
+        "  calls: {calls}; served {ok} ({:.1}%), refused BUDGET_EXHAUSTED {refused_total} ({:.1}%) {refused:?}, other errors {other}",
         100.0 * f64::from(ok) / f64::from(calls.max(1)),
-        100.0 * f64::from(refused) / f64::from(calls.max(1)),
+        100.0 * f64::from(refused_total) / f64::from(calls.max(1)),
     );
     Ok(())
 }

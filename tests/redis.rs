@@ -636,3 +636,50 @@ async fn rediss_with_a_password_and_a_private_ca() {
     let apps = replicas(1, &[untrusted], &mock, addr).await;
     assert_eq!(healthz(apps[0].metrics_addr).await["degraded"], true);
 }
+
+/// 1/s with one replica: T = 1010 ms, wide enough to see a handover.
+fn opts_1(redis: &RedisServer) -> Opts {
+    Opts {
+        rate_per_second: 1,
+        ..Opts::default()
+    }
+    .redis(&redis.url(), RedisFallback::Local, 1)
+}
+
+#[tokio::test]
+async fn losing_redis_the_local_budget_starts_after_the_last_shared_slot() {
+    let mut redis = RedisServer::start();
+    let (mock, addr, _stop) = spawn_mock(1).await;
+    let apps = replicas(1, &[opts_1(&redis)], &mock, addr).await;
+    let mut client = apps[0].client().await;
+    client.delete_association(request(0)).await.unwrap(); // a shared slot
+    redis.kill();
+    client.delete_association(request(1)).await.unwrap(); // a local one
+    let arrivals = mock.arrivals();
+    assert_eq!(arrivals[1].status, 204, "the vendor accepted it");
+    let gap = arrivals[1].at - arrivals[0].at;
+    assert!(
+        gap >= Duration::from_secs(1),
+        "{gap:?} after the shared slot"
+    );
+}
+
+#[tokio::test]
+async fn back_on_redis_the_shared_budget_starts_after_the_last_local_grant() {
+    let mut redis = RedisServer::start();
+    redis.kill();
+    let (mock, addr, _stop) = spawn_mock(1).await;
+    let apps = replicas(1, &[opts_1(&redis)], &mock, addr).await;
+    let mut client = apps[0].client().await;
+    client.delete_association(request(0)).await.unwrap(); // a local slot
+    redis.restart(); // empty: the shared budget knows nothing of it
+    until_degraded_is(&apps, false, Duration::from_secs(2)).await;
+    client.delete_association(request(1)).await.unwrap(); // a shared one
+    let arrivals = mock.arrivals();
+    assert_eq!(arrivals[1].status, 204, "the vendor accepted it");
+    let gap = arrivals[1].at - arrivals[0].at;
+    assert!(
+        gap >= Duration::from_secs(1),
+        "{gap:?} after the local slot"
+    );
+}

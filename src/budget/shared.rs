@@ -225,6 +225,8 @@ struct Handover {
     shared_next: Option<Instant>,
     /// When the local budget last granted a slot.
     last_local_grant: Option<Instant>,
+    /// Latest upstream pushback (429): no slot before this.
+    pushed_until: Option<Instant>,
 }
 
 /// One account's limiter on the Redis backend, with its fallback.
@@ -245,13 +247,15 @@ impl SharedLimiter {
 
     async fn shared(&self) -> Result<Decision, StoreError> {
         // Back from the fallback: the shared key may have expired, or Redis
-        // restarted empty; keep the spacing after this replica's own grants.
+        // restarted empty; keep the spacing after this replica's own grants,
+        // and any pushback it received meanwhile.
         let seed = {
             let h = self.lock();
+            let after_grant = h.last_local_grant.map(|t| t + self.interval);
             h.on_local
-                .then_some(h.last_local_grant)
+                .then(|| after_grant.max(h.pushed_until))
                 .flatten()
-                .map(|t| (t + self.interval).saturating_duration_since(Instant::now()))
+                .map(|t| t.saturating_duration_since(Instant::now()))
         };
         if let Some(wait) = seed.filter(|w| !w.is_zero()) {
             self.redis.push_back(wait).await?;
@@ -317,6 +321,7 @@ impl Limiter for SharedLimiter {
                 let mut h = self.lock();
                 let until = Instant::now() + wait;
                 h.shared_next = Some(h.shared_next.map_or(until, |n| n.max(until)));
+                h.pushed_until = Some(h.pushed_until.map_or(until, |n| n.max(until)));
             }
             if !self.backend.is_degraded()
                 && let Err(e) = self.redis.push_back(wait).await
