@@ -205,7 +205,7 @@ async fn spacing(url: &str, seconds: u64) -> anyhow::Result<()> {
         for c in 0..CALLERS {
             let mut client = client.clone();
             callers.push(tokio::spawn(async move {
-                let (mut ok, mut refused, mut other) = (0u32, Vec::new(), 0u32);
+                let (mut ok, mut refused, mut other) = (0u32, Vec::new(), Vec::new());
                 let mut n = ((r * CALLERS + c) as u64) << 32;
                 while Instant::now() < end {
                     n += 1;
@@ -218,7 +218,8 @@ async fn spacing(url: &str, seconds: u64) -> anyhow::Result<()> {
                             match info {
                                 Some(i) if i.reason == "BUDGET_EXHAUSTED" => refused
                                     .push(i.metadata.get("rejection").cloned().unwrap_or_default()),
-                                _ => other += 1,
+                                Some(i) => other.push(i.reason),
+                                None => other.push(format!("{:?} {}", s.code(), s.message())),
                             }
                             let back = s
                                 .get_error_details()
@@ -237,17 +238,21 @@ async fn spacing(url: &str, seconds: u64) -> anyhow::Result<()> {
             }));
         }
     }
-    let (mut ok, mut other) = (0u32, 0u32);
+    let mut ok = 0u32;
     let mut refused = std::collections::BTreeMap::<String, u32>::new();
+    let mut others = std::collections::BTreeMap::<String, u32>::new();
     for c in callers {
         let (o, r, x) = c.await?;
         ok += o;
-        other += x;
         for reason in r {
             *refused.entry(reason).or_default() += 1;
         }
+        for reason in x {
+            *others.entry(reason).or_default() += 1;
+        }
     }
     let refused_total: u32 = refused.values().sum();
+    let other: u32 = others.values().sum();
     let elapsed = started.elapsed();
     stop.cancel();
 
@@ -268,17 +273,21 @@ async fn spacing(url: &str, seconds: u64) -> anyhow::Result<()> {
         arrivals.len(),
         elapsed.as_secs_f64()
     );
+    let window = Duration::from_secs(seconds);
+    let in_window = arrivals.iter().filter(|a| a.at < started + window).count();
     println!(
-        "  upstream calls/s ÷ configured rate: {:.3} over the run, {:.3} first-to-last arrival",
-        arrivals.len() as f64 / elapsed.as_secs_f64(),
-        steady
+        "  upstream calls/s ÷ configured rate: {:.3} in the {seconds} s window, {:.3} first-to-last arrival \
+         (the most the 10 ms margin allows: {:.3})",
+        in_window as f64 / window.as_secs_f64(),
+        steady,
+        1.0 / 1.010
     );
     println!(
         "  smallest gap between arrivals: {:.1} ms (interval 1/rate = 1000 ms, T with margin = 1010 ms)",
         min_gap.as_secs_f64() * 1e3
     );
     println!(
-        "  calls: {calls}; served {ok} ({:.1}%), refused BUDGET_EXHAUSTED {refused_total} ({:.1}%) {refused:?}, other errors {other}",
+        "  calls: {calls}; served {ok} ({:.1}%), refused BUDGET_EXHAUSTED {refused_total} ({:.1}%) {refused:?}, other errors {other} {others:?}",
         100.0 * f64::from(ok) / f64::from(calls.max(1)),
         100.0 * f64::from(refused_total) / f64::from(calls.max(1)),
     );

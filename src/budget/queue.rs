@@ -139,9 +139,10 @@ impl AccountQueue {
                 waited: joined.elapsed(),
             }),
             Ok(Ok(Err(e))) => Err(e),
-            // The dispatcher only drops a sender when it stops.
-            Ok(Err(_)) => Err(BudgetError::ShuttingDown),
-            Err(_) => {
+            // The dispatcher drops a sender when it stops, or when it finds the
+            // waiter's `ready_by` passed a moment before this timer fires.
+            Ok(Err(_)) if self.closing.is_cancelled() => Err(BudgetError::ShuttingDown),
+            Ok(Err(_)) | Err(_) => {
                 let st = self.lock();
                 Err(BudgetError::Exhausted {
                     reason: Rejection::TimedOut,
