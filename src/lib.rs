@@ -11,6 +11,7 @@ pub mod accounts;
 pub mod auth;
 pub mod budget;
 pub mod cli;
+pub mod coalesce;
 pub mod config;
 pub mod demo;
 pub mod domain;

@@ -3,9 +3,11 @@
 
 mod budget;
 mod cli;
+mod coalesce;
 mod contract;
 mod lifecycle;
 mod mapping;
 mod observability;
+mod redis;
 mod support;
 mod validation;

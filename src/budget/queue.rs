@@ -139,9 +139,10 @@ impl AccountQueue {
                 waited: joined.elapsed(),
             }),
             Ok(Ok(Err(e))) => Err(e),
-            // The dispatcher only drops a sender when it stops.
-            Ok(Err(_)) => Err(BudgetError::ShuttingDown),
-            Err(_) => {
+            // The dispatcher drops a sender when it stops, or when it finds the
+            // waiter's `ready_by` passed a moment before this timer fires.
+            Ok(Err(_)) if self.closing.is_cancelled() => Err(BudgetError::ShuttingDown),
+            Ok(Err(_)) | Err(_) => {
                 let st = self.lock();
                 Err(BudgetError::Exhausted {
                     reason: Rejection::TimedOut,
@@ -149,6 +150,12 @@ impl AccountQueue {
                 })
             }
         }
+    }
+
+    /// When a caller joining now could expect its slot (for `RetryInfo`).
+    pub fn retry_after(&self) -> Duration {
+        let st = self.lock();
+        self.eta(&st, st.live, Instant::now())
     }
 
     /// Upstream said 429: no slot for `retry_after`, or for T doubled per
@@ -248,6 +255,9 @@ impl AccountQueue {
                     self.lock().next_slot = Instant::now() + wait;
                     tokio::select! {
                         () = sleep(wait) => {}
+                        // The limiter switched budgets (Redis lost or back):
+                        // this wait may no longer hold, ask again.
+                        () = self.limiter.changed() => {}
                         () = waiter.tx.closed() => return,
                         () = self.closing.cancelled() => {
                             let _ = waiter.tx.send(Err(BudgetError::ShuttingDown));
