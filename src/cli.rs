@@ -45,8 +45,14 @@ pub struct ServeArgs {
     /// File holding the API key (a mounted Kubernetes Secret). Alternative to INFOBIP_API_KEY.
     #[arg(long, env = "INFOBIP_API_KEY_FILE")]
     pub api_key_file: Option<PathBuf>,
+    /// Name of the account in metrics, logs, error details and its Redis key
+    /// (two gateways for different Infobip accounts may share one Redis).
+    #[arg(long, env = "GATEWAY_ACCOUNT_NAME", default_value = "default")]
+    pub account_name: String,
     #[command(flatten)]
     pub budget: BudgetArgs,
+    #[command(flatten)]
+    pub backend: BackendArgs,
     /// Longest time one upstream attempt may take (capped by the caller's deadline).
     #[arg(long, env = "GATEWAY_UPSTREAM_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub upstream_timeout: Duration,
@@ -79,6 +85,59 @@ pub struct BudgetArgs {
     /// Least time a call must have left when its slot comes (for the upstream round trip).
     #[arg(long, env = "GATEWAY_UPSTREAM_RESERVE", default_value = "200ms", value_parser = parse_duration)]
     pub upstream_reserve: Duration,
+}
+
+/// Where the budget lives: in this process, or in Redis shared by every replica.
+#[derive(Debug, Args, Clone)]
+pub struct BackendArgs {
+    /// `memory`: one replica holds the budget; `redis`: every replica shares it through Redis.
+    #[arg(
+        long,
+        env = "GATEWAY_BUDGET_BACKEND",
+        value_enum,
+        default_value = "memory"
+    )]
+    pub budget_backend: BackendKind,
+    /// Redis URL (`redis://` or `rediss://` for TLS; `redis://:PASSWORD@HOST:6379/0`). Required with `--budget-backend redis`.
+    #[arg(long, env = "GATEWAY_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+    /// PEM file of the CA(s) that sign the Redis server's certificate (`rediss://` with a private CA); default: the Mozilla root store.
+    #[arg(long, env = "GATEWAY_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
+    /// Prefix of the budget keys in Redis; the account name follows it.
+    #[arg(
+        long,
+        env = "GATEWAY_REDIS_KEY_PREFIX",
+        default_value = "provisioning-gateway:budget:"
+    )]
+    pub redis_key_prefix: String,
+    /// While Redis is unreachable: `local` serves from a budget of rate / --expected-replicas per replica; `deny` answers UNAVAILABLE.
+    #[arg(
+        long,
+        env = "GATEWAY_REDIS_FALLBACK",
+        value_enum,
+        default_value = "local"
+    )]
+    pub redis_fallback: RedisFallback,
+    /// Replicas sharing the budget (the Deployment's replicas); divides the rate for the `local` fallback.
+    #[arg(long, env = "GATEWAY_EXPECTED_REPLICAS", default_value_t = 1)]
+    pub expected_replicas: u32,
+}
+
+/// Where the budget lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackendKind {
+    Memory,
+    Redis,
+}
+
+/// What a replica does while Redis is unreachable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RedisFallback {
+    /// Serve from a per-replica budget of rate / expected replicas.
+    Local,
+    /// Refuse calls with UNAVAILABLE (BUDGET_BACKEND_UNAVAILABLE).
+    Deny,
 }
 
 /// Flags of `mock-upstream`.

@@ -6,7 +6,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::{BudgetArgs, DemoArgs, LogFormat};
-use crate::config::{AccountConfig, ApiKey, BudgetConfig, Config, endpoint_url};
+use crate::config::{AccountConfig, ApiKey, BackendConfig, BudgetConfig, Config, endpoint_url};
 use crate::mock::{Mock, MockConfig};
 use crate::startup::{App, shutdown_signal};
 
@@ -40,6 +40,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             api_key: ApiKey::new(DEMO_KEY).expect("the demo key is a valid key"),
         },
         budget: BudgetConfig::from_args(&budget_args)?,
+        backend: BackendConfig::Memory,
         upstream_timeout: std::time::Duration::from_secs(10),
         shutdown_grace: std::time::Duration::from_secs(5),
         log_format: Some(LogFormat::Text),

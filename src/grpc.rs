@@ -11,7 +11,8 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 use tracing::field::Empty;
 
-use crate::budget::{AccountQueue, Budget, BudgetError, Turn};
+use crate::budget::{AccountQueue, Budget, BudgetError, Caller, Rejection, Turn};
+use crate::coalesce::{Coalescer, Expired, Mark, Role};
 use crate::config::AccountConfig;
 use crate::domain::Association;
 use crate::pb::association_service_server::AssociationService;
@@ -36,21 +37,32 @@ pub struct CallLimits {
     pub default_deadline: Duration,
 }
 
-/// The `AssociationService` implementation.
+/// Identical calls in flight at the same time share one outcome: the account
+/// and the five fields.
+type FlightKey = (String, Association);
+/// What every caller of a flight receives.
+type Flown = (Result<(), CallError>, Report);
+
+/// The `AssociationService` implementation. Cheap to clone: a coalesced
+/// call's work runs in a task of its own, holding a clone.
+#[derive(Clone)]
 pub struct Gateway {
-    accounts: HashMap<String, AccountConfig>,
+    accounts: Arc<HashMap<String, AccountConfig>>,
     default_account: String,
     budget: Arc<Budget>,
     upstream: Upstream,
     limits: CallLimits,
+    flights: Arc<Coalescer<FlightKey, Flown>>,
 }
 
 /// What happened to one call, for its log event.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct Report {
     attempts: u32,
     waited: Duration,
     http_status: Option<u16>,
+    /// The call shared another identical call's upstream call.
+    coalesced: bool,
 }
 
 impl Gateway {
@@ -62,23 +74,41 @@ impl Gateway {
     ) -> Self {
         let default_account = accounts.first().map(|a| a.name.clone()).unwrap_or_default();
         Self {
-            accounts: accounts.into_iter().map(|a| (a.name.clone(), a)).collect(),
+            accounts: Arc::new(accounts.into_iter().map(|a| (a.name.clone(), a)).collect()),
             default_account,
             budget,
             upstream,
             limits,
+            flights: Arc::default(),
         }
     }
 
     async fn delete(
         &self,
         account: &AccountConfig,
+        caller: &Caller,
         request: DeleteAssociationRequest,
         deadline: Instant,
         report: &mut Report,
     ) -> Result<(), CallError> {
         // 1. Parse: a refusal here costs no budget and sends nothing.
         let association = Association::try_from(request)?;
+        // Identical calls at the same time share steps 2-4 (one slot).
+        self.coalesced(account, caller, association, deadline, report)
+            .await
+    }
+
+    /// Steps 2-4 for one association, under the deadline of the call that
+    /// leads its flight; `mark` is set once a request goes upstream.
+    async fn send(
+        &self,
+        account: &AccountConfig,
+        caller: &Caller,
+        association: Association,
+        deadline: Instant,
+        mark: Mark,
+        report: &mut Report,
+    ) -> Result<(), CallError> {
         let body = association.to_json();
         let queue = self
             .budget
@@ -91,7 +121,7 @@ impl Gateway {
         loop {
             // 2. Budget: every attempt pays a slot. A retry that cannot get
             //    one in time answers with the last upstream outcome instead.
-            let turn = match self.wait_turn(&account.name, queue, ready_by).await {
+            let turn = match self.wait_turn(&account.name, queue, caller, ready_by).await {
                 Ok(turn) => turn,
                 Err(e) => return Err(last.unwrap_or(CallError::Budget(e))),
             };
@@ -104,6 +134,7 @@ impl Gateway {
                 .limits
                 .upstream_timeout
                 .min(remaining.saturating_sub(ANSWER_MARGIN));
+            mark.set();
             let outcome = self
                 .upstream
                 .delete(account, body.clone(), timeout, report.attempts)
@@ -137,11 +168,84 @@ impl Gateway {
         }
     }
 
+    /// Runs [`Self::send`] once for all identical calls waiting or in flight
+    /// at the same time; each caller still answers by its own deadline.
+    async fn coalesced(
+        &self,
+        account: &AccountConfig,
+        caller: &Caller,
+        association: Association,
+        deadline: Instant,
+        report: &mut Report,
+    ) -> Result<(), CallError> {
+        let key: FlightKey = (account.name.clone(), association);
+        let patience = deadline.checked_sub(ANSWER_MARGIN).unwrap_or(deadline);
+        let mut joins = 0;
+        loop {
+            let (gateway, account, association) = (self.clone(), account.clone(), key.1.clone());
+            // The shared call takes its turn in the leader's fair share.
+            let caller = caller.clone();
+            let joined = self
+                .flights
+                .run(key.clone(), deadline, patience, move |mark| async move {
+                    let mut report = Report::default();
+                    let result = gateway
+                        .send(&account, &caller, association, deadline, mark, &mut report)
+                        .await;
+                    (result, report)
+                })
+                .await;
+            joins += 1;
+            let follower = joined.role == Role::Follower;
+            if follower {
+                metrics::coalesced(&key.0);
+            }
+            let (result, shared) = match joined.outcome {
+                Ok(outcome) => outcome,
+                // Gave up at its own deadline: what a lone call would have met.
+                Err(Expired { marked }) => {
+                    report.coalesced = true;
+                    return Err(if marked {
+                        CallError::Transport(TransportError::Timeout)
+                    } else {
+                        let retry_after = self
+                            .budget
+                            .account(&key.0)
+                            .map_or(Duration::ZERO, |q| q.retry_after());
+                        CallError::Budget(BudgetError::Exhausted {
+                            reason: Rejection::TimedOut,
+                            retry_after,
+                        })
+                    });
+                }
+            };
+            *report = Report {
+                coalesced: follower,
+                ..shared
+            };
+            // Refused for lack of time under the leader's shorter deadline: not
+            // this caller's answer while it has more time. Nothing was sent, so
+            // it tries on its own (leading, or joining a newer flight).
+            let leaders_deadline = matches!(
+                result,
+                Err(CallError::Budget(BudgetError::Exhausted {
+                    reason: Rejection::Deadline | Rejection::TimedOut,
+                    ..
+                }))
+            );
+            if follower && leaders_deadline && deadline > joined.flight_deadline && joins < 3 {
+                continue;
+            }
+            return result;
+        }
+    }
+
     /// One budget wait, as its own span with its metrics.
     async fn wait_turn(
         &self,
         account: &str,
         queue: &AccountQueue,
+        caller: &Caller,
         ready_by: Instant,
     ) -> Result<Turn, BudgetError> {
         let span = tracing::info_span!(
@@ -155,7 +259,10 @@ impl Gateway {
             span_id = Empty,
         );
         telemetry::record_ids(&span);
-        let result = queue.wait_turn(ready_by).instrument(span.clone()).await;
+        let result = queue
+            .wait_turn(caller, ready_by)
+            .instrument(span.clone())
+            .await;
         match &result {
             Ok(turn) => {
                 span.record("budget.queue_position", turn.position);
@@ -196,10 +303,17 @@ impl AssociationService for Gateway {
         let deadline =
             started + grpc_timeout(request.metadata()).unwrap_or(self.limits.default_deadline);
         let mut report = Report::default();
+        let caller = caller(request.metadata());
         let (account_name, result) = match self.account(request.metadata()) {
             Ok(account) => {
                 let result = self
-                    .delete(account, request.into_inner(), deadline, &mut report)
+                    .delete(
+                        account,
+                        &caller,
+                        request.into_inner(),
+                        deadline,
+                        &mut report,
+                    )
                     .await;
                 (account.name.as_str(), result)
             }
@@ -216,6 +330,7 @@ impl AssociationService for Gateway {
                 tracing::info!(
                     account = account_name,
                     outcome = "OK",
+                    coalesced = report.coalesced,
                     attempts = report.attempts,
                     http_status = report.http_status,
                     budget_wait_ms = report.waited.as_millis() as u64,
@@ -230,6 +345,7 @@ impl AssociationService for Gateway {
                     account = account_name,
                     outcome = ?status.code(),
                     reason = %error.reason(),
+                    coalesced = report.coalesced,
                     attempts = report.attempts,
                     http_status = report.http_status,
                     budget_wait_ms = report.waited.as_millis() as u64,
@@ -240,6 +356,24 @@ impl AssociationService for Gateway {
             }
         }
     }
+}
+
+/// Longest `x-caller` name kept for fairness.
+const MAX_CALLER_NAME: usize = 128;
+
+/// The fairness key of an anonymous call: its `x-caller` metadata (used for
+/// fair shares only, never for authorization), else `anonymous`.
+fn caller(metadata: &MetadataMap) -> Caller {
+    metadata
+        .get("x-caller")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|name| !name.is_empty())
+        .map(|name| {
+            let name: String = name.chars().take(MAX_CALLER_NAME).collect();
+            Caller::new(name, std::num::NonZeroU32::MIN)
+        })
+        .unwrap_or_else(Caller::anonymous)
 }
 
 /// The caller's `grpc-timeout` (gRPC over HTTP/2 spec: up to 8 digits and a

@@ -7,12 +7,16 @@
 //! and the tests.
 #![forbid(unsafe_code)]
 
+pub mod accounts;
+pub mod auth;
 pub mod budget;
 pub mod cli;
+pub mod coalesce;
 pub mod config;
 pub mod demo;
 pub mod domain;
 pub mod grpc;
+pub mod keys;
 pub mod mock;
 pub mod startup;
 pub mod status;

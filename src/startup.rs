@@ -42,10 +42,14 @@ impl App {
         let metrics = TcpListener::bind(config.metrics_listen)
             .await
             .with_context(|| format!("cannot bind --metrics-listen {}", config.metrics_listen))?;
-        let budget = Arc::new(Budget::memory(
+        let budget = Budget::build(
             &config.budget,
+            &config.backend,
             [config.account.name.as_str()],
-        ));
+        )
+        .await
+        .context("cannot set up the budget backend")?;
+        let budget = Arc::new(budget);
         let upstream =
             Upstream::new(config.upstream_timeout).context("cannot build the HTTP client")?;
         let limits = CallLimits {
@@ -138,8 +142,11 @@ impl App {
                 }
             }
         });
-        let metrics = axum::serve(self.metrics, metrics::router(prometheus))
-            .with_graceful_shutdown(stop.clone().cancelled_owned());
+        let metrics = axum::serve(
+            self.metrics,
+            metrics::router(prometheus, self.budget.health()),
+        )
+        .with_graceful_shutdown(stop.clone().cancelled_owned());
         let metrics = tokio::spawn(metrics.into_future());
         tracing::info!(%grpc_addr, %metrics_addr, "serving");
 

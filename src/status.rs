@@ -21,8 +21,9 @@ pub const DOMAIN: &str = "provisioning-gateway";
 /// Longest upstream `text` copied into a status message.
 const MAX_MESSAGE: usize = 512;
 
-/// Everything that can end a call without success.
-#[derive(Debug, thiserror::Error)]
+/// Everything that can end a call without success. `Clone`: coalesced calls
+/// all receive the outcome of the one that ran.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum CallError {
     #[error(transparent)]
     Invalid(#[from] InvalidRequest),

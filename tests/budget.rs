@@ -18,11 +18,10 @@ fn gaps(app: &TestApp) -> Vec<Duration> {
 
 #[tokio::test]
 async fn concurrent_callers_are_all_served_and_arrivals_keep_the_interval() {
-    // 20/s: the vendor (emulator) allows one per 50 ms. A 25 ms margin keeps
-    // arrivals apart even when the loaded test machine delays a send.
+    // 20/s: the vendor (emulator) allows one per 50 ms; the test margin
+    // (40 ms) keeps arrivals apart when a loaded machine delays a send.
     let app = spawn_app(Opts {
         rate_per_second: 20,
-        safety_margin: Duration::from_millis(25),
         ..Opts::default()
     })
     .await;
@@ -49,7 +48,7 @@ async fn concurrent_callers_are_all_served_and_arrivals_keep_the_interval() {
 
 #[tokio::test]
 async fn a_caller_that_cancels_does_not_waste_a_slot() {
-    // 5/s: T = 210 ms, wide enough to tell "next slot" from "the one after".
+    // 5/s: T = 240 ms, wide enough to tell "next slot" from "the one after".
     let app = spawn_app(Opts {
         rate_per_second: 5,
         ..Opts::default()
@@ -76,7 +75,7 @@ async fn a_caller_that_cancels_does_not_waste_a_slot() {
     assert!(bodies[1].contains("number-key-2"));
     let gap = arrivals[1].at - arrivals[0].at;
     assert!(
-        gap < Duration::from_millis(315),
+        gap < Duration::from_millis(360),
         "the stayer got the next slot, not the one after ({gap:?})"
     );
 }
@@ -107,7 +106,7 @@ async fn a_call_that_cannot_be_served_in_time_is_refused_at_once() {
     assert_eq!(info.metadata["rejection"], "deadline");
     let retry = d.retry_info().unwrap().retry_delay.unwrap();
     assert!(
-        retry > Duration::from_millis(300) && retry <= Duration::from_millis(1010),
+        retry > Duration::from_millis(300) && retry <= Duration::from_millis(1040),
         "{retry:?}"
     );
     assert_eq!(
@@ -148,8 +147,11 @@ async fn the_queue_bound_sheds_load_with_queue_full() {
 
 #[tokio::test]
 async fn real_one_request_per_second() {
+    // What is asserted is arrivals at the vendor: 100 ms of margin absorbs a
+    // send delayed on a loaded CI machine.
     let app = spawn_app(Opts {
         rate_per_second: 1,
+        safety_margin: Duration::from_millis(100),
         ..Opts::default()
     })
     .await;

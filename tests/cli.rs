@@ -47,6 +47,49 @@ fn each_bad_setting_is_named_in_one_line() {
         ),
         (&[url, key], &["--max-wait", "soon"], "--max-wait"),
         (&[url, key], &["--listen", "nowhere"], "--listen"),
+        (&[url, key], &["--budget-backend", "redis"], "--redis-url"),
+        (
+            &[url, key, ("GATEWAY_BUDGET_BACKEND", "redis")],
+            &["--redis-url", "http://redis:6379"],
+            "--redis-url",
+        ),
+        (
+            &[url, key, ("GATEWAY_REDIS_URL", "redis://redis:6379")],
+            &[],
+            "--redis-url",
+        ),
+        (
+            &[url, key],
+            &["--budget-backend", "etcd"],
+            "--budget-backend",
+        ),
+        (
+            &[url, key],
+            &["--redis-fallback", "hope", "--budget-backend", "redis"],
+            "--redis-fallback",
+        ),
+        (
+            &[url, key],
+            &["--expected-replicas", "0"],
+            "--expected-replicas",
+        ),
+        (
+            &[url, key],
+            &["--account-name", "two words"],
+            "--account-name",
+        ),
+        (
+            &[url, key],
+            &[
+                "--budget-backend",
+                "redis",
+                "--redis-url",
+                "redis://r:6379",
+                "--redis-key-prefix",
+                "",
+            ],
+            "--redis-key-prefix",
+        ),
     ];
     for (env, args, setting) in cases {
         let (code, stderr) = serve(env, args);
@@ -79,7 +122,39 @@ fn help_lists_every_serve_flag_with_its_variable() {
         "GATEWAY_UPSTREAM_TIMEOUT",
         "GATEWAY_UPSTREAM_RESERVE",
         "GATEWAY_SHUTDOWN_GRACE",
+        "GATEWAY_ACCOUNT_NAME",
+        "GATEWAY_BUDGET_BACKEND",
+        "GATEWAY_REDIS_URL",
+        "GATEWAY_REDIS_KEY_PREFIX",
+        "GATEWAY_REDIS_FALLBACK",
+        "GATEWAY_EXPECTED_REPLICAS",
     ] {
         assert!(help.contains(var), "{var} missing from serve --help");
     }
+}
+
+#[test]
+fn a_redis_password_never_shows_in_errors_or_help() {
+    let url = ("INFOBIP_BASE_URL", "https://example.invalid");
+    let key = ("INFOBIP_API_KEY", "k");
+    for redis_url in [
+        "redis://:s3cr3t-pw@redis:notaport",
+        "redis://user:s3cr3t-pw@redis:6379/notadb",
+        "http://:s3cr3t-pw@redis:6379",
+    ] {
+        let (code, stderr) = serve(
+            &[url, key, ("GATEWAY_REDIS_URL", redis_url)],
+            &["--budget-backend", "redis"],
+        );
+        assert_ne!(code, 0, "{stderr}");
+        assert!(stderr.contains("--redis-url"), "{stderr}");
+        assert!(!stderr.contains("s3cr3t"), "password leaked: {stderr}");
+    }
+    let help = Command::new(env!("CARGO_BIN_EXE_provisioning-gateway"))
+        .args(["serve", "--help"])
+        .env("GATEWAY_REDIS_URL", "redis://:s3cr3t-pw@redis:6379")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(!help.contains("s3cr3t"), "password in --help: {help}");
 }

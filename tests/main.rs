@@ -4,9 +4,11 @@
 mod budget;
 mod chaos;
 mod cli;
+mod coalesce;
 mod contract;
 mod lifecycle;
 mod mapping;
 mod observability;
+mod redis;
 mod support;
 mod validation;

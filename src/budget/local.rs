@@ -74,17 +74,23 @@ impl LocalLimiter {
     }
 }
 
+impl LocalLimiter {
+    /// No slot before `until` (a pushback, or a handover from another budget).
+    pub fn hold_until(&self, until: Instant) {
+        let mut not_before = self.not_before.lock().unwrap_or_else(|p| p.into_inner());
+        if not_before.is_none_or(|t| t < until) {
+            *not_before = Some(until);
+        }
+    }
+}
+
 impl Limiter for LocalLimiter {
     fn acquire(&self) -> BoxFuture<'_, Result<Decision, BackendUnavailable>> {
         std::future::ready(Ok(self.decide())).boxed()
     }
 
     fn pushback(&self, wait: Duration) -> BoxFuture<'_, ()> {
-        let until = Instant::now() + wait;
-        let mut not_before = self.not_before.lock().unwrap_or_else(|p| p.into_inner());
-        if not_before.is_none_or(|t| t < until) {
-            *not_before = Some(until);
-        }
+        self.hold_until(Instant::now() + wait);
         std::future::ready(()).boxed()
     }
 }

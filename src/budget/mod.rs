@@ -1,6 +1,7 @@
 //! The per-account budget: a FIFO of waiters ([`queue`]) in front of a GCRA
-//! limiter behind the [`Limiter`] trait ([`local`] in process; a Redis one
-//! slots in for several replicas).
+//! limiter behind the [`Limiter`] trait: [`local`] in process for one
+//! replica; [`redis`] shared by several, wrapped in [`shared`] for the
+//! fallback while Redis is unreachable.
 //!
 //! A call asks [`AccountQueue::wait_turn`] for its turn. Admission is decided
 //! at once from the queue ahead and the next known slot, so a call that cannot
@@ -9,15 +10,21 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use futures::FutureExt;
 use futures::future::BoxFuture;
+use serde::Serialize;
 
-use crate::config::BudgetConfig;
+use crate::config::{BackendConfig, BudgetConfig};
 
+pub mod fair;
 pub mod local;
 pub mod queue;
+pub mod redis;
+pub mod shared;
 
+pub use fair::Caller;
 pub use queue::{AccountQueue, Turn};
 
 /// A limiter's answer: the slot is taken now, or the next one is this far off.
@@ -38,6 +45,77 @@ pub trait Limiter: Send + Sync + 'static {
     fn acquire(&self) -> BoxFuture<'_, Result<Decision, BackendUnavailable>>;
     /// Moves the next slot to at least now + `wait` (upstream 429 pushback).
     fn pushback(&self, wait: Duration) -> BoxFuture<'_, ()>;
+    /// Completes when the limiter's answers may have changed other than by
+    /// time passing (the Redis backend switched to or from its fallback), so
+    /// a dispatcher sleeping on an old `Wait` asks again. Never, by default.
+    fn changed(&self) -> BoxFuture<'_, ()> {
+        futures::future::pending().boxed()
+    }
+}
+
+/// This process' wall clock, as the Redis backend reads it. Budget decisions
+/// never do (they use Redis `TIME`, and tokio's monotonic clock for sleeping);
+/// it only measures the skew reported on `/healthz`. The offset lets tests run
+/// replicas whose clocks disagree.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WallClock {
+    offset_us: i64,
+}
+
+impl WallClock {
+    /// The system clock as it is.
+    pub fn system() -> Self {
+        Self::default()
+    }
+
+    /// The system clock shifted by `offset_us` microseconds (negative: behind).
+    pub fn offset_by_micros(offset_us: i64) -> Self {
+        Self { offset_us }
+    }
+
+    /// Microseconds since the Unix epoch, as this clock reads.
+    pub fn now_micros(&self) -> i64 {
+        let since = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        i64::try_from(since.as_micros())
+            .unwrap_or(i64::MAX)
+            .saturating_add(self.offset_us)
+    }
+}
+
+/// What `/healthz` says about the budget backend.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BackendReport {
+    /// `memory` or `redis`.
+    pub budget_backend: &'static str,
+    /// Redis is unreachable and the fallback applies.
+    pub degraded: bool,
+    /// `local` or `deny` (Redis backend only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<&'static str>,
+    /// Redis' clock minus this replica's, in ms, when last measured (Redis
+    /// backend only). Informational: decisions use Redis' clock alone.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_clock_skew_ms: Option<i64>,
+}
+
+/// A handle on the backend's state, for `/healthz`.
+#[derive(Clone)]
+pub struct BackendHealth(Option<Arc<shared::RedisBackend>>);
+
+impl BackendHealth {
+    pub fn report(&self) -> BackendReport {
+        match &self.0 {
+            None => BackendReport {
+                budget_backend: "memory",
+                degraded: false,
+                fallback: None,
+                redis_clock_skew_ms: None,
+            },
+            Some(redis) => redis.report(),
+        }
+    }
 }
 
 /// Why a call was refused its turn; the label used in metrics and ErrorInfo.
@@ -82,9 +160,35 @@ pub enum BudgetError {
 /// The budgets of every configured account.
 pub struct Budget {
     accounts: HashMap<String, Arc<AccountQueue>>,
+    health: BackendHealth,
 }
 
 impl Budget {
+    /// The configured backend's budgets. The Redis backend starts even when
+    /// Redis is unreachable (degraded: fallback until the probe reconnects).
+    pub async fn build<'a>(
+        config: &BudgetConfig,
+        backend: &BackendConfig,
+        accounts: impl IntoIterator<Item = &'a str>,
+    ) -> Result<Self, redis::StoreError> {
+        Ok(match backend {
+            BackendConfig::Memory => Self::memory(config, accounts),
+            BackendConfig::Redis(redis) => {
+                let backend = shared::RedisBackend::start(redis).await?;
+                let limiters: Vec<(String, Arc<dyn Limiter>)> = accounts
+                    .into_iter()
+                    .map(|name| {
+                        let limiter = backend.limiter(name, config);
+                        (name.to_owned(), Arc::new(limiter) as _)
+                    })
+                    .collect();
+                let mut budget = Self::with_limiters(config, limiters);
+                budget.health = BackendHealth(Some(backend));
+                budget
+            }
+        })
+    }
+
     /// In-process budgets, one GCRA per account.
     pub fn memory<'a>(config: &BudgetConfig, accounts: impl IntoIterator<Item = &'a str>) -> Self {
         Self::with_limiters(
@@ -110,7 +214,15 @@ impl Budget {
                 (name, queue)
             })
             .collect();
-        Self { accounts }
+        Self {
+            accounts,
+            health: BackendHealth(None),
+        }
+    }
+
+    /// The backend's state, for `/healthz`.
+    pub fn health(&self) -> BackendHealth {
+        self.health.clone()
     }
 
     /// The queue of a configured account.

@@ -1,12 +1,13 @@
 //! One account's line of waiters in front of its [`Limiter`].
 //!
-//! Callers line up FIFO; a single dispatcher task per account takes the first
-//! caller still waiting, asks the limiter for a slot, sleeps exactly as long
+//! Calls line up per caller and are served round-robin by caller
+//! ([`super::fair`]), FIFO within a caller; a single dispatcher task per
+//! account takes the next call still waiting, asks the limiter for a slot, sleeps exactly as long
 //! as the limiter says (no polling), and hands the slot over. A caller that
 //! leaves (cancelled, deadline) simply drops its receiver: the dispatcher
 //! notices and moves on, so no slot is spent on nobody.
 
-use std::collections::VecDeque;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -14,6 +15,7 @@ use tokio::sync::{Notify, oneshot};
 use tokio::time::{Instant, sleep, timeout_at};
 use tokio_util::sync::CancellationToken;
 
+use super::fair::{Caller, FairQueue, ahead};
 use super::{BudgetError, Decision, Limiter, Rejection};
 use crate::config::BudgetConfig;
 use crate::telemetry::metrics;
@@ -36,9 +38,11 @@ struct Waiter {
 }
 
 struct State {
-    waiters: VecDeque<Waiter>,
-    /// Callers inside `wait_turn` (admitted, not yet served or gone).
+    waiters: FairQueue<Waiter>,
+    /// Calls inside `wait_turn` (admitted, not yet served or gone).
     live: usize,
+    /// The same, per caller, with the caller's weight.
+    live_by_caller: HashMap<Arc<str>, (usize, u32)>,
     /// Best estimate of when the limiter grants its next slot.
     next_slot: Instant,
     /// Consecutive upstream 429s without Retry-After, for backoff.
@@ -67,8 +71,9 @@ impl AccountQueue {
             max_wait: config.max_wait,
             max_queue: config.max_queue.get(),
             state: Mutex::new(State {
-                waiters: VecDeque::new(),
+                waiters: FairQueue::default(),
                 live: 0,
+                live_by_caller: HashMap::new(),
                 next_slot: Instant::now(),
                 pushback_streak: 0,
             }),
@@ -89,10 +94,10 @@ impl AccountQueue {
         self.lock().live
     }
 
-    /// Waits for this account's next slot; `ready_by` is the latest instant at
-    /// which the slot is still useful (caller deadline minus upstream reserve).
-    /// Refuses at once when the turn cannot come by then.
-    pub async fn wait_turn(&self, ready_by: Instant) -> Result<Turn, BudgetError> {
+    /// Waits for `caller`'s next turn on this account; `ready_by` is the latest
+    /// instant at which the slot is still useful (caller deadline minus
+    /// upstream reserve). Refuses at once when the turn cannot come by then.
+    pub async fn wait_turn(&self, caller: &Caller, ready_by: Instant) -> Result<Turn, BudgetError> {
         let joined = Instant::now();
         let (tx, rx) = oneshot::channel();
         let position = {
@@ -100,7 +105,8 @@ impl AccountQueue {
             if self.closing.is_cancelled() {
                 return Err(BudgetError::ShuttingDown);
             }
-            let eta = self.eta(&st, joined);
+            let position = ahead(caller, st.live_by_caller.iter().map(|(id, v)| (id, *v)));
+            let eta = self.eta(&st, position, joined);
             let refuse = |reason| {
                 Err(BudgetError::Exhausted {
                     reason,
@@ -116,12 +122,16 @@ impl AccountQueue {
             if joined + eta > ready_by {
                 return refuse(Rejection::Deadline);
             }
-            st.waiters.push_back(Waiter { tx, ready_by });
+            st.waiters.push(caller, Waiter { tx, ready_by });
             st.live += 1;
+            st.live_by_caller
+                .entry(Arc::clone(&caller.id))
+                .or_insert((0, caller.weight.get()))
+                .0 += 1;
             metrics::queue_depth(&self.name, st.live);
-            st.live - 1
+            position
         };
-        let _live = LiveGuard(self);
+        let _live = LiveGuard(self, &caller.id);
         self.wake.notify_one();
         match timeout_at(ready_by, rx).await {
             Ok(Ok(Ok(()))) => Ok(Turn {
@@ -129,13 +139,23 @@ impl AccountQueue {
                 waited: joined.elapsed(),
             }),
             Ok(Ok(Err(e))) => Err(e),
-            // The dispatcher only drops a sender when it stops.
-            Ok(Err(_)) => Err(BudgetError::ShuttingDown),
-            Err(_) => Err(BudgetError::Exhausted {
-                reason: Rejection::TimedOut,
-                retry_after: self.eta(&self.lock(), Instant::now()),
-            }),
+            // The dispatcher drops a sender when it stops, or when it finds the
+            // waiter's `ready_by` passed a moment before this timer fires.
+            Ok(Err(_)) if self.closing.is_cancelled() => Err(BudgetError::ShuttingDown),
+            Ok(Err(_)) | Err(_) => {
+                let st = self.lock();
+                Err(BudgetError::Exhausted {
+                    reason: Rejection::TimedOut,
+                    retry_after: self.eta(&st, st.live, Instant::now()),
+                })
+            }
         }
+    }
+
+    /// When a caller joining now could expect its slot (for `RetryInfo`).
+    pub fn retry_after(&self) -> Duration {
+        let st = self.lock();
+        self.eta(&st, st.live, Instant::now())
     }
 
     /// Upstream said 429: no slot for `retry_after`, or for T doubled per
@@ -166,10 +186,10 @@ impl AccountQueue {
         self.wake.notify_one();
     }
 
-    /// When a caller joining now could expect its slot: the next slot plus
-    /// one interval per caller ahead.
-    fn eta(&self, st: &State, now: Instant) -> Duration {
-        let ahead = u32::try_from(st.live).unwrap_or(u32::MAX);
+    /// When a call joining now with `ahead` calls before it could expect its
+    /// slot: the next slot plus one interval per call ahead.
+    fn eta(&self, st: &State, ahead: usize, now: Instant) -> Duration {
+        let ahead = u32::try_from(ahead).unwrap_or(u32::MAX);
         st.next_slot.saturating_duration_since(now) + self.interval.saturating_mul(ahead)
     }
 
@@ -195,13 +215,13 @@ impl AccountQueue {
             {
                 let mut st = self.lock();
                 if self.closing.is_cancelled() {
-                    for w in st.waiters.drain(..) {
+                    for w in st.waiters.drain() {
                         let _ = w.tx.send(Err(BudgetError::ShuttingDown));
                     }
                     return None;
                 }
                 let now = Instant::now();
-                while let Some(w) = st.waiters.pop_front() {
+                while let Some(w) = st.waiters.pop() {
                     if !w.tx.is_closed() && w.ready_by > now {
                         return Some(w);
                     }
@@ -235,6 +255,9 @@ impl AccountQueue {
                     self.lock().next_slot = Instant::now() + wait;
                     tokio::select! {
                         () = sleep(wait) => {}
+                        // The limiter switched budgets (Redis lost or back):
+                        // this wait may no longer hold, ask again.
+                        () = self.limiter.changed() => {}
                         () = waiter.tx.closed() => return,
                         () = self.closing.cancelled() => {
                             let _ = waiter.tx.send(Err(BudgetError::ShuttingDown));
@@ -251,13 +274,19 @@ impl AccountQueue {
     }
 }
 
-/// Counts a caller out of `live` however `wait_turn` ends, cancellation included.
-struct LiveGuard<'a>(&'a AccountQueue);
+/// Counts a call out of `live` however `wait_turn` ends, cancellation included.
+struct LiveGuard<'a>(&'a AccountQueue, &'a Arc<str>);
 
 impl Drop for LiveGuard<'_> {
     fn drop(&mut self) {
         let mut st = self.0.lock();
         st.live = st.live.saturating_sub(1);
+        if let Some((count, _)) = st.live_by_caller.get_mut(self.1) {
+            *count -= 1;
+            if *count == 0 {
+                st.live_by_caller.remove(self.1);
+            }
+        }
         metrics::queue_depth(&self.0.name, st.live);
     }
 }
@@ -284,6 +313,10 @@ mod tests {
         AccountQueue::spawn("test", Arc::new(LocalLimiter::new(&c)), &c)
     }
 
+    fn anon() -> Caller {
+        Caller::anonymous()
+    }
+
     const T: Duration = Duration::from_millis(1010);
     const FAR: Duration = Duration::from_secs(3600);
 
@@ -295,7 +328,7 @@ mod tests {
         for i in 0..5 {
             let q = Arc::clone(&q);
             handles.push(tokio::spawn(async move {
-                let turn = q.wait_turn(Instant::now() + FAR).await.unwrap();
+                let turn = q.wait_turn(&anon(), Instant::now() + FAR).await.unwrap();
                 (i, turn.position, Instant::now() - start)
             }));
             tokio::task::yield_now().await;
@@ -311,16 +344,16 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_caller_that_leaves_does_not_waste_a_slot() {
         let q = queue(100);
-        q.wait_turn(Instant::now() + FAR).await.unwrap(); // takes the slot at t=0
+        q.wait_turn(&anon(), Instant::now() + FAR).await.unwrap(); // takes the slot at t=0
         let leaver = {
             let q = Arc::clone(&q);
-            tokio::spawn(async move { q.wait_turn(Instant::now() + FAR).await })
+            tokio::spawn(async move { q.wait_turn(&anon(), Instant::now() + FAR).await })
         };
         tokio::task::yield_now().await;
         let stayer = {
             let q = Arc::clone(&q);
             tokio::spawn(async move {
-                q.wait_turn(Instant::now() + FAR).await.unwrap();
+                q.wait_turn(&anon(), Instant::now() + FAR).await.unwrap();
                 Instant::now()
             })
         };
@@ -338,9 +371,12 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn hopeless_calls_are_refused_at_once_with_retry_after() {
         let q = queue(100);
-        q.wait_turn(Instant::now() + FAR).await.unwrap();
+        q.wait_turn(&anon(), Instant::now() + FAR).await.unwrap();
         let before = Instant::now();
-        let err = q.wait_turn(Instant::now() + T / 2).await.unwrap_err();
+        let err = q
+            .wait_turn(&anon(), Instant::now() + T / 2)
+            .await
+            .unwrap_err();
         assert_eq!(Instant::now(), before, "refused without waiting");
         match err {
             BudgetError::Exhausted {
@@ -361,13 +397,16 @@ mod tests {
         for _ in 0..3 {
             let q = Arc::clone(&q);
             held.push(tokio::spawn(async move {
-                q.wait_turn(Instant::now() + FAR).await
+                q.wait_turn(&anon(), Instant::now() + FAR).await
             }));
             tokio::task::yield_now().await;
         }
         // The first was served at once; two wait; a fourth is over the bound.
         tokio::task::yield_now().await;
-        let err = q.wait_turn(Instant::now() + FAR).await.unwrap_err();
+        let err = q
+            .wait_turn(&anon(), Instant::now() + FAR)
+            .await
+            .unwrap_err();
         assert!(
             matches!(
                 err,
@@ -387,11 +426,14 @@ mod tests {
         for _ in 0..31 {
             let q = Arc::clone(&q);
             held.push(tokio::spawn(async move {
-                q.wait_turn(Instant::now() + FAR).await
+                q.wait_turn(&anon(), Instant::now() + FAR).await
             }));
             tokio::task::yield_now().await;
         }
-        let err = q.wait_turn(Instant::now() + FAR).await.unwrap_err();
+        let err = q
+            .wait_turn(&anon(), Instant::now() + FAR)
+            .await
+            .unwrap_err();
         assert!(
             matches!(
                 err,
@@ -407,7 +449,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn pushback_delays_the_next_turn_and_backs_off() {
         let q = queue(100);
-        q.wait_turn(Instant::now() + FAR).await.unwrap();
+        q.wait_turn(&anon(), Instant::now() + FAR).await.unwrap();
         assert_eq!(q.pushback(None).await, T);
         assert_eq!(q.pushback(None).await, T * 2);
         q.reset_pushback();
@@ -416,17 +458,44 @@ mod tests {
             Duration::from_secs(7)
         );
         let start = Instant::now();
-        q.wait_turn(Instant::now() + FAR).await.unwrap();
+        q.wait_turn(&anon(), Instant::now() + FAR).await.unwrap();
         assert_eq!(Instant::now() - start, Duration::from_secs(7));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_single_call_is_not_stuck_behind_a_flooding_caller() {
+        let q = queue(1000);
+        let flood = Caller::new("flood", std::num::NonZeroU32::MIN);
+        let mut held = Vec::new();
+        for _ in 0..30 {
+            let (q, flood) = (Arc::clone(&q), flood.clone());
+            held.push(tokio::spawn(async move {
+                q.wait_turn(&flood, Instant::now() + FAR).await
+            }));
+            tokio::task::yield_now().await;
+        }
+        let start = Instant::now();
+        let single = Caller::new("single", std::num::NonZeroU32::MIN);
+        let turn = q.wait_turn(&single, Instant::now() + FAR).await.unwrap();
+        assert!(
+            turn.position <= 1,
+            "one flooding call at most before it, got {}",
+            turn.position
+        );
+        let waited = Instant::now() - start;
+        assert!(
+            waited <= T * 2,
+            "served within two intervals, waited {waited:?}"
+        );
     }
 
     #[tokio::test(start_paused = true)]
     async fn close_answers_waiters_with_shutting_down() {
         let q = queue(100);
-        q.wait_turn(Instant::now() + FAR).await.unwrap();
+        q.wait_turn(&anon(), Instant::now() + FAR).await.unwrap();
         let waiting = {
             let q = Arc::clone(&q);
-            tokio::spawn(async move { q.wait_turn(Instant::now() + FAR).await })
+            tokio::spawn(async move { q.wait_turn(&anon(), Instant::now() + FAR).await })
         };
         tokio::task::yield_now().await;
         q.close();
@@ -435,7 +504,7 @@ mod tests {
             Err(BudgetError::ShuttingDown)
         ));
         assert!(matches!(
-            q.wait_turn(Instant::now() + FAR).await,
+            q.wait_turn(&anon(), Instant::now() + FAR).await,
             Err(BudgetError::ShuttingDown)
         ));
     }

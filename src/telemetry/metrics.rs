@@ -5,10 +5,13 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use axum::Router;
 use axum::routing::get;
+use axum::{Json, Router};
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use serde::Serialize;
+
+use crate::budget::{BackendHealth, BackendReport};
 
 pub const REQUESTS: &str = "provisioning_gateway_requests_total";
 pub const REQUEST_DURATION: &str = "provisioning_gateway_request_duration_seconds";
@@ -18,6 +21,9 @@ pub const BUDGET_WAIT: &str = "provisioning_gateway_budget_wait_seconds";
 pub const QUEUE_DEPTH: &str = "provisioning_gateway_budget_queue_depth";
 pub const REJECTIONS: &str = "provisioning_gateway_budget_rejections_total";
 pub const DEGRADED: &str = "provisioning_gateway_budget_backend_degraded";
+pub const BACKEND_ERRORS: &str = "provisioning_gateway_budget_backend_errors_total";
+pub const CLOCK_SKEW: &str = "provisioning_gateway_budget_redis_clock_skew_seconds";
+pub const COALESCED: &str = "provisioning_gateway_coalesced_calls_total";
 
 /// Histogram buckets in seconds: a few ms (refusals, fast upstream) to the
 /// longest waits (`--max-wait` defaults to 30 s).
@@ -79,12 +85,40 @@ fn describe() {
         DEGRADED,
         "1 while the shared budget backend is unreachable and a fallback applies"
     );
+    describe_counter!(
+        BACKEND_ERRORS,
+        "Failed or timed-out calls to the shared budget backend (Redis)"
+    );
+    describe_gauge!(
+        CLOCK_SKEW,
+        metrics::Unit::Seconds,
+        "Redis' clock minus this replica's (informational: decisions use Redis' clock)"
+    );
+    describe_counter!(
+        COALESCED,
+        "Calls that shared an identical call's upstream call, by account"
+    );
 }
 
-/// `/healthz` and `/metrics` for the metrics listener.
-pub fn router(handle: PrometheusHandle) -> Router {
+/// `/healthz` and `/metrics` for the metrics listener. `/healthz` is process
+/// liveness with the budget backend's state (`{"status":"ok",
+/// "budget_backend":"redis","degraded":false,…}`); always 200: a replica on
+/// its fallback budget is alive and serving, the detail is for people and
+/// dashboards.
+pub fn router(handle: PrometheusHandle, budget: BackendHealth) -> Router {
     Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/healthz",
+            get(move || {
+                let report = budget.report();
+                async move {
+                    Json(Healthz {
+                        status: "ok",
+                        report,
+                    })
+                }
+            }),
+        )
         .route(
             "/metrics",
             get(move || {
@@ -97,6 +131,18 @@ pub fn router(handle: PrometheusHandle) -> Router {
                 }
             }),
         )
+}
+
+#[derive(Serialize)]
+struct Healthz {
+    status: &'static str,
+    #[serde(flatten)]
+    report: BackendReport,
+}
+
+/// A call that shared an identical call's upstream call.
+pub fn coalesced(account: &str) {
+    counter!(COALESCED, "account" => account.to_owned()).increment(1);
 }
 
 /// One answered call.

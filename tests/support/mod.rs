@@ -6,12 +6,17 @@
 
 pub mod otlp;
 pub mod process;
+pub mod redis;
 
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::time::Duration;
 
-use provisioning_gateway::config::{AccountConfig, ApiKey, BudgetConfig, Config, endpoint_url};
+use provisioning_gateway::budget::WallClock;
+use provisioning_gateway::cli::RedisFallback;
+use provisioning_gateway::config::{
+    AccountConfig, ApiKey, BackendConfig, BudgetConfig, Config, RedisConfig, RedisUrl, endpoint_url,
+};
 use provisioning_gateway::mock::{Mock, MockConfig};
 use provisioning_gateway::pb::association_service_client::AssociationServiceClient;
 use provisioning_gateway::pb::{Channel as PbChannel, DeleteAssociationRequest, ResourceType};
@@ -35,6 +40,35 @@ pub struct Opts {
     pub shutdown_grace: Duration,
     /// Point the gateway somewhere else than the emulator (transport failures).
     pub upstream_url: Option<String>,
+    /// Where the budget lives (memory unless a test says otherwise).
+    pub backend: BackendConfig,
+    pub account_name: String,
+    pub api_key: String,
+}
+
+impl Opts {
+    /// These options on the Redis backend at `url`.
+    pub fn redis(self, url: &str, fallback: RedisFallback, expected_replicas: u32) -> Self {
+        Self {
+            backend: BackendConfig::Redis(RedisConfig {
+                url: RedisUrl::new(url).unwrap(),
+                ca: None,
+                key_prefix: "provisioning-gateway:test:".into(),
+                fallback,
+                expected_replicas: NonZeroU32::new(expected_replicas).unwrap(),
+                clock: WallClock::system(),
+            }),
+            ..self
+        }
+    }
+
+    /// The same, with this replica's wall clock shifted by `offset_ms`.
+    pub fn clock_offset_ms(mut self, offset_ms: i64) -> Self {
+        if let BackendConfig::Redis(r) = &mut self.backend {
+            r.clock = WallClock::offset_by_micros(offset_ms * 1000);
+        }
+        self
+    }
 }
 
 impl Default for Opts {
@@ -42,13 +76,18 @@ impl Default for Opts {
         Self {
             // 20/s keeps the suite fast; one test runs the real 1 rps.
             rate_per_second: 20,
-            safety_margin: Duration::from_millis(10),
+            // Wider than the product's 10 ms default: the emulator checks
+            // arrivals, and a loaded 2-core CI machine can delay a send.
+            safety_margin: Duration::from_millis(40),
             max_wait: Duration::from_secs(30),
             max_queue: 1000,
             upstream_timeout: Duration::from_secs(5),
             upstream_reserve: Duration::from_millis(200),
             shutdown_grace: Duration::from_secs(5),
             upstream_url: None,
+            backend: BackendConfig::Memory,
+            account_name: Config::DEFAULT_ACCOUNT.into(),
+            api_key: API_KEY.into(),
         }
     }
 }
@@ -91,9 +130,9 @@ pub fn config(opts: &Opts, upstream: &str) -> Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         metrics_listen: "127.0.0.1:0".parse().unwrap(),
         account: AccountConfig {
-            name: Config::DEFAULT_ACCOUNT.into(),
+            name: opts.account_name.clone(),
             endpoint: endpoint_url(upstream).unwrap(),
-            api_key: ApiKey::new(API_KEY).unwrap(),
+            api_key: ApiKey::new(opts.api_key.clone()).unwrap(),
         },
         budget: BudgetConfig {
             rate_per_second: NonZeroU32::new(opts.rate_per_second).unwrap(),
@@ -103,6 +142,7 @@ pub fn config(opts: &Opts, upstream: &str) -> Config {
             max_queue: NonZeroUsize::new(opts.max_queue).unwrap(),
             upstream_reserve: opts.upstream_reserve,
         },
+        backend: opts.backend.clone(),
         upstream_timeout: opts.upstream_timeout,
         shutdown_grace: opts.shutdown_grace,
         log_format: None,
@@ -124,6 +164,30 @@ pub async fn spawn_mock(rate_per_second: u32) -> (Mock, SocketAddr, Cancellation
 
 pub async fn spawn_app(opts: Opts) -> TestApp {
     let (mock, mock_addr, mock_stop) = spawn_mock(opts.rate_per_second).await;
+    spawn_gateway(opts, mock, mock_addr, mock_stop).await
+}
+
+/// The emulator accepting any key (one rate limit per key: per account).
+pub async fn spawn_open_mock(rate_per_second: u32) -> (Mock, SocketAddr, CancellationToken) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mock = Mock::new(MockConfig {
+        api_key: None,
+        rate_per_second,
+    });
+    let stop = CancellationToken::new();
+    tokio::spawn(mock.clone().serve(listener, stop.clone().cancelled_owned()));
+    (mock, addr, stop)
+}
+
+/// A gateway in front of an emulator that already runs (replicas share one).
+/// `mock_stop` is cancelled when this gateway shuts down.
+pub async fn spawn_gateway(
+    opts: Opts,
+    mock: Mock,
+    mock_addr: SocketAddr,
+    mock_stop: CancellationToken,
+) -> TestApp {
     let upstream = opts
         .upstream_url
         .clone()
@@ -159,4 +223,14 @@ pub fn with_timeout<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
     r.set_timeout(timeout);
     r
+}
+
+/// The gateway's `/healthz` JSON.
+pub async fn healthz(metrics_addr: SocketAddr) -> serde_json::Value {
+    reqwest::get(format!("http://{metrics_addr}/healthz"))
+        .await
+        .expect("/healthz answers")
+        .json()
+        .await
+        .expect("/healthz is JSON")
 }

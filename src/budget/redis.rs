@@ -1,0 +1,263 @@
+//! The shared budget in Redis: one GCRA key per account, checked and advanced
+//! by one Lua script ([`gcra.lua`](gcra_script)) that reads Redis `TIME`, so
+//! every replica decides on one clock. One round trip per decision; the
+//! answer is "granted" or "the next slot is this far off", and the caller
+//! sleeps exactly that long.
+//!
+//! [`RedisStore`] owns the connection. It never waits for Redis on a call's
+//! behalf: every command has a short timeout, and a failed command drops the
+//! connection so that only the background probe
+//! ([`super::shared`]) reconnects. It does not use the `redis` crate's
+//! `ConnectionManager`: that one keeps a connection whose commands time out
+//! (a half-open TCP connection after Redis moved) and reconnects with its own
+//! backoff, both of which could keep a replica off the shared budget long
+//! after Redis is back.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Script};
+
+use super::{BackendUnavailable, Decision, Limiter, WallClock};
+use crate::config::{CaPem, RedisUrl};
+
+/// Longest a connect or a command may take. Loopback or in-cluster Redis
+/// answers in well under a millisecond; this only bounds a dead one.
+pub const TIMEOUT: Duration = Duration::from_millis(250);
+
+/// The GCRA script, loaded once per connection and called by its SHA.
+pub fn gcra_script() -> &'static Script {
+    static SCRIPT: OnceLock<Script> = OnceLock::new();
+    SCRIPT.get_or_init(|| Script::new(include_str!("gcra.lua")))
+}
+
+/// Why Redis could not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("not connected to Redis")]
+    NotConnected,
+    #[error("Redis did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("Redis error: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("unexpected answer from the budget script: {0:?}")]
+    Answer(Vec<i64>),
+}
+
+/// The connection to Redis, shared by every account of the process.
+pub struct RedisStore {
+    client: redis::Client,
+    timeout: Duration,
+    /// The live connection and its generation, so a failure drops only the
+    /// connection it happened on, not a newer one.
+    conn: Mutex<Option<(u64, MultiplexedConnection)>>,
+    generation: AtomicU64,
+}
+
+impl RedisStore {
+    /// A store for `url` (TLS verified against `ca` when given, else the
+    /// Mozilla roots); does not connect yet.
+    pub fn new(url: &RedisUrl, ca: Option<&CaPem>, timeout: Duration) -> Result<Self, StoreError> {
+        let client = match ca {
+            None => redis::Client::open(url.expose())?,
+            Some(CaPem(pem)) => redis::Client::build_with_tls(
+                url.expose(),
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.clone()),
+                },
+            )?,
+        };
+        Ok(Self {
+            client,
+            timeout,
+            conn: Mutex::new(None),
+            generation: AtomicU64::new(0),
+        })
+    }
+
+    /// Whether a connection is up (as far as the last command knows).
+    pub fn is_connected(&self) -> bool {
+        self.lock().is_some()
+    }
+
+    /// Opens a fresh connection and loads the script on it, so decisions are
+    /// one EVALSHA round trip, also right after a Redis restart (a NOSCRIPT
+    /// answer would still reload it).
+    pub async fn connect(&self) -> Result<(), StoreError> {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout));
+        let mut conn = self
+            .bounded(
+                self.client
+                    .get_multiplexed_async_connection_with_config(&config),
+            )
+            .await?;
+        self.bounded(gcra_script().prepare_invoke().load_async(&mut conn))
+            .await?;
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        *self.lock() = Some((generation, conn));
+        Ok(())
+    }
+
+    /// Redis' clock in microseconds since the epoch, on the live connection.
+    pub async fn time(&self) -> Result<i64, StoreError> {
+        self.run(|mut c| async move { time(&mut c).await }).await
+    }
+
+    /// One PING round trip on the live connection (the benchmark's yardstick).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.run(|mut c| async move { redis::cmd("PING").query_async::<()>(&mut c).await })
+            .await
+    }
+
+    /// Drops the connection (tests use it to simulate a lost one).
+    pub fn disconnect(&self) {
+        *self.lock() = None;
+    }
+
+    /// Runs one command on the live connection, bounded by the timeout. Any
+    /// failure drops that connection: the probe reconnects, calls do not wait.
+    async fn run<T, F, Fut>(&self, command: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(MultiplexedConnection) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let (generation, conn) = self.lock().clone().ok_or(StoreError::NotConnected)?;
+        let result = self.bounded(command(conn)).await;
+        if result.is_err() {
+            let mut live = self.lock();
+            if live.as_ref().is_some_and(|(g, _)| *g == generation) {
+                *live = None;
+            }
+        }
+        result
+    }
+
+    async fn bounded<T>(
+        &self,
+        f: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.timeout, f).await {
+            Ok(r) => r.map_err(StoreError::from),
+            Err(_) => Err(StoreError::Timeout(self.timeout)),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(u64, MultiplexedConnection)>> {
+        // Every update is a single assignment: a poisoned lock is still consistent.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+async fn time(conn: &mut MultiplexedConnection) -> redis::RedisResult<i64> {
+    let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(conn).await?;
+    Ok(secs * 1_000_000 + micros)
+}
+
+/// One account's GCRA in Redis. On its own it has no fallback: an
+/// unreachable Redis is [`BackendUnavailable`] (see [`super::shared`]).
+pub struct RedisLimiter {
+    store: std::sync::Arc<RedisStore>,
+    key: String,
+    interval_us: u64,
+    burst: u32,
+}
+
+impl RedisLimiter {
+    /// The limiter of the account whose state lives under `key`.
+    pub fn new(
+        store: std::sync::Arc<RedisStore>,
+        key: String,
+        interval: Duration,
+        burst: std::num::NonZeroU32,
+    ) -> Self {
+        Self {
+            store,
+            key,
+            // At least 1 µs: the script treats 0 as "no spacing".
+            interval_us: u64::try_from(interval.as_micros())
+                .unwrap_or(u64::MAX)
+                .max(1),
+            burst: burst.get(),
+        }
+    }
+
+    /// The Redis key holding this account's state.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// Takes the next slot if it is due on Redis' clock, else says how long
+    /// until it is: one EVALSHA round trip.
+    pub async fn decide(&self) -> Result<Decision, StoreError> {
+        let (granted, wait_us) = self.invoke(0).await?;
+        Ok(if granted {
+            Decision::Granted
+        } else {
+            Decision::Wait(Duration::from_micros(wait_us))
+        })
+    }
+
+    /// No slot for anyone before now + `wait` (on Redis' clock); returns how
+    /// long until the next slot.
+    pub async fn push_back(&self, wait: Duration) -> Result<Duration, StoreError> {
+        let wait_us = u64::try_from(wait.as_micros()).unwrap_or(u64::MAX).max(1);
+        let (_, until) = self.invoke(wait_us).await?;
+        Ok(Duration::from_micros(until))
+    }
+
+    async fn invoke(&self, pushback_us: u64) -> Result<(bool, u64), StoreError> {
+        let key = self.key.clone();
+        let (interval, burst) = (self.interval_us, self.burst);
+        let answer: Vec<i64> = self
+            .store
+            .run(|mut c| async move {
+                gcra_script()
+                    .key(key)
+                    .arg(interval)
+                    .arg(burst)
+                    .arg(pushback_us)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
+        match answer[..] {
+            [granted @ (0 | 1), wait] if wait >= 0 => {
+                Ok((granted == 1, u64::try_from(wait).unwrap_or(0)))
+            }
+            _ => Err(StoreError::Answer(answer)),
+        }
+    }
+}
+
+impl Limiter for RedisLimiter {
+    fn acquire(&self) -> BoxFuture<'_, Result<Decision, BackendUnavailable>> {
+        async move { self.decide().await.map_err(|_| BackendUnavailable) }.boxed()
+    }
+
+    fn pushback(&self, wait: Duration) -> BoxFuture<'_, ()> {
+        async move {
+            let _ = self.push_back(wait).await;
+        }
+        .boxed()
+    }
+}
+
+/// Redis' clock minus this process' wall clock, measured around one `TIME`
+/// round trip (the local reading is taken half-way).
+pub fn skew_micros(redis_now_us: i64, sent_us: i64, received_us: i64) -> i64 {
+    redis_now_us - (sent_us + (received_us - sent_us) / 2)
+}
+
+/// Reads `TIME` and returns the skew against `clock`.
+pub async fn measure_skew(store: &RedisStore, clock: WallClock) -> Result<i64, StoreError> {
+    let sent = clock.now_micros();
+    let redis_now = store.time().await?;
+    Ok(skew_micros(redis_now, sent, clock.now_micros()))
+}

@@ -1,0 +1,685 @@
+//! The Redis backend against a real `redis-server` (each test starts its own
+//! on a free port): the Lua script on its own, replicas sharing one budget,
+//! clock skew, shared pushback, and losing Redis under load.
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use provisioning_gateway::budget::Decision;
+use provisioning_gateway::budget::redis::{RedisLimiter, RedisStore, TIMEOUT};
+use provisioning_gateway::cli::RedisFallback;
+use provisioning_gateway::config::RedisUrl;
+use provisioning_gateway::mock::{Arrival, Mock, Scripted};
+use tokio_util::sync::CancellationToken;
+use tonic::Code;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_types::StatusExt;
+
+use crate::support::redis::RedisServer;
+use crate::support::{
+    Opts, TestApp, healthz, request, spawn_gateway, spawn_mock, spawn_open_mock, with_timeout,
+};
+
+/// The vendor's interval at the 20/s these tests run (the gateway adds a
+/// 25 ms margin: T = 75 ms).
+const VENDOR_T: Duration = Duration::from_millis(50);
+
+fn opts_20() -> Opts {
+    Opts {
+        rate_per_second: 20,
+        safety_margin: Duration::from_millis(25),
+        ..Opts::default()
+    }
+}
+
+async fn store(redis: &RedisServer) -> Arc<RedisStore> {
+    let store = RedisStore::new(&RedisUrl::new(redis.url()).unwrap(), None, TIMEOUT).unwrap();
+    store.connect().await.unwrap();
+    Arc::new(store)
+}
+
+async fn raw(redis: &RedisServer) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+fn limiter(store: &Arc<RedisStore>, key: &str, interval: Duration, burst: u32) -> RedisLimiter {
+    RedisLimiter::new(
+        Arc::clone(store),
+        key.into(),
+        interval,
+        NonZeroU32::new(burst).unwrap(),
+    )
+}
+
+fn wait_of(d: Decision) -> Duration {
+    match d {
+        Decision::Wait(w) => w,
+        Decision::Granted => panic!("granted, expected a wait"),
+    }
+}
+
+/// `n` replicas of the gateway in front of one emulator.
+async fn replicas(
+    n: usize,
+    opts: &[Opts],
+    mock: &Mock,
+    addr: std::net::SocketAddr,
+) -> Vec<TestApp> {
+    let mut apps = Vec::new();
+    for i in 0..n {
+        let o = opts[i % opts.len()].clone();
+        apps.push(spawn_gateway(o, mock.clone(), addr, CancellationToken::new()).await);
+    }
+    apps
+}
+
+fn gaps(arrivals: &[Arrival]) -> Vec<Duration> {
+    arrivals.windows(2).map(|w| w[1].at - w[0].at).collect()
+}
+
+fn assert_spacing(arrivals: &[Arrival], what: &str) {
+    assert!(
+        arrivals.iter().all(|a| a.status == 204),
+        "{what}: the vendor refused some: {:?}",
+        arrivals.iter().map(|a| a.status).collect::<Vec<_>>()
+    );
+    if let Some(min) = gaps(arrivals).into_iter().min() {
+        assert!(min >= VENDOR_T, "{what}: arrivals only {min:?} apart");
+    }
+}
+
+/// Polls `/healthz` of every app until `degraded` is `want`; returns how long it took.
+async fn until_degraded_is(apps: &[TestApp], want: bool, within: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        let mut all = true;
+        for app in apps {
+            all &= healthz(app.metrics_addr).await["degraded"] == want;
+        }
+        if all {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < within,
+            "replicas did not report degraded={want} within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// ---------------------------------------------------------------- the script
+
+#[tokio::test]
+async fn script_first_call_then_one_interval_on_redis_time() {
+    let redis = RedisServer::start();
+    let store = store(&redis).await;
+    let t = Duration::from_millis(200);
+    let l = limiter(&store, "t:first", t, 1);
+    assert_eq!(l.decide().await.unwrap(), Decision::Granted, "first call");
+    let wait = wait_of(l.decide().await.unwrap());
+    assert!(
+        wait <= t && wait > t - Duration::from_millis(50),
+        "next slot one interval on: {wait:?}"
+    );
+    // The state: the TAT in µs on Redis' clock, as an exact integer, kept
+    // only until it is past (plus 1 s of slack).
+    let mut c = raw(&redis).await;
+    let tat: i64 = redis::cmd("GET")
+        .arg("t:first")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(&mut c).await.unwrap();
+    let now = secs * 1_000_000 + micros;
+    assert!(
+        (0..=200_000).contains(&(tat - now)),
+        "TAT {tat} vs TIME {now}"
+    );
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg("t:first")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!((1000..=1200).contains(&pttl), "PTTL {pttl}");
+    // Waiting exactly the answer is enough (no polling needed).
+    tokio::time::sleep(wait).await;
+    assert_eq!(l.decide().await.unwrap(), Decision::Granted);
+}
+
+#[tokio::test]
+async fn script_burst_then_spacing_and_a_full_burst_after_a_long_idle() {
+    let redis = RedisServer::start();
+    let store = store(&redis).await;
+    let t = Duration::from_millis(100);
+    let l = limiter(&store, "t:burst", t, 3);
+    for i in 0..3 {
+        assert_eq!(
+            l.decide().await.unwrap(),
+            Decision::Granted,
+            "burst slot {i}"
+        );
+    }
+    let wait = wait_of(l.decide().await.unwrap());
+    assert!(wait <= t, "after the burst, one interval: {wait:?}");
+    // Idle for longer than burst × T: a whole burst again, not more.
+    tokio::time::sleep(t * 4).await;
+    for i in 0..3 {
+        assert_eq!(
+            l.decide().await.unwrap(),
+            Decision::Granted,
+            "slot {i} after idling"
+        );
+    }
+    assert!(matches!(l.decide().await.unwrap(), Decision::Wait(_)));
+    // An idle account costs nothing: the key expires after its TAT (+1 s).
+    let mut c = raw(&redis).await;
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg("t:burst")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(pttl > 0 && pttl <= 1000 + 3 * 100 + 50, "PTTL {pttl}");
+}
+
+#[tokio::test]
+async fn script_pushback_holds_every_replica_and_never_shortens() {
+    let redis = RedisServer::start();
+    // Two replicas: two connections, one key.
+    let (a, b) = (store(&redis).await, store(&redis).await);
+    let t = Duration::from_millis(100);
+    let (la, lb) = (limiter(&a, "t:push", t, 1), limiter(&b, "t:push", t, 1));
+    assert_eq!(la.decide().await.unwrap(), Decision::Granted);
+    let held = la.push_back(Duration::from_millis(800)).await.unwrap();
+    assert!(held > Duration::from_millis(750), "{held:?}");
+    let wait = wait_of(lb.decide().await.unwrap());
+    assert!(
+        wait > Duration::from_millis(700) && wait <= Duration::from_millis(800),
+        "the other replica waits out the pushback: {wait:?}"
+    );
+    // A shorter pushback does not bring the slot forward.
+    let still = lb.push_back(Duration::from_millis(10)).await.unwrap();
+    assert!(still > Duration::from_millis(650), "{still:?}");
+    tokio::time::sleep(wait).await;
+    assert_eq!(lb.decide().await.unwrap(), Decision::Granted);
+    assert!(matches!(la.decide().await.unwrap(), Decision::Wait(_)));
+}
+
+#[tokio::test]
+async fn script_is_reloaded_after_a_flush_and_after_a_restart() {
+    let mut redis = RedisServer::start();
+    let store = store(&redis).await;
+    let l = limiter(&store, "t:reload", Duration::from_millis(50), 1);
+    assert_eq!(l.decide().await.unwrap(), Decision::Granted);
+    let mut c = raw(&redis).await;
+    let () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    // NOSCRIPT → loaded again → answered, in the same call.
+    assert!(matches!(l.decide().await.unwrap(), Decision::Wait(_)));
+    redis.restart();
+    assert!(l.decide().await.is_err(), "the old connection is gone");
+    store.connect().await.unwrap();
+    assert_eq!(
+        l.decide().await.unwrap(),
+        Decision::Granted,
+        "a restarted, empty Redis: first call again"
+    );
+}
+
+// ----------------------------------------------------------- the gateway
+
+#[tokio::test]
+async fn three_replicas_share_one_budget() {
+    let redis = RedisServer::start();
+    let (mock, addr, _stop) = spawn_mock(20).await;
+    let opts = opts_20().redis(&redis.url(), RedisFallback::Local, 3);
+    let apps = replicas(3, &[opts], &mock, addr).await;
+    until_degraded_is(&apps, false, Duration::from_secs(2)).await;
+    let mut clients = Vec::new();
+    for app in &apps {
+        clients.push(app.client().await);
+    }
+    let calls = (0..30).map(|n| {
+        let mut c = clients[n % 3].clone();
+        async move { c.delete_association(request(n)).await }
+    });
+    let results = join_all(calls).await;
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    let arrivals = mock.arrivals();
+    assert_eq!(arrivals.len(), 30, "one upstream call each");
+    assert_spacing(&arrivals, "three replicas");
+}
+
+#[tokio::test]
+async fn two_accounts_on_one_redis_do_not_share_a_budget() {
+    let redis = RedisServer::start();
+    // 5/s: T = 210 ms, so sharing would show as arrivals ≥ 200 ms apart.
+    let (mock, addr, _stop) = spawn_open_mock(5).await;
+    let base = Opts {
+        rate_per_second: 5,
+        ..Opts::default()
+    }
+    .redis(&redis.url(), RedisFallback::Local, 1);
+    let alpha = Opts {
+        account_name: "alpha".into(),
+        api_key: "key-alpha".into(),
+        ..base.clone()
+    };
+    let beta = Opts {
+        account_name: "beta".into(),
+        api_key: "key-beta".into(),
+        ..base
+    };
+    let apps = replicas(2, &[alpha, beta], &mock, addr).await;
+    let (a, b) = (apps[0].client().await, apps[1].client().await);
+    let calls = (0..8).map(|n| {
+        let mut c = if n % 2 == 0 { a.clone() } else { b.clone() };
+        async move { c.delete_association(request(n)).await }
+    });
+    let results = join_all(calls).await;
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    let arrivals = mock.arrivals();
+    let key = |a: &Arrival| a.headers["authorization"].to_str().unwrap().to_owned();
+    for k in ["App key-alpha", "App key-beta"] {
+        let mine: Vec<Arrival> = arrivals.iter().filter(|a| key(a) == k).cloned().collect();
+        assert_eq!(mine.len(), 4, "{k}");
+        for gap in gaps(&mine) {
+            assert!(gap >= Duration::from_millis(200), "{k}: {gap:?}");
+        }
+    }
+    let closest = gaps(&arrivals).into_iter().min().unwrap();
+    assert!(
+        closest < Duration::from_millis(150),
+        "the two accounts' calls interleave freely (closest {closest:?})"
+    );
+    let mut c = raw(&redis).await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("provisioning-gateway:test:*")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(
+        keys.contains(&"provisioning-gateway:test:alpha".to_owned()),
+        "{keys:?}"
+    );
+    assert!(
+        keys.contains(&"provisioning-gateway:test:beta".to_owned()),
+        "{keys:?}"
+    );
+}
+
+#[tokio::test]
+async fn replicas_whose_clocks_disagree_keep_the_spacing() {
+    let redis = RedisServer::start();
+    let (mock, addr, _stop) = spawn_mock(20).await;
+    let opts = opts_20().redis(&redis.url(), RedisFallback::Local, 3);
+    // One replica 5 s ahead, one on time, one 5 s behind.
+    let offsets = [5_000, 0, -5_000];
+    let skewed: Vec<Opts> = offsets
+        .iter()
+        .map(|&ms| opts.clone().clock_offset_ms(ms))
+        .collect();
+    let apps = replicas(3, &skewed, &mock, addr).await;
+    // The replicas do see clocks 10 s apart...
+    for (app, offset) in apps.iter().zip(offsets) {
+        let h = healthz(app.metrics_addr).await;
+        let skew = h["redis_clock_skew_ms"].as_i64().unwrap();
+        assert!(
+            (skew + offset).abs() < 500,
+            "replica with offset {offset} ms reports skew {skew} ms: {h}"
+        );
+    }
+    // ...and the spacing holds, because only Redis' clock decides.
+    let mut clients = Vec::new();
+    for app in &apps {
+        clients.push(app.client().await);
+    }
+    let calls = (0..30).map(|n| {
+        let mut c = clients[n % 3].clone();
+        async move { c.delete_association(request(n)).await }
+    });
+    let results = join_all(calls).await;
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    let arrivals = mock.arrivals();
+    assert_eq!(arrivals.len(), 30);
+    assert_spacing(&arrivals, "skewed clocks");
+}
+
+#[tokio::test]
+async fn one_replicas_429_holds_back_every_replica() {
+    let redis = RedisServer::start();
+    let (mock, addr, _stop) = spawn_mock(20).await;
+    let opts = opts_20().redis(&redis.url(), RedisFallback::Local, 2);
+    let apps = replicas(2, &[opts], &mock, addr).await;
+    let mut busy = Scripted::new(
+        429,
+        r#"{"requestError":{"serviceException":{"messageId":"TOO_MANY_REQUESTS","text":"Too many requests"}}}"#,
+    );
+    busy.headers.push(("retry-after".into(), "1".into()));
+    mock.script([busy]);
+    let mut a = apps[0].client().await;
+    let first = tokio::spawn(async move { a.delete_association(request(0)).await });
+    mock.wait_for_requests(1).await;
+    tokio::time::sleep(Duration::from_millis(50)).await; // the pushback is in Redis
+    let mut b = apps[1].client().await;
+    b.delete_association(request(1)).await.unwrap();
+    first.await.unwrap().unwrap(); // retried after the pushback
+    let arrivals = mock.arrivals();
+    assert_eq!(
+        arrivals.len(),
+        3,
+        "the 429, the other replica's call, the retry"
+    );
+    assert_eq!(arrivals[0].status, 429);
+    for later in &arrivals[1..] {
+        let after = later.at - arrivals[0].at;
+        assert!(
+            after >= Duration::from_secs(1),
+            "a call reached the vendor {after:?} after its 429 with Retry-After: 1"
+        );
+    }
+}
+
+#[tokio::test]
+async fn redis_down_at_start_local_fallback_serves_and_recovers() {
+    let mut redis = RedisServer::start();
+    redis.kill();
+    let (mock, addr, _stop) = spawn_mock(20).await;
+    let opts = opts_20().redis(&redis.url(), RedisFallback::Local, 2);
+    let apps = replicas(1, &[opts], &mock, addr).await;
+    let app = &apps[0];
+    let h = healthz(app.metrics_addr).await;
+    assert_eq!(h["status"], "ok");
+    assert_eq!(h["budget_backend"], "redis");
+    assert_eq!(h["degraded"], true, "{h}");
+    assert_eq!(h["fallback"], "local");
+    // Still SERVING, and serving: from the local budget (rate / 2).
+    let mut health = HealthClient::new(app.channel().await);
+    let status = health
+        .check(HealthCheckRequest {
+            service: provisioning_gateway::SERVICE_NAME.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status();
+    assert_eq!(status, ServingStatus::Serving);
+    let mut client = app.client().await;
+    let started = Instant::now();
+    client.delete_association(request(0)).await.unwrap();
+    client.delete_association(request(1)).await.unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(150),
+        "the local budget is rate / expected replicas: 2 × 75 ms ({:?})",
+        started.elapsed()
+    );
+    redis.restart();
+    let took = until_degraded_is(&apps, false, Duration::from_secs(2)).await;
+    assert!(
+        took < Duration::from_millis(1200),
+        "back on Redis after {took:?}"
+    );
+    client.delete_association(request(2)).await.unwrap();
+    let mut c = raw(&redis).await;
+    let exists: bool = redis::cmd("EXISTS")
+        .arg("provisioning-gateway:test:default")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(exists, "the decision was made in Redis");
+}
+
+#[tokio::test]
+async fn deny_fallback_answers_unavailable_at_once_until_redis_returns() {
+    let mut redis = RedisServer::start();
+    let (mock, addr, _stop) = spawn_mock(20).await;
+    let opts = opts_20().redis(&redis.url(), RedisFallback::Deny, 1);
+    let apps = replicas(1, &[opts], &mock, addr).await;
+    let mut client = apps[0].client().await;
+    client.delete_association(request(0)).await.unwrap();
+    redis.kill();
+    for n in 1..3 {
+        let started = Instant::now();
+        let status = client
+            .delete_association(with_timeout(request(n), Duration::from_secs(5)))
+            .await
+            .unwrap_err();
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "answered at once, not at the deadline ({:?})",
+            started.elapsed()
+        );
+        assert_eq!(status.code(), Code::Unavailable);
+        let d = status.get_error_details();
+        assert_eq!(d.error_info().unwrap().reason, "BUDGET_BACKEND_UNAVAILABLE");
+    }
+    let h = healthz(apps[0].metrics_addr).await;
+    assert_eq!(
+        (h["degraded"].clone(), h["fallback"].clone()),
+        (true.into(), "deny".into())
+    );
+    redis.restart();
+    let took = until_degraded_is(&apps, false, Duration::from_secs(2)).await;
+    assert!(
+        took < Duration::from_millis(1200),
+        "back on Redis after {took:?}"
+    );
+    client.delete_association(request(3)).await.unwrap();
+    assert_eq!(mock.arrivals().len(), 2, "nothing sent while denied");
+}
+
+/// One call of the load: when it was made, how long it took, and what it got.
+struct Outcome {
+    elapsed: Duration,
+    deadline: Duration,
+    result: Result<(), tonic::Status>,
+}
+
+#[tokio::test]
+async fn redis_killed_mid_load_no_call_outlives_its_deadline_and_the_spacing_returns() {
+    let mut redis = RedisServer::start();
+    let (mock, addr, _stop) = spawn_mock(20).await;
+    let opts = opts_20().redis(&redis.url(), RedisFallback::Local, 3);
+    let apps = replicas(3, &[opts], &mock, addr).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let deadline = Duration::from_millis(1000);
+    let mut load = Vec::new();
+    for (r, app) in apps.iter().enumerate() {
+        let client = app.client().await;
+        for l in 0..6 {
+            let (mut c, stop) = (client.clone(), Arc::clone(&stop));
+            load.push(tokio::spawn(async move {
+                let mut outcomes = Vec::new();
+                let mut n = (r * 100 + l) * 1000;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let started = Instant::now();
+                    let result = c
+                        .delete_association(with_timeout(request(n), deadline))
+                        .await
+                        .map(drop);
+                    let refused = result.is_err();
+                    outcomes.push(Outcome {
+                        elapsed: started.elapsed(),
+                        deadline,
+                        result,
+                    });
+                    if refused {
+                        // No hot loop on refusals.
+                        tokio::time::sleep(Duration::from_millis(30)).await;
+                    }
+                }
+                outcomes
+            }));
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    redis.kill();
+    let killed = Instant::now();
+    until_degraded_is(&apps, true, Duration::from_secs(2)).await;
+    tokio::time::sleep(
+        (killed + Duration::from_millis(1200)).saturating_duration_since(Instant::now()),
+    )
+    .await;
+    redis.restart();
+    let restarted = Instant::now();
+    let took = until_degraded_is(&apps, false, Duration::from_secs(3)).await;
+    let recovered = Instant::now();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    stop.store(true, Ordering::Relaxed);
+    let outcomes: Vec<Outcome> = join_all(load)
+        .await
+        .into_iter()
+        .flat_map(Result::unwrap)
+        .collect();
+
+    // No call outlived its deadline: every answer is the gateway's own,
+    // with its ErrorInfo (a client- or server-side timeout carries none).
+    assert!(outcomes.len() > 30, "{} calls", outcomes.len());
+    for o in &outcomes {
+        assert!(
+            o.elapsed < o.deadline + Duration::from_millis(100),
+            "a call took {:?}",
+            o.elapsed
+        );
+        if let Err(status) = &o.result {
+            let info = status.get_error_details().error_info().cloned();
+            let info = info.unwrap_or_else(|| panic!("not the gateway's answer: {status:?}"));
+            assert_eq!(info.domain, "provisioning-gateway");
+            assert_ne!(info.reason, "BUDGET_BACKEND_UNAVAILABLE", "local fallback");
+        }
+    }
+    // The local fallback served while Redis was down.
+    let arrivals = mock.arrivals();
+    let during = arrivals
+        .iter()
+        .filter(|a| {
+            a.at > killed + Duration::from_millis(100) && a.at < restarted && a.status == 204
+        })
+        .count();
+    assert!(during > 0, "nothing served during the outage");
+    // Back on the shared budget quickly, and the spacing holds again.
+    assert!(
+        took < Duration::from_millis(1500),
+        "back on Redis after {took:?}"
+    );
+    let after: Vec<Arrival> = arrivals
+        .into_iter()
+        .filter(|a| a.at > recovered + Duration::from_millis(100))
+        .collect();
+    assert!(after.len() >= 5, "{} calls after recovery", after.len());
+    assert_spacing(&after, "after Redis returned");
+}
+
+#[tokio::test]
+async fn rediss_with_a_password_and_a_private_ca() {
+    let certs = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = crate::support::redis::tls_files(certs.path());
+    let tls_port = crate::support::redis::free_port();
+    let path = |p: &std::path::Path| p.to_str().unwrap().to_owned();
+    let redis = RedisServer::start_with(
+        Some("s3cr3t-pw".into()),
+        vec![
+            "--tls-port".into(),
+            tls_port.to_string(),
+            "--tls-cert-file".into(),
+            path(&cert),
+            "--tls-key-file".into(),
+            path(&key),
+            "--tls-ca-cert-file".into(),
+            path(&ca),
+            "--tls-auth-clients".into(),
+            "no".into(),
+        ],
+    );
+    let url = format!("rediss://:s3cr3t-pw@127.0.0.1:{tls_port}");
+    let (mock, addr, _stop) = spawn_mock(20).await;
+    let trusted = {
+        let mut o = opts_20().redis(&url, RedisFallback::Deny, 1);
+        if let provisioning_gateway::config::BackendConfig::Redis(r) = &mut o.backend {
+            r.ca = Some(provisioning_gateway::config::CaPem(
+                std::fs::read(&ca).unwrap(),
+            ));
+        }
+        o
+    };
+    let apps = replicas(1, &[trusted], &mock, addr).await;
+    let h = healthz(apps[0].metrics_addr).await;
+    assert_eq!(h["degraded"], false, "TLS + AUTH with the private CA: {h}");
+    apps[0]
+        .client()
+        .await
+        .delete_association(request(0))
+        .await
+        .unwrap();
+    let mut c = raw(&redis).await;
+    let exists: bool = redis::cmd("EXISTS")
+        .arg("provisioning-gateway:test:default")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(exists, "the decision was made in Redis, over TLS");
+    // Without the CA (Mozilla roots only) the server is not trusted: no
+    // budget from an unverified Redis.
+    let untrusted = opts_20().redis(&url, RedisFallback::Deny, 1);
+    let apps = replicas(1, &[untrusted], &mock, addr).await;
+    assert_eq!(healthz(apps[0].metrics_addr).await["degraded"], true);
+}
+
+/// 1/s with one replica: T = 1010 ms, wide enough to see a handover.
+fn opts_1(redis: &RedisServer) -> Opts {
+    Opts {
+        rate_per_second: 1,
+        ..Opts::default()
+    }
+    .redis(&redis.url(), RedisFallback::Local, 1)
+}
+
+#[tokio::test]
+async fn losing_redis_the_local_budget_starts_after_the_last_shared_slot() {
+    let mut redis = RedisServer::start();
+    let (mock, addr, _stop) = spawn_mock(1).await;
+    let apps = replicas(1, &[opts_1(&redis)], &mock, addr).await;
+    let mut client = apps[0].client().await;
+    client.delete_association(request(0)).await.unwrap(); // a shared slot
+    redis.kill();
+    client.delete_association(request(1)).await.unwrap(); // a local one
+    let arrivals = mock.arrivals();
+    assert_eq!(arrivals[1].status, 204, "the vendor accepted it");
+    let gap = arrivals[1].at - arrivals[0].at;
+    assert!(
+        gap >= Duration::from_secs(1),
+        "{gap:?} after the shared slot"
+    );
+}
+
+#[tokio::test]
+async fn back_on_redis_the_shared_budget_starts_after_the_last_local_grant() {
+    let mut redis = RedisServer::start();
+    redis.kill();
+    let (mock, addr, _stop) = spawn_mock(1).await;
+    let apps = replicas(1, &[opts_1(&redis)], &mock, addr).await;
+    let mut client = apps[0].client().await;
+    client.delete_association(request(0)).await.unwrap(); // a local slot
+    redis.restart(); // empty: the shared budget knows nothing of it
+    until_degraded_is(&apps, false, Duration::from_secs(2)).await;
+    client.delete_association(request(1)).await.unwrap(); // a shared one
+    let arrivals = mock.arrivals();
+    assert_eq!(arrivals[1].status, 204, "the vendor accepted it");
+    let gap = arrivals[1].at - arrivals[0].at;
+    assert!(
+        gap >= Duration::from_secs(1),
+        "{gap:?} after the local slot"
+    );
+}
