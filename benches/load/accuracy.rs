@@ -12,7 +12,6 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::process::Stdio;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -67,7 +66,7 @@ struct Tally {
 
 /// One caller: calls with a 10 s deadline, one after another; when refused
 /// it comes back after the RetryInfo delay, as a well-behaved client does.
-async fn caller(addr: SocketAddr, end: Instant, ids: &'static AtomicUsize) -> Tally {
+async fn caller(addr: SocketAddr, end: Instant) -> Tally {
     let mut tally = Tally::default();
     let Ok(mut client) = AssociationServiceClient::connect(format!("http://{addr}")).await else {
         tally.hung += 1;
@@ -75,7 +74,6 @@ async fn caller(addr: SocketAddr, end: Instant, ids: &'static AtomicUsize) -> Ta
     };
     while Instant::now() < end {
         let mut req = tonic::Request::new(request());
-        req.get_mut().resource_id = format!("accuracy-{}", ids.fetch_add(1, Ordering::Relaxed));
         req.set_timeout(DEADLINE);
         let t0 = Instant::now();
         let answer = tokio::time::timeout(DEADLINE * 2, client.delete_association(req)).await;
@@ -125,11 +123,10 @@ pub async fn run(opts: &Opts) -> anyhow::Result<()> {
         "  {} callers, {replicas} replica(s), {:?}, deadline {DEADLINE:?} per call",
         opts.callers, opts.duration
     );
-    static IDS: AtomicUsize = AtomicUsize::new(0);
     let started = Instant::now();
     let end = started + opts.duration;
     let callers: Vec<_> = (0..opts.callers)
-        .map(|i| tokio::spawn(caller(gateways[i % replicas].addr, end, &IDS)))
+        .map(|i| tokio::spawn(caller(gateways[i % replicas].addr, end)))
         .collect();
     let mut tally = Tally::default();
     for c in futures::future::join_all(callers).await {

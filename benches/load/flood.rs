@@ -11,7 +11,6 @@
 //! Each gateway has its own emulator enforcing the vendor's 1 rps, which
 //! records every arrival: the upstream must never see more than the budget.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use provisioning_gateway::mock::Mock;
@@ -28,7 +27,6 @@ const TARGET: f64 = 0.8;
 
 /// Callers that wait as long as it takes, one call after another.
 fn patients(addr: std::net::SocketAddr, n: usize) -> Vec<JoinHandle<()>> {
-    static ID: AtomicUsize = AtomicUsize::new(0);
     (0..n)
         .map(|_| {
             tokio::spawn(async move {
@@ -37,9 +35,7 @@ fn patients(addr: std::net::SocketAddr, n: usize) -> Vec<JoinHandle<()>> {
                     return;
                 };
                 loop {
-                    let mut req = request();
-                    req.resource_id = format!("patient-{}", ID.fetch_add(1, Ordering::Relaxed));
-                    let _ = client.delete_association(req).await;
+                    let _ = client.delete_association(request()).await;
                 }
             })
         })

@@ -89,8 +89,7 @@ async fn queued() -> anyhow::Result<serde_json::Value> {
     let callers: Vec<_> = (0..CALLERS)
         .map(|i| {
             let mut client = clients[i % clients.len()].clone();
-            let mut req = request();
-            req.resource_id = format!("queued-{i}");
+            let req = request();
             tokio::spawn(async move { client.delete_association(req).await })
         })
         .collect();

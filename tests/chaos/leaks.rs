@@ -17,16 +17,22 @@ use crate::support::process::GatewayProcess;
 use crate::support::{Opts, request, spawn_app, spawn_mock};
 
 const CALLS: usize = 10_000;
-const CONCURRENCY: usize = 32;
+const CONCURRENCY: usize = 16;
 
-/// `n` failing calls: 2/5 invalid, 2/5 with a deadline under the 200 ms
-/// upstream reserve (refused at once), 1/5 answered 500 by Infobip.
-fn failing(n: usize) -> Vec<(DeleteAssociationRequest, Duration)> {
+/// `n` failing calls: 2/5 invalid, 2/5 for an account that does not exist,
+/// 1/5 answered 500 by Infobip.
+fn failing(n: usize) -> Vec<(tonic::Request<DeleteAssociationRequest>, Duration)> {
     (0..n)
-        .map(|i| match i % 5 {
-            0 | 1 => (DeleteAssociationRequest::default(), Duration::from_secs(5)),
-            2 | 3 => (request(i), Duration::from_millis(100)),
-            _ => (request(i), Duration::from_secs(5)),
+        .map(|i| {
+            let mut r = match i % 5 {
+                0 | 1 => tonic::Request::new(DeleteAssociationRequest::default()),
+                _ => tonic::Request::new(request(i)),
+            };
+            if i % 5 >= 2 && i % 5 <= 3 {
+                r.metadata_mut()
+                    .insert("x-infobip-account", "nobody".parse().unwrap());
+            }
+            (r, Duration::from_secs(5))
         })
         .collect()
 }
@@ -41,7 +47,7 @@ fn assert_all_failed(outcomes: &[Outcome]) {
     assert!(!t.contains_key("OK"), "{t:?}");
     assert_eq!(
         t.get("InvalidArgument/INVALID_REQUEST").copied().unwrap_or(0)
-            + t.get("ResourceExhausted/BUDGET_EXHAUSTED").copied().unwrap_or(0)
+            + t.get("InvalidArgument/UNKNOWN_ACCOUNT").copied().unwrap_or(0)
             + t.get("Internal/UPSTREAM_HTTP_500").copied().unwrap_or(0),
         outcomes.len(),
         "{t:?}"

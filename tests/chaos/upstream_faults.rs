@@ -18,27 +18,23 @@ fn vendor_error(id: &str) -> String {
 
 #[tokio::test]
 async fn a_500_storm_is_answered_internal_within_budget_and_the_gateway_recovers() {
-    // 20/s: the vendor allows one per 50 ms; the gateway sends one per 60 ms.
+    // 20/s: the vendor allows one per 50 ms; the gateway sends one per 90 ms
+    // (the tests' 40 ms margin), so 30 calls fit well within 5 s deadlines.
     let app = spawn_app(Opts::default()).await;
     app.mock
-        .script(std::iter::repeat_n(Scripted::new(500, vendor_error("SERVER_ERROR")), 40));
+        .script(std::iter::repeat_n(Scripted::new(500, vendor_error("SERVER_ERROR")), 30));
     let client = app.client().await;
     let outcomes = storm(
         &client,
-        (0..40).map(|n| (request(n), Duration::from_secs(4))),
-        40,
+        (0..30).map(|n| (request(n), Duration::from_secs(5))),
+        30,
     )
     .await;
     assert_definite(&outcomes);
     let t = tally(&outcomes);
-    let internal = t.get("Internal/SERVER_ERROR").copied().unwrap_or(0);
-    assert_eq!(
-        internal + t.get("ResourceExhausted/BUDGET_EXHAUSTED").copied().unwrap_or(0),
-        40,
-        "{t:?}"
-    );
+    assert_eq!(t.get("Internal/SERVER_ERROR"), Some(&30), "{t:?}");
     let arrivals = app.mock.arrivals();
-    assert_eq!(arrivals.len(), internal, "a 500 is not retried: {t:?}");
+    assert_eq!(arrivals.len(), 30, "a 500 is not retried: {t:?}");
     let min = gaps(&arrivals).into_iter().min().unwrap();
     assert!(min >= Duration::from_millis(50), "gap {min:?} under the vendor's interval");
 
@@ -92,10 +88,13 @@ async fn a_hanging_upstream_never_holds_a_caller_past_its_deadline() {
     })
     .await;
     let client = app.client().await;
-    // 30 slots 60 ms apart fit well within the 3 s deadlines: all are admitted.
+    // 30 slots 90 ms apart (2.7 s) and an 800 ms attempt each fit within the
+    // 5 s deadlines: every call is admitted and ends at the upstream timeout,
+    // well before its deadline. (An attempt capped by the deadline itself
+    // answers 20 ms before it, server-side; tests/mapping.rs covers that.)
     let outcomes = storm(
         &client,
-        (0..30).map(|n| (request(n), Duration::from_secs(3))),
+        (0..30).map(|n| (request(n), Duration::from_secs(5))),
         30,
     )
     .await;
