@@ -31,7 +31,6 @@ use tonic::IntoRequest;
 use tonic::transport::Channel;
 use tonic_types::StatusExt;
 
-
 /// How far past its deadline a call may come back before it counts as a
 /// hang: the caller's own scheduling on a loaded 2-core machine, not the
 /// gateway's (whose lateness shows as a status without ErrorInfo).
@@ -83,8 +82,8 @@ pub async fn call(
     request.set_timeout(deadline);
     let started = Instant::now();
     let answer = tokio::time::timeout(deadline + HANG, client.delete_association(request))
-    .await
-    .unwrap_or_else(|_| panic!("no answer {HANG:?} after a {deadline:?} deadline: a hang"));
+        .await
+        .unwrap_or_else(|_| panic!("no answer {HANG:?} after a {deadline:?} deadline: a hang"));
     Outcome {
         result: answer.map(|_| ()),
         elapsed: started.elapsed(),

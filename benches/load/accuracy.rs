@@ -86,11 +86,21 @@ async fn caller(addr: SocketAddr, end: Instant) -> Tally {
                 continue;
             }
             Ok(Ok(_)) => ("OK".to_owned(), None),
-            Ok(Err(s)) => (label(&s), s.get_error_details().retry_info().and_then(|r| r.retry_delay)),
+            Ok(Err(s)) => (
+                label(&s),
+                s.get_error_details()
+                    .retry_info()
+                    .and_then(|r| r.retry_delay),
+            ),
         };
         *tally.outcomes.entry(outcome).or_default() += 1;
         if let Some(delay) = back_off {
-            tokio::time::sleep(delay.min(DEADLINE).min(end.saturating_duration_since(Instant::now()))).await;
+            tokio::time::sleep(
+                delay
+                    .min(DEADLINE)
+                    .min(end.saturating_duration_since(Instant::now())),
+            )
+            .await;
         }
     }
     tally
@@ -106,10 +116,16 @@ pub async fn run(opts: &Opts) -> anyhow::Result<()> {
         );
     }
     if !redis_available {
-        println!("  PENDING: 3 replicas on one Redis needs the Redis budget backend; measuring 1 replica (in-memory budget)");
+        println!(
+            "  PENDING: 3 replicas on one Redis needs the Redis budget backend; measuring 1 replica (in-memory budget)"
+        );
     }
     let (mock, upstream) = emulator(1).await?;
-    let redis = if replicas > 1 { Some(redis_server().await?) } else { None };
+    let redis = if replicas > 1 {
+        Some(redis_server().await?)
+    } else {
+        None
+    };
     let redis_url = redis.as_ref().map(|(_, a)| format!("redis://{a}"));
     let mut flags = vec!["--rate-per-second", "1"];
     if let Some(url) = &redis_url {
@@ -141,27 +157,74 @@ pub async fn run(opts: &Opts) -> anyhow::Result<()> {
         g.stop().await;
     }
 
-    let arrivals: Vec<_> = mock.arrivals().into_iter().filter(|a| a.at >= started && a.at <= end).collect();
-    let times: Vec<f64> = arrivals.iter().map(|a| (a.at - arrivals[0].at).as_secs_f64()).collect();
+    let arrivals: Vec<_> = mock
+        .arrivals()
+        .into_iter()
+        .filter(|a| a.at >= started && a.at <= end)
+        .collect();
+    let times: Vec<f64> = arrivals
+        .iter()
+        .map(|a| (a.at - arrivals[0].at).as_secs_f64())
+        .collect();
     let span = times.last().copied().unwrap_or(0.0);
     let rate = (times.len().saturating_sub(1)) as f64 / span.max(1e-9);
-    let min_gap = times.windows(2).map(|w| w[1] - w[0]).fold(f64::MAX, f64::min);
+    let min_gap = times
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .fold(f64::MAX, f64::min);
     let vendor_429 = arrivals.iter().filter(|a| a.status == 429).count();
     let total: u64 = tally.outcomes.values().sum();
     let ok = tally.outcomes.get("OK").copied().unwrap_or(0);
-    let refused: u64 = tally.outcomes.iter().filter(|(k, _)| k.contains("BUDGET_EXHAUSTED")).map(|(_, v)| v).sum();
-    let timed_out: u64 = tally.outcomes.iter().filter(|(k, _)| k.ends_with("timed_out")).map(|(_, v)| v).sum();
+    let refused: u64 = tally
+        .outcomes
+        .iter()
+        .filter(|(k, _)| k.contains("BUDGET_EXHAUSTED"))
+        .map(|(_, v)| v)
+        .sum();
+    let timed_out: u64 = tally
+        .outcomes
+        .iter()
+        .filter(|(k, _)| k.ends_with("timed_out"))
+        .map(|(_, v)| v)
+        .sum();
     let admitted = total - refused + timed_out;
     table(
         &["figure", "value", "target"],
         &[
-            vec!["upstream calls/s ÷ configured rate".into(), format!("{rate:.4}"), format!("≥ {RATE_TARGET}: {}", verdict(rate >= RATE_TARGET))],
-            vec!["smallest gap between arrivals".into(), format!("{:.1} ms", min_gap * 1e3), format!("≥ 1000 ms: {}", verdict(min_gap >= 1.0))],
-            vec!["vendor 429s".into(), vendor_429.to_string(), format!("0: {}", verdict(vendor_429 == 0))],
-            vec!["calls (all answered)".into(), format!("{total} ({} hung, {} after deadline)", tally.hung, tally.late), format!("none late: {}", verdict(tally.hung + tally.late == 0))],
+            vec![
+                "upstream calls/s ÷ configured rate".into(),
+                format!("{rate:.4}"),
+                format!("≥ {RATE_TARGET}: {}", verdict(rate >= RATE_TARGET)),
+            ],
+            vec![
+                "smallest gap between arrivals".into(),
+                format!("{:.1} ms", min_gap * 1e3),
+                format!("≥ 1000 ms: {}", verdict(min_gap >= 1.0)),
+            ],
+            vec![
+                "vendor 429s".into(),
+                vendor_429.to_string(),
+                format!("0: {}", verdict(vendor_429 == 0)),
+            ],
+            vec![
+                "calls (all answered)".into(),
+                format!(
+                    "{total} ({} hung, {} after deadline)",
+                    tally.hung, tally.late
+                ),
+                format!("none late: {}", verdict(tally.hung + tally.late == 0)),
+            ],
             vec!["served (OK)".into(), ok.to_string(), String::new()],
-            vec!["refused at once (BUDGET_EXHAUSTED)".into(), (refused - timed_out).to_string(), String::new()],
-            vec!["admitted and served within deadline".into(), format!("{:.1} %", 100.0 * ok as f64 / admitted.max(1) as f64), String::new()],
+            vec![
+                "refused at once (BUDGET_EXHAUSTED)".into(),
+                (refused - timed_out).to_string(),
+                String::new(),
+            ],
+            vec![
+                "admitted and served within deadline".into(),
+                format!("{:.1} %", 100.0 * ok as f64 / admitted.max(1) as f64),
+                String::new(),
+            ],
         ],
     );
     println!("  answers: {:?}", tally.outcomes);

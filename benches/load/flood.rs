@@ -30,7 +30,8 @@ fn patients(addr: std::net::SocketAddr, n: usize) -> Vec<JoinHandle<()>> {
     (0..n)
         .map(|_| {
             tokio::spawn(async move {
-                let Ok(mut client) = AssociationServiceClient::connect(format!("http://{addr}")).await
+                let Ok(mut client) =
+                    AssociationServiceClient::connect(format!("http://{addr}")).await
                 else {
                     return;
                 };
@@ -71,7 +72,14 @@ pub async fn run(opts: &Opts) -> anyhow::Result<()> {
     let (mock_full, upstream_full) = emulator(1).await?;
     let (full, _) = gateway_in_process(
         upstream_full,
-        &["--rate-per-second", "1", "--max-queue", "16", "--max-wait", "10m"],
+        &[
+            "--rate-per-second",
+            "1",
+            "--max-queue",
+            "16",
+            "--max-wait",
+            "10m",
+        ],
     )
     .await?;
     let (mock_deadline, upstream_deadline) = emulator(1).await?;
@@ -83,7 +91,10 @@ pub async fn run(opts: &Opts) -> anyhow::Result<()> {
     let conns = connections(c);
     let systems = [
         ("echo", Target::grpc(echo, conns, None).await?),
-        ("gateway: queue full", Target::grpc(full, conns, Some(Duration::from_secs(2))).await?),
+        (
+            "gateway: queue full",
+            Target::grpc(full, conns, Some(Duration::from_secs(2))).await?,
+        ),
         (
             "gateway: hopeless deadline",
             Target::grpc(deadline, conns, Some(Duration::from_millis(500))).await?,
@@ -121,14 +132,29 @@ pub async fn run(opts: &Opts) -> anyhow::Result<()> {
         results.insert(name.to_string(), j);
     }
     table(
-        &["system", "calls", "refused", "answers/s", "÷ echo", "p50", "p99"],
+        &[
+            "system",
+            "calls",
+            "refused",
+            "answers/s",
+            "÷ echo",
+            "p50",
+            "p99",
+        ],
         &rows,
     );
-    for (name, s) in systems.iter().zip(&samples).skip(1).map(|((n, _), s)| (n, s)) {
-        let ratio = s.count("ResourceExhausted/BUDGET_EXHAUSTED") as f64
-            / s.busy.as_secs_f64()
-            / echo_rate;
-        println!("  {name}: refusals/s ÷ echo calls/s = {ratio:.2} (target ≥ {TARGET}: {})", verdict(ratio >= TARGET));
+    for (name, s) in systems
+        .iter()
+        .zip(&samples)
+        .skip(1)
+        .map(|((n, _), s)| (n, s))
+    {
+        let ratio =
+            s.count("ResourceExhausted/BUDGET_EXHAUSTED") as f64 / s.busy.as_secs_f64() / echo_rate;
+        println!(
+            "  {name}: refusals/s ÷ echo calls/s = {ratio:.2} (target ≥ {TARGET}: {})",
+            verdict(ratio >= TARGET)
+        );
         println!("    answers: {:?}", s.outcomes);
     }
     let vendor = json!({

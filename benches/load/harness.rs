@@ -219,7 +219,9 @@ pub async fn run(target: &Target, concurrency: usize, duration: Duration) -> Sam
             while Instant::now() < end {
                 let t0 = Instant::now();
                 let outcome = target.call(worker).await;
-                sample.latency.saturating_record(t0.elapsed().as_nanos() as u64);
+                sample
+                    .latency
+                    .saturating_record(t0.elapsed().as_nanos() as u64);
                 *sample.outcomes.entry(outcome).or_default() += 1;
             }
             sample

@@ -108,7 +108,10 @@ fn main() -> anyhow::Result<()> {
     if scenarios.is_empty() {
         // `cargo bench` with no filter lands here: the load scenarios take
         // minutes, so they run only when named.
-        println!("load: name a scenario: cargo bench --bench load -- <{}|all>", SCENARIOS.join("|"));
+        println!(
+            "load: name a scenario: cargo bench --bench load -- <{}|all>",
+            SCENARIOS.join("|")
+        );
         return Ok(());
     }
     std::fs::create_dir_all(&opts.svg_dir)?;

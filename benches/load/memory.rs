@@ -59,20 +59,26 @@ async fn accounts() -> anyhow::Result<serde_json::Value> {
         mib(delta),
         delta as f64 / ACCOUNTS as f64
     );
-    Ok(json!({"accounts": ACCOUNTS, "rss_delta_bytes": delta, "bytes_per_account": delta as f64 / ACCOUNTS as f64}))
+    Ok(
+        json!({"accounts": ACCOUNTS, "rss_delta_bytes": delta, "bytes_per_account": delta as f64 / ACCOUNTS as f64}),
+    )
 }
 
-async fn queued() -> anyhow::Result<serde_json::Value> {
+/// 10,000 callers queued on the binary; `log` is its `RUST_LOG`.
+async fn queued(log: &str) -> anyhow::Result<serde_json::Value> {
     let (mock, upstream) = emulator(1).await?;
+    // The 10,000th caller's turn is 10,000 × 1.01 s ≈ 2.8 h away: --max-wait
+    // must allow that, or the tail is refused at once (MAX_WAIT).
     let flags = [
         "--rate-per-second",
         "1",
         "--max-queue",
         "20000",
         "--max-wait",
-        "1h",
+        "3h",
     ];
-    let gateway = GatewayBin::start("memory", upstream, &flags, &[]).await?;
+    let env = [("RUST_LOG", log.to_owned())];
+    let gateway = GatewayBin::start("memory", upstream, &flags, &env).await?;
     let mut warm = AssociationServiceClient::connect(format!("http://{}", gateway.addr)).await?;
     warm.delete_association(request()).await?;
     let (idle, _) = rss(gateway.pid());
@@ -109,7 +115,7 @@ async fn queued() -> anyhow::Result<serde_json::Value> {
 
     let ok = mib(loaded) <= TARGET_MIB;
     println!(
-        "  release binary, idle after one call: {:.1} MiB RSS",
+        "  release binary with RUST_LOG={log}, idle after one call: {:.1} MiB RSS",
         mib(idle)
     );
     println!(
@@ -125,7 +131,7 @@ async fn queued() -> anyhow::Result<serde_json::Value> {
         mib(after)
     );
     Ok(json!({
-        "callers": CALLERS, "queue_depth_seen": depth, "seconds_to_queue_all": joined.as_secs_f64(),
+        "rust_log": log, "callers": CALLERS, "queue_depth_seen": depth, "seconds_to_queue_all": joined.as_secs_f64(),
         "rss_idle_bytes": idle, "rss_queued_bytes": loaded, "rss_peak_bytes": peak,
         "rss_after_bytes": after, "target_mib": TARGET_MIB, "met": ok,
     }))
@@ -133,7 +139,13 @@ async fn queued() -> anyhow::Result<serde_json::Value> {
 
 pub async fn run(_opts: &Opts) -> anyhow::Result<()> {
     let accounts = accounts().await?;
-    let queued = queued().await?;
-    write("memory", json!({"accounts": accounts, "queued_callers": queued}));
+    // As deployed (spans and a log line per call), then with the per-call
+    // spans filtered out, to show what telemetry holds per waiting call.
+    let deployed = queued("info").await?;
+    let quiet = queued("warn,provisioning_gateway::startup=info").await?;
+    write(
+        "memory",
+        json!({"accounts": accounts, "queued_callers": deployed, "queued_callers_spans_off": quiet}),
+    );
     Ok(())
 }

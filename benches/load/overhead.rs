@@ -36,13 +36,22 @@ pub async fn run(opts: &Opts) -> anyhow::Result<()> {
             ("echo", Target::grpc(echo, conns, None).await?),
             ("direct HTTP", Target::http(upstream)?),
             ("gateway", Target::grpc(gateway, conns, None).await?),
-            ("gateway binary", Target::grpc(binary.addr, conns, None).await?),
+            (
+                "gateway binary",
+                Target::grpc(binary.addr, conns, None).await?,
+            ),
         ];
         if let Some(only) = &opts.only {
             let target = systems.iter().find(|(n, _)| n == only);
-            let (name, target) = target.ok_or_else(|| anyhow::anyhow!("no system named {only:?}"))?;
+            let (name, target) =
+                target.ok_or_else(|| anyhow::anyhow!("no system named {only:?}"))?;
             let s = crate::harness::run(target, c, opts.round * opts.rounds as u32).await;
-            println!("  {name} alone at concurrency {c}: {:.0}/s, p50 {}, p99 {}", s.throughput(), fmt(s.p(0.5)), fmt(s.p(0.99)));
+            println!(
+                "  {name} alone at concurrency {c}: {:.0}/s, p50 {}, p99 {}",
+                s.throughput(),
+                fmt(s.p(0.5)),
+                fmt(s.p(0.99))
+            );
             continue;
         }
         println!(
@@ -72,7 +81,15 @@ pub async fn run(opts: &Opts) -> anyhow::Result<()> {
             })
             .collect();
         table(
-            &["system", "calls", "throughput", "p50", "p90", "p99", "not OK"],
+            &[
+                "system",
+                "calls",
+                "throughput",
+                "p50",
+                "p90",
+                "p99",
+                "not OK",
+            ],
             &rows,
         );
         let [echo_s, direct_s, gateway_s, binary_s] = &samples[..] else {

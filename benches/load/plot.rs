@@ -28,13 +28,16 @@ pub fn latency_cdf(path: &Path, panels: &[Panel]) -> anyhow::Result<()> {
     let areas = root.split_evenly((panels.len(), 1));
     for ((title, series), area) in panels.iter().zip(areas) {
         let us = |h: &Histogram<u64>, q: f64| (h.value_at_quantile(q) as f64 / 1e3).max(1.0);
-        let lo = series.iter().map(|(_, h)| us(h, 0.0)).fold(f64::MAX, f64::min);
-        let hi = series.iter().map(|(_, h)| us(h, 0.9999)).fold(0.0, f64::max);
+        let lo = series
+            .iter()
+            .map(|(_, h)| us(h, 0.0))
+            .fold(f64::MAX, f64::min);
+        let hi = series
+            .iter()
+            .map(|(_, h)| us(h, 0.9999))
+            .fold(0.0, f64::max);
         let mut chart = ChartBuilder::on(&area)
-            .caption(
-                format!("Latency distribution, {title}"),
-                ("sans-serif", 20),
-            )
+            .caption(format!("Latency distribution, {title}"), ("sans-serif", 20))
             .margin(15)
             .x_label_area_size(45)
             .y_label_area_size(60)

@@ -37,7 +37,10 @@ pub fn machine() -> Value {
 
 /// Writes the scenario's results (with the machine and the command line).
 pub fn write(scenario: &str, results: Value) {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
     let doc = json!({
         "scenario": scenario,
         "command": format!("cargo bench --bench load -- {}", args.join(" ")),
@@ -71,7 +74,15 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) {
         println!("  {}", padded.join("  "));
     };
     line(header.to_vec());
-    line(width.iter().map(|w| "-".repeat(*w)).collect::<Vec<_>>().iter().map(String::as_str).collect());
+    line(
+        width
+            .iter()
+            .map(|w| "-".repeat(*w))
+            .collect::<Vec<_>>()
+            .iter()
+            .map(String::as_str)
+            .collect(),
+    );
     for row in rows {
         line(row.iter().map(String::as_str).collect());
     }

@@ -194,7 +194,10 @@ impl GatewayBin {
                 });
             }
             if started.elapsed() > Duration::from_secs(20) {
-                bail!("the gateway did not start within 20 s; see {}", log.display());
+                bail!(
+                    "the gateway did not start within 20 s; see {}",
+                    log.display()
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

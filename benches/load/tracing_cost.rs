@@ -69,9 +69,15 @@ pub async fn run(opts: &Opts) -> anyhow::Result<()> {
         let conns = connections(c);
         let systems = [
             ("OTLP export on", Target::grpc(on.addr, conns, None).await?),
-            ("OTLP export off", Target::grpc(off.addr, conns, None).await?),
+            (
+                "OTLP export off",
+                Target::grpc(off.addr, conns, None).await?,
+            ),
         ];
-        println!("concurrency {c}: {} rounds of {:?} per mode", opts.rounds, opts.round);
+        println!(
+            "concurrency {c}: {} rounds of {:?} per mode",
+            opts.rounds, opts.round
+        );
         let samples = interleave(&systems, c, opts.rounds, opts.round).await;
         let rows: Vec<Vec<String>> = systems
             .iter()

@@ -55,8 +55,12 @@ fn assert_all_failed(outcomes: &[Outcome]) {
     let t = tally(outcomes);
     assert!(!t.contains_key("OK"), "{t:?}");
     assert_eq!(
-        t.get("InvalidArgument/INVALID_REQUEST").copied().unwrap_or(0)
-            + t.get("InvalidArgument/UNKNOWN_ACCOUNT").copied().unwrap_or(0)
+        t.get("InvalidArgument/INVALID_REQUEST")
+            .copied()
+            .unwrap_or(0)
+            + t.get("InvalidArgument/UNKNOWN_ACCOUNT")
+                .copied()
+                .unwrap_or(0)
             + t.get("Internal/UPSTREAM_HTTP_500").copied().unwrap_or(0),
         outcomes.len(),
         "{t:?}"
@@ -72,7 +76,11 @@ async fn ten_thousand_failing_calls_leave_no_tasks_behind() {
     })
     .await;
     let client = app.client().await;
-    let tasks = || tokio::runtime::Handle::current().metrics().num_alive_tasks();
+    let tasks = || {
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks()
+    };
 
     script_500s(&app.mock, 1000);
     assert_all_failed(&storm(&client, failing(1000), CONCURRENCY).await);
@@ -130,7 +138,11 @@ async fn ten_thousand_failing_calls_do_not_grow_the_binarys_memory() {
     let after = rss(pid);
 
     let mib = |b: u64| b as f64 / 1048576.0;
-    eprintln!("RSS after warm-up {:.1} MiB, after {calls} more failing calls {:.1} MiB", mib(warm), mib(after));
+    eprintln!(
+        "RSS after warm-up {:.1} MiB, after {calls} more failing calls {:.1} MiB",
+        mib(warm),
+        mib(after)
+    );
     // A leak of 1 KiB per call would add about 10 MiB.
     assert!(
         after <= warm + 4 * 1024 * 1024,

@@ -30,7 +30,8 @@ async fn redis_killed_and_restarted_under_load_every_call_answered_in_time() {
     .redis(&redis.url(), RedisFallback::Deny, 2);
     let mut replicas = Vec::new();
     for _ in 0..2 {
-        replicas.push(spawn_gateway(opts.clone(), mock.clone(), addr, CancellationToken::new()).await);
+        replicas
+            .push(spawn_gateway(opts.clone(), mock.clone(), addr, CancellationToken::new()).await);
     }
 
     // 8 callers per replica, one call after another, 1 s deadlines.
@@ -77,7 +78,10 @@ async fn redis_killed_and_restarted_under_load_every_call_answered_in_time() {
     let t = tally(&plain);
     assert!(t.get("OK").copied().unwrap_or(0) >= 3, "{t:?}");
     assert!(
-        t.get("Unavailable/BUDGET_BACKEND_UNAVAILABLE").copied().unwrap_or(0) > 0,
+        t.get("Unavailable/BUDGET_BACKEND_UNAVAILABLE")
+            .copied()
+            .unwrap_or(0)
+            > 0,
         "the outages were seen: {t:?}"
     );
     // Only 204s upstream, never closer than the vendor's 100 ms, across both
@@ -90,17 +94,26 @@ async fn redis_killed_and_restarted_under_load_every_call_answered_in_time() {
         "the vendor refused some: {statuses:?}, gaps {gaps:?}, outages {outages:?}, {t:?}"
     );
     let min = gaps.iter().min().unwrap();
-    assert!(*min >= Duration::from_millis(100), "arrivals {min:?} apart: {gaps:?}");
+    assert!(
+        *min >= Duration::from_millis(100),
+        "arrivals {min:?} apart: {gaps:?}"
+    );
     for &(down, up) in &outages {
         let during = arrivals
             .iter()
             .filter(|a| a.at > down + Duration::from_millis(300) && a.at < up)
             .count();
-        assert_eq!(during, 0, "sent upstream while Redis was down (deny fallback)");
+        assert_eq!(
+            during, 0,
+            "sent upstream while Redis was down (deny fallback)"
+        );
     }
     let served_after = arrivals
         .iter()
         .filter(|a| a.at > Instant::now() - Duration::from_millis(1400))
         .count();
-    assert!(served_after > 0, "back on the shared budget after the restart");
+    assert!(
+        served_after > 0,
+        "back on the shared budget after the restart"
+    );
 }

@@ -74,12 +74,20 @@ async fn sigterm_under_load_answers_every_caller() {
 
     let pid = gateway.child.id().unwrap().to_string();
     let signalled = Instant::now();
-    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
     // Calls sent while it drains, on the same connection.
     let late: Vec<_> = (0..10)
         .map(|n| {
             let mut c = client.clone();
-            tokio::spawn(async move { call(&mut c, request(1000 + n), Duration::from_secs(5)).await })
+            tokio::spawn(
+                async move { call(&mut c, request(1000 + n), Duration::from_secs(5)).await },
+            )
         })
         .collect();
 
@@ -89,7 +97,10 @@ async fn sigterm_under_load_answers_every_caller() {
     }
     let (status, logs) = gateway.terminate().await; // a second SIGTERM is harmless
     assert!(status.success(), "exit {status:?}: {logs:?}");
-    assert!(signalled.elapsed() < Duration::from_secs(10), "drained within the grace");
+    assert!(
+        signalled.elapsed() < Duration::from_secs(10),
+        "drained within the grace"
+    );
 
     let t = tally(&outcomes);
     let ok = t.get("OK").copied().unwrap_or(0);
@@ -102,7 +113,11 @@ async fn sigterm_under_load_answers_every_caller() {
     for o in &outcomes {
         assert!(o.elapsed < o.deadline, "{o:?}");
     }
-    assert_eq!(mock.arrivals().len(), ok, "only the served calls reached Infobip");
+    assert_eq!(
+        mock.arrivals().len(),
+        ok,
+        "only the served calls reached Infobip"
+    );
 
     // Calls that reach the draining gateway are answered SHUTTING_DOWN; calls
     // refused before they reach it (GOAWAY, connection refused) fail in the

@@ -13,7 +13,9 @@ use super::{assert_definite, call, gaps, storm, tally};
 use crate::support::{Opts, request, spawn_app};
 
 fn vendor_error(id: &str) -> String {
-    format!(r#"{{"requestError":{{"serviceException":{{"messageId":"{id}","text":"vendor trouble"}}}}}}"#)
+    format!(
+        r#"{{"requestError":{{"serviceException":{{"messageId":"{id}","text":"vendor trouble"}}}}}}"#
+    )
 }
 
 #[tokio::test]
@@ -21,8 +23,10 @@ async fn a_500_storm_is_answered_internal_within_budget_and_the_gateway_recovers
     // 20/s: the vendor allows one per 50 ms; the gateway sends one per 90 ms
     // (the tests' 40 ms margin), so 30 calls fit well within 5 s deadlines.
     let app = spawn_app(Opts::default()).await;
-    app.mock
-        .script(std::iter::repeat_n(Scripted::new(500, vendor_error("SERVER_ERROR")), 30));
+    app.mock.script(std::iter::repeat_n(
+        Scripted::new(500, vendor_error("SERVER_ERROR")),
+        30,
+    ));
     let client = app.client().await;
     let outcomes = storm(
         &client,
@@ -36,7 +40,10 @@ async fn a_500_storm_is_answered_internal_within_budget_and_the_gateway_recovers
     let arrivals = app.mock.arrivals();
     assert_eq!(arrivals.len(), 30, "a 500 is not retried: {t:?}");
     let min = gaps(&arrivals).into_iter().min().unwrap();
-    assert!(min >= Duration::from_millis(50), "gap {min:?} under the vendor's interval");
+    assert!(
+        min >= Duration::from_millis(50),
+        "gap {min:?} under the vendor's interval"
+    );
 
     // The storm is over: the next call goes through.
     let after = call(&mut client.clone(), request(100), Duration::from_secs(4)).await;
@@ -100,11 +107,22 @@ async fn a_hanging_upstream_never_holds_a_caller_past_its_deadline() {
     .await;
     assert_definite(&outcomes);
     let t = tally(&outcomes);
-    assert_eq!(t.get("DeadlineExceeded/UPSTREAM_TIMEOUT"), Some(&30), "{t:?}");
+    assert_eq!(
+        t.get("DeadlineExceeded/UPSTREAM_TIMEOUT"),
+        Some(&30),
+        "{t:?}"
+    );
     let at = arrivals.lock().unwrap().clone();
-    assert_eq!(at.len(), 30, "one attempt each: a timeout may have taken effect");
+    assert_eq!(
+        at.len(),
+        30,
+        "one attempt each: a timeout may have taken effect"
+    );
     let min = at.windows(2).map(|w| w[1] - w[0]).min().unwrap();
-    assert!(min >= Duration::from_millis(50), "gap {min:?} under the vendor's interval");
+    assert!(
+        min >= Duration::from_millis(50),
+        "gap {min:?} under the vendor's interval"
+    );
 
     // The hung connections are abandoned, not reused: the next call goes through.
     let after = call(&mut client.clone(), request(100), Duration::from_secs(4)).await;
@@ -141,10 +159,16 @@ async fn connection_resets_are_unavailable_and_never_retried() {
     .await;
     assert_definite(&outcomes);
     let t = tally(&outcomes);
-    let unreachable = t.get("Unavailable/UPSTREAM_UNREACHABLE").copied().unwrap_or(0);
+    let unreachable = t
+        .get("Unavailable/UPSTREAM_UNREACHABLE")
+        .copied()
+        .unwrap_or(0);
     assert!(unreachable > 0, "{t:?}");
     assert_eq!(
-        unreachable + t.get("ResourceExhausted/BUDGET_EXHAUSTED").copied().unwrap_or(0),
+        unreachable
+            + t.get("ResourceExhausted/BUDGET_EXHAUSTED")
+                .copied()
+                .unwrap_or(0),
         50,
         "{t:?}"
     );
@@ -171,7 +195,9 @@ async fn a_429_storm_without_retry_after_backs_off_exponentially() {
     .await;
     assert_definite(&outcomes);
     assert!(
-        outcomes.iter().all(|o| o.label().starts_with("ResourceExhausted/")),
+        outcomes
+            .iter()
+            .all(|o| o.label().starts_with("ResourceExhausted/")),
         "{:?}",
         tally(&outcomes)
     );
@@ -186,7 +212,10 @@ async fn a_429_storm_without_retry_after_backs_off_exponentially() {
         gaps(&arrivals)
     );
     let longest = gaps(&arrivals).into_iter().max().unwrap();
-    assert!(longest >= Duration::from_millis(240), "no backoff: {longest:?}");
+    assert!(
+        longest >= Duration::from_millis(240),
+        "no backoff: {longest:?}"
+    );
 }
 
 #[tokio::test]
@@ -220,5 +249,9 @@ async fn a_429_storm_with_retry_after_waits_as_told() {
         .into_iter()
         .filter(|g| *g >= Duration::from_secs(1))
         .count();
-    assert!(honoured + 1 >= arrivals.len() - 1, "Retry-After ignored: {:?}", gaps(&arrivals));
+    assert!(
+        honoured + 1 >= arrivals.len() - 1,
+        "Retry-After ignored: {:?}",
+        gaps(&arrivals)
+    );
 }
