@@ -30,7 +30,7 @@ fn request() -> DeleteAssociationRequest {
 fn parse_and_encode(c: &mut Criterion) {
     let mut g = c.benchmark_group("request");
     g.bench_function("parse (TryFrom)", |b| {
-        b.iter_batched(request, |r| Association::try_from(r), BatchSize::SmallInput)
+        b.iter_batched(request, Association::try_from, BatchSize::SmallInput)
     });
     let association = Association::try_from(request()).expect("a valid request");
     g.bench_function("encode JSON body", |b| {
@@ -47,7 +47,7 @@ fn parse_and_encode(c: &mut Criterion) {
     g.bench_function("parse invalid (4 violations)", |b| {
         b.iter_batched(
             || invalid.clone(),
-            |r| Association::try_from(r),
+            Association::try_from,
             BatchSize::SmallInput,
         )
     });

@@ -181,7 +181,8 @@ async fn connection_resets_are_unavailable_and_never_retried() {
 
 #[tokio::test]
 async fn a_429_storm_without_retry_after_backs_off_exponentially() {
-    // T = 60 ms. Backoff after consecutive 429s: T, 2T, 4T, 8T, 16T, ...
+    // T = 90 ms (20/s + the tests' 40 ms margin). Backoff after consecutive
+    // 429s: T, 2T, 4T, 8T, 16T, ...
     let app = spawn_app(Opts::default()).await;
     app.mock.script(std::iter::repeat_n(
         Scripted::new(429, vendor_error("TOO_MANY_REQUESTS")),
@@ -201,9 +202,9 @@ async fn a_429_storm_without_retry_after_backs_off_exponentially() {
         "{:?}",
         tally(&outcomes)
     );
-    // Without pushback the budget alone would allow ~50 attempts in 3 s;
-    // with it: 0, T, 3T, 7T, 15T, 31T (1.86 s), 63T (3.78 s) → 6, and a
-    // couple more if a 429 took longer than T to come back.
+    // Without pushback the budget alone would allow ~33 attempts in 3 s;
+    // with it: 0, T, 3T, 7T, 15T, 31T (2.79 s) → 6, and a couple more if a
+    // 429 took longer than T to come back.
     let arrivals = app.mock.arrivals();
     assert!(
         (2..=9).contains(&arrivals.len()),
@@ -220,7 +221,7 @@ async fn a_429_storm_without_retry_after_backs_off_exponentially() {
 
 #[tokio::test]
 async fn a_429_storm_with_retry_after_waits_as_told() {
-    // 5/s (T = 210 ms); the vendor says "come back in 1 s" each time.
+    // 5/s (T = 240 ms); the vendor says "come back in 1 s" each time.
     let app = spawn_app(Opts {
         rate_per_second: 5,
         ..Opts::default()
@@ -238,7 +239,7 @@ async fn a_429_storm_with_retry_after_waits_as_told() {
     .await;
     assert_definite(&outcomes);
     let arrivals = app.mock.arrivals();
-    // At t≈0, ≈1 s and ≈2 s; 12 would fit the budget in 2.5 s without pushback.
+    // At t≈0, ≈1 s and ≈2 s; ~10 would fit the budget in 2.5 s without pushback.
     assert!(
         (2..=4).contains(&arrivals.len()),
         "{} attempts; gaps {:?}",
