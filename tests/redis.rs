@@ -26,13 +26,13 @@ use crate::support::{
 };
 
 /// The vendor's interval at the 20/s these tests run (the gateway adds a
-/// 25 ms margin: T = 75 ms).
+/// 40 ms margin, T = 90 ms: arrivals may jitter by 40 ms on a loaded machine).
 const VENDOR_T: Duration = Duration::from_millis(50);
 
 fn opts_20() -> Opts {
     Opts {
         rate_per_second: 20,
-        safety_margin: Duration::from_millis(25),
+        safety_margin: Duration::from_millis(40),
         ..Opts::default()
     }
 }
@@ -86,14 +86,35 @@ fn gaps(arrivals: &[Arrival]) -> Vec<Duration> {
     arrivals.windows(2).map(|w| w[1].at - w[0].at).collect()
 }
 
+/// Redis errors the process saw (all replicas of a test share the recorder):
+/// tells a spacing failure from jitter apart from one caused by a fallback.
+async fn backend_errors(app: &TestApp) -> String {
+    let text = reqwest::get(format!("http://{}/metrics", app.metrics_addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find(|l| l.starts_with("provisioning_gateway_budget_backend_errors_total"))
+        .unwrap_or("provisioning_gateway_budget_backend_errors_total 0")
+        .to_owned()
+}
+
 fn assert_spacing(arrivals: &[Arrival], what: &str) {
+    let seen: Vec<(u16, u128)> = arrivals
+        .windows(2)
+        .map(|w| (w[1].status, (w[1].at - w[0].at).as_millis()))
+        .collect();
     assert!(
         arrivals.iter().all(|a| a.status == 204),
-        "{what}: the vendor refused some: {:?}",
-        arrivals.iter().map(|a| a.status).collect::<Vec<_>>()
+        "{what}: the vendor refused some (status, ms after the previous): {seen:?}"
     );
     if let Some(min) = gaps(arrivals).into_iter().min() {
-        assert!(min >= VENDOR_T, "{what}: arrivals only {min:?} apart");
+        assert!(
+            min >= VENDOR_T,
+            "{what}: arrivals only {min:?} apart: {seen:?}"
+        );
     }
 }
 
@@ -257,8 +278,9 @@ async fn three_replicas_share_one_budget() {
     let results = join_all(calls).await;
     assert!(results.iter().all(Result::is_ok), "{results:?}");
     let arrivals = mock.arrivals();
+    let what = format!("three replicas ({})", backend_errors(&apps[0]).await);
+    assert_spacing(&arrivals, &what);
     assert_eq!(arrivals.len(), 30, "one upstream call each");
-    assert_spacing(&arrivals, "three replicas");
 }
 
 #[tokio::test]
@@ -352,8 +374,9 @@ async fn replicas_whose_clocks_disagree_keep_the_spacing() {
     let results = join_all(calls).await;
     assert!(results.iter().all(Result::is_ok), "{results:?}");
     let arrivals = mock.arrivals();
+    let what = format!("skewed clocks ({})", backend_errors(&apps[0]).await);
+    assert_spacing(&arrivals, &what);
     assert_eq!(arrivals.len(), 30);
-    assert_spacing(&arrivals, "skewed clocks");
 }
 
 #[tokio::test]
@@ -421,7 +444,7 @@ async fn redis_down_at_start_local_fallback_serves_and_recovers() {
     client.delete_association(request(1)).await.unwrap();
     assert!(
         started.elapsed() >= Duration::from_millis(150),
-        "the local budget is rate / expected replicas: 2 × 75 ms ({:?})",
+        "the local budget is rate / expected replicas: 2 × 90 ms ({:?})",
         started.elapsed()
     );
     redis.restart();
