@@ -99,7 +99,7 @@ impl RedisUrl {
         match Url::parse(&self.0) {
             Ok(mut url) => {
                 if url.password().is_some() {
-                    let _ = url.set_password(Some("<redacted>"));
+                    let _ = url.set_password(Some("***"));
                 }
                 url.to_string()
             }

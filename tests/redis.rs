@@ -734,3 +734,39 @@ async fn back_on_redis_the_shared_budget_starts_after_the_last_local_grant() {
         "{gap:?} after the local slot"
     );
 }
+
+#[tokio::test]
+async fn the_real_binary_logs_a_lost_redis_without_its_password() {
+    let redis = RedisServer::with_password("right-pw");
+    let (_mock, addr, _stop) = spawn_mock(20).await;
+    let url = format!("redis://:wr0ng-s3cr3t@127.0.0.1:{}", redis.port());
+    let gateway = crate::support::process::GatewayProcess::start(
+        &format!("http://{addr}"),
+        &[
+            ("GATEWAY_BUDGET_BACKEND", "redis"),
+            ("GATEWAY_REDIS_URL", &url),
+            ("GATEWAY_RATE_PER_SECOND", "20"),
+        ],
+    )
+    .await;
+    // Wrong password: it starts degraded, and serves from the local budget.
+    let metrics: std::net::SocketAddr = gateway.metrics_addr.parse().unwrap();
+    assert_eq!(healthz(metrics).await["degraded"], true);
+    let mut client =
+        provisioning_gateway::pb::association_service_client::AssociationServiceClient::connect(
+            format!("http://{}", gateway.addr),
+        )
+        .await
+        .unwrap();
+    client.delete_association(request(0)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await; // a few probe rounds
+    let (status, logs) = gateway.terminate().await;
+    assert!(status.success());
+    let all = logs.join("\n");
+    assert!(
+        all.contains("Redis unreachable"),
+        "the degraded state is logged: {all}"
+    );
+    assert!(all.contains("127.0.0.1"), "the log names the Redis: {all}");
+    assert!(!all.contains("wr0ng-s3cr3t"), "password in the logs: {all}");
+}

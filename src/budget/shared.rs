@@ -47,6 +47,8 @@ const SKEW_WARNING_US: i64 = 1_000_000;
 /// The process' Redis connection, its health, and its probe.
 pub struct RedisBackend {
     store: Arc<RedisStore>,
+    /// The URL as logs may show it (password redacted).
+    shown_url: String,
     key_prefix: String,
     fallback: RedisFallback,
     expected_replicas: u32,
@@ -64,6 +66,7 @@ impl RedisBackend {
         let store = Arc::new(RedisStore::new(&config.url, config.ca.as_ref(), TIMEOUT)?);
         let backend = Arc::new(Self {
             store,
+            shown_url: config.url.to_string(),
             key_prefix: config.key_prefix.clone(),
             fallback: config.fallback,
             expected_replicas: config.expected_replicas.get(),
@@ -74,6 +77,7 @@ impl RedisBackend {
         match backend.reconnect().await {
             Ok(()) => tracing::info!(
                 budget_backend = "redis",
+                redis = %backend.shown_url,
                 fallback = backend.fallback_name(),
                 "connected to Redis: the budget is shared"
             ),
@@ -141,6 +145,7 @@ impl RedisBackend {
             metrics::gauge!(DEGRADED).set(1.0);
             tracing::warn!(
                 budget_backend = "redis",
+                redis = %self.shown_url,
                 fallback = self.fallback_name(),
                 expected_replicas = self.expected_replicas,
                 error = %error,
@@ -158,6 +163,7 @@ impl RedisBackend {
             metrics::gauge!(DEGRADED).set(0.0);
             tracing::info!(
                 budget_backend = "redis",
+                redis = %self.shown_url,
                 "Redis answers again: back on the shared budget"
             );
         }
