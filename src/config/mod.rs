@@ -7,9 +7,14 @@ use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::Path;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use url::Url;
 
+use crate::accounts::{Accounts, KeySource};
+use crate::auth::TokenCaller;
 use crate::cli::{BudgetArgs, LogFormat, ServeArgs};
+use crate::keys::KeyCell;
 
 mod backend;
 
@@ -73,11 +78,72 @@ impl fmt::Display for ApiKey {
 /// One Infobip account: where to send, with which key, under which name.
 #[derive(Debug, Clone)]
 pub struct AccountConfig {
-    /// Bounded label used in metrics, logs and error details.
+    /// Bounded label used in metrics, logs, error details and the Redis key.
     pub name: String,
     /// Full URL of the associations endpoint.
     pub endpoint: Url,
-    pub api_key: ApiKey,
+    /// The current key; reloaded in place when its file changes.
+    pub api_key: Arc<KeyCell>,
+    /// Overrides of the default budget.
+    pub rate_per_second: Option<NonZeroU32>,
+    pub burst: Option<NonZeroU32>,
+    /// Callers allowed to use the account; `None`: any caller.
+    pub allowed_callers: Option<Vec<String>>,
+}
+
+impl AccountConfig {
+    /// An account with a fixed key and the default budget.
+    pub fn new(name: impl Into<String>, endpoint: Url, api_key: ApiKey) -> Self {
+        Self {
+            name: name.into(),
+            endpoint,
+            api_key: Arc::new(KeyCell::fixed(api_key)),
+            rate_per_second: None,
+            burst: None,
+            allowed_callers: None,
+        }
+    }
+
+    /// This account's budget: the defaults with its overrides.
+    pub fn budget(&self, defaults: &BudgetConfig) -> BudgetConfig {
+        BudgetConfig {
+            rate_per_second: self.rate_per_second.unwrap_or(defaults.rate_per_second),
+            burst: self.burst.unwrap_or(defaults.burst),
+            ..defaults.clone()
+        }
+    }
+}
+
+/// TLS on the gRPC listener, read from PEM files at startup.
+#[derive(Clone)]
+pub struct TlsConfig {
+    pub cert: Vec<u8>,
+    pub key: Vec<u8>,
+    /// Require client certificates signed by this CA (mTLS).
+    pub client_ca: Option<Vec<u8>>,
+}
+
+impl fmt::Debug for TlsConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsConfig")
+            .field("mtls", &self.client_ca.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// How callers are identified.
+#[derive(Debug, Clone, Default)]
+pub struct AuthConfig {
+    pub tls: Option<TlsConfig>,
+    /// Bearer-token callers from the accounts file.
+    pub callers: Vec<TokenCaller>,
+}
+
+impl AuthConfig {
+    /// True when calls must prove who they are.
+    pub fn required(&self) -> bool {
+        self.tls.as_ref().is_some_and(|t| t.client_ca.is_some()) || !self.callers.is_empty()
+    }
 }
 
 /// The per-account budget: GCRA interval, burst and admission limits.
@@ -144,7 +210,11 @@ impl BudgetConfig {
 pub struct Config {
     pub listen: SocketAddr,
     pub metrics_listen: SocketAddr,
-    pub account: AccountConfig,
+    pub accounts: Vec<AccountConfig>,
+    /// The account of calls without `x-infobip-account` metadata.
+    pub default_account: String,
+    pub auth: AuthConfig,
+    /// Default budget of every account, and the admission rules.
     pub budget: BudgetConfig,
     pub backend: BackendConfig,
     pub upstream_timeout: Duration,
@@ -159,26 +229,36 @@ impl Config {
     /// Builds the config from parsed flags; `api_key_env` is the value of
     /// `INFOBIP_API_KEY` (passed in so tests need not touch the process env).
     pub fn from_args(args: &ServeArgs, api_key_env: Option<String>) -> Result<Self, ConfigError> {
-        let base = args
-            .upstream_url
-            .as_deref()
-            .ok_or_else(|| ConfigError::new("--upstream-url (INFOBIP_BASE_URL)", "is required"))?;
-        let endpoint = endpoint_url(base)?;
-        let api_key = api_key(api_key_env, args.api_key_file.as_deref())?;
         if args.upstream_timeout.is_zero() {
             return Err(ConfigError::new(
                 "--upstream-timeout (GATEWAY_UPSTREAM_TIMEOUT)",
                 "must be greater than zero",
             ));
         }
+        let (accounts, default_account, callers) = match &args.accounts_file {
+            Some(path) => accounts_from_file(args, api_key_env.as_deref(), path)?,
+            None => {
+                let account = single_account(args, api_key_env)?;
+                let name = account.name.clone();
+                (vec![account], name, Vec::new())
+            }
+        };
+        let auth = AuthConfig {
+            tls: tls(args)?,
+            callers,
+        };
+        if !auth.required() && accounts.iter().any(|a| a.allowed_callers.is_some()) {
+            return Err(ConfigError::new(
+                "--accounts-file (GATEWAY_ACCOUNTS_FILE)",
+                "allowed_callers needs caller authentication: --client-ca (mTLS) or [[callers]] tokens",
+            ));
+        }
         Ok(Self {
             listen: args.listen,
             metrics_listen: args.metrics_listen,
-            account: AccountConfig {
-                name: account_name(&args.account_name)?,
-                endpoint,
-                api_key,
-            },
+            accounts,
+            default_account,
+            auth,
             budget: BudgetConfig::from_args(&args.budget)?,
             backend: BackendConfig::from_args(&args.backend)?,
             upstream_timeout: args.upstream_timeout,
@@ -186,6 +266,141 @@ impl Config {
             log_format: args.log_format,
         })
     }
+
+    /// The single account of the flags, with a fixed key (tests, demo, benches).
+    pub fn account(&self) -> &AccountConfig {
+        self.accounts
+            .iter()
+            .find(|a| a.name == self.default_account)
+            .unwrap_or(&self.accounts[0])
+    }
+}
+
+/// The one account of `--upstream-url` and its key.
+fn single_account(
+    args: &ServeArgs,
+    api_key_env: Option<String>,
+) -> Result<AccountConfig, ConfigError> {
+    let base = args.upstream_url.as_deref().ok_or_else(|| {
+        ConfigError::new(
+            "--upstream-url (INFOBIP_BASE_URL)",
+            "is required (or --accounts-file)",
+        )
+    })?;
+    let endpoint = endpoint_url(base)?;
+    let api_key = match (
+        api_key_env.filter(|k| !k.is_empty()),
+        args.api_key_file.as_deref(),
+    ) {
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::new(
+                "--api-key-file (INFOBIP_API_KEY_FILE)",
+                "set either INFOBIP_API_KEY or --api-key-file, not both",
+            ));
+        }
+        // The environment cannot change under a running process: a fixed key.
+        (Some(key), None) => Arc::new(KeyCell::fixed(
+            ApiKey::new(key).map_err(|p| ConfigError::new("INFOBIP_API_KEY", p))?,
+        )),
+        (None, Some(path)) => Arc::new(
+            KeyCell::load(KeySource::File(path.to_owned()))
+                .map_err(|p| ConfigError::new("--api-key-file (INFOBIP_API_KEY_FILE)", p))?,
+        ),
+        (None, None) => {
+            return Err(ConfigError::new(
+                "INFOBIP_API_KEY",
+                "an API key is required: set INFOBIP_API_KEY or --api-key-file",
+            ));
+        }
+    };
+    Ok(AccountConfig {
+        name: account_name(&args.account_name)?,
+        endpoint,
+        api_key,
+        rate_per_second: None,
+        burst: None,
+        allowed_callers: None,
+    })
+}
+
+type FromFile = (Vec<AccountConfig>, String, Vec<TokenCaller>);
+
+/// The accounts of `--accounts-file`; the single-account settings must be unset.
+fn accounts_from_file(
+    args: &ServeArgs,
+    api_key_env: Option<&str>,
+    path: &Path,
+) -> Result<FromFile, ConfigError> {
+    const SETTING: &str = "--accounts-file (GATEWAY_ACCOUNTS_FILE)";
+    let conflict = [
+        (
+            args.upstream_url.is_some(),
+            "--upstream-url (INFOBIP_BASE_URL)",
+        ),
+        (
+            args.api_key_file.is_some(),
+            "--api-key-file (INFOBIP_API_KEY_FILE)",
+        ),
+        (
+            api_key_env.is_some_and(|k| !k.is_empty()),
+            "INFOBIP_API_KEY",
+        ),
+        (
+            args.account_name != Config::DEFAULT_ACCOUNT,
+            "--account-name (GATEWAY_ACCOUNT_NAME)",
+        ),
+    ]
+    .into_iter()
+    .find_map(|(set, name)| set.then_some(name));
+    if let Some(other) = conflict {
+        return Err(ConfigError::new(
+            SETTING,
+            format!("cannot be combined with {other}: accounts come from the file"),
+        ));
+    }
+    let file = Accounts::load(path).map_err(|e| ConfigError::new(SETTING, e.to_string()))?;
+    let mut accounts = Vec::with_capacity(file.accounts.len());
+    for spec in file.accounts {
+        let api_key = KeyCell::load(spec.key)
+            .map_err(|p| ConfigError::new(SETTING, format!("account {:?}: {p}", spec.name)))?;
+        accounts.push(AccountConfig {
+            name: spec.name,
+            endpoint: spec.endpoint,
+            api_key: Arc::new(api_key),
+            rate_per_second: spec.rate_per_second,
+            burst: spec.burst,
+            allowed_callers: spec.allowed_callers,
+        });
+    }
+    Ok((accounts, file.default_account, file.callers))
+}
+
+/// The TLS files of the gRPC listener.
+fn tls(args: &ServeArgs) -> Result<Option<TlsConfig>, ConfigError> {
+    let read = |setting: &'static str, path: &Path| {
+        let pem = std::fs::read(path).map_err(|e| {
+            ConfigError::new(setting, format!("cannot read {}: {e}", path.display()))
+        })?;
+        if !pem.windows(10).any(|w| w == b"-----BEGIN") {
+            return Err(ConfigError::new(
+                setting,
+                format!("{} holds no PEM block", path.display()),
+            ));
+        }
+        Ok(pem)
+    };
+    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
+        return Ok(None);
+    };
+    Ok(Some(TlsConfig {
+        cert: read("--tls-cert (GATEWAY_TLS_CERT)", cert)?,
+        key: read("--tls-key (GATEWAY_TLS_KEY)", key)?,
+        client_ca: args
+            .client_ca
+            .as_deref()
+            .map(|ca| read("--client-ca (GATEWAY_CLIENT_CA)", ca))
+            .transpose()?,
+    }))
 }
 
 /// Checks a base URL and appends the associations path.
@@ -229,28 +444,6 @@ fn account_name(name: &str) -> Result<String, ConfigError> {
             "--account-name (GATEWAY_ACCOUNT_NAME)",
             "must be 1 to 63 characters of A-Z, a-z, 0-9, '-', '_', '.'",
         ))
-    }
-}
-
-fn api_key(env: Option<String>, file: Option<&Path>) -> Result<ApiKey, ConfigError> {
-    const ENV: &str = "INFOBIP_API_KEY";
-    const FILE: &str = "--api-key-file (INFOBIP_API_KEY_FILE)";
-    match (env.filter(|k| !k.is_empty()), file) {
-        (Some(_), Some(_)) => Err(ConfigError::new(
-            FILE,
-            "set either INFOBIP_API_KEY or --api-key-file, not both",
-        )),
-        (Some(key), None) => ApiKey::new(key).map_err(|p| ConfigError::new(ENV, p)),
-        (None, Some(path)) => {
-            let key = std::fs::read_to_string(path).map_err(|e| {
-                ConfigError::new(FILE, format!("cannot read {}: {e}", path.display()))
-            })?;
-            ApiKey::new(key).map_err(|p| ConfigError::new(FILE, format!("{}: {p}", path.display())))
-        }
-        (None, None) => Err(ConfigError::new(
-            ENV,
-            "an API key is required: set INFOBIP_API_KEY or --api-key-file",
-        )),
     }
 }
 
@@ -299,21 +492,60 @@ mod tests {
         }
     }
 
+    fn args(extra: &[&str]) -> ServeArgs {
+        use clap::Parser;
+        let argv = ["provisioning-gateway", "serve"].iter().chain(extra);
+        match crate::cli::Cli::try_parse_from(argv).unwrap().command {
+            crate::cli::Command::Serve(args) => *args,
+            _ => unreachable!("parsed a serve command line"),
+        }
+    }
+
     #[test]
     fn api_key_sources_are_exclusive_and_required() {
-        assert!(
-            api_key(None, None)
-                .unwrap_err()
-                .to_string()
-                .contains("INFOBIP_API_KEY")
-        );
-        let both = api_key(Some("k".into()), Some(Path::new("/x"))).unwrap_err();
-        assert!(both.to_string().contains("not both"));
+        let url = ["--upstream-url", "https://x.example"];
+        let missing = Config::from_args(&args(&url), None).unwrap_err();
+        assert!(missing.to_string().contains("INFOBIP_API_KEY"), "{missing}");
         let file = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(file.path(), "from-file\n").unwrap();
-        assert_eq!(
-            api_key(None, Some(file.path())).unwrap().expose(),
-            "from-file"
+        let path = file.path().to_str().unwrap();
+        let both = Config::from_args(
+            &args(&[url[0], url[1], "--api-key-file", path]),
+            Some("k".into()),
+        )
+        .unwrap_err();
+        assert!(both.to_string().contains("not both"), "{both}");
+        let config =
+            Config::from_args(&args(&[url[0], url[1], "--api-key-file", path]), None).unwrap();
+        assert_eq!(config.account().api_key.current().expose(), "from-file");
+    }
+
+    #[test]
+    fn the_accounts_file_replaces_the_single_account_flags() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), "[[accounts]]\nname = \"a\"\nbase_url = \"https://a.example\"\napi_key_env = \"PG_TEST_UNSET_VARIABLE\"\n").unwrap();
+        let path = file.path().to_str().unwrap();
+        let both = Config::from_args(
+            &args(&[
+                "--accounts-file",
+                path,
+                "--upstream-url",
+                "https://x.example",
+            ]),
+            None,
+        )
+        .unwrap_err();
+        assert!(
+            both.to_string()
+                .contains("cannot be combined with --upstream-url"),
+            "{both}"
+        );
+        let unset = Config::from_args(&args(&["--accounts-file", path]), None).unwrap_err();
+        assert!(
+            unset
+                .to_string()
+                .contains("PG_TEST_UNSET_VARIABLE is not set"),
+            "{unset}"
         );
     }
 }

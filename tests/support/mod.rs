@@ -129,11 +129,13 @@ pub fn config(opts: &Opts, upstream: &str) -> Config {
     Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         metrics_listen: "127.0.0.1:0".parse().unwrap(),
-        account: AccountConfig {
-            name: opts.account_name.clone(),
-            endpoint: endpoint_url(upstream).unwrap(),
-            api_key: ApiKey::new(opts.api_key.clone()).unwrap(),
-        },
+        accounts: vec![AccountConfig::new(
+            opts.account_name.clone(),
+            endpoint_url(upstream).unwrap(),
+            ApiKey::new(opts.api_key.clone()).unwrap(),
+        )],
+        default_account: opts.account_name.clone(),
+        auth: Default::default(),
         budget: BudgetConfig {
             rate_per_second: NonZeroU32::new(opts.rate_per_second).unwrap(),
             burst: NonZeroU32::MIN,
