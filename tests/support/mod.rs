@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod otlp;
+pub mod pki;
 pub mod process;
 pub mod redis;
 
@@ -194,7 +195,12 @@ pub async fn spawn_gateway(
         .upstream_url
         .clone()
         .unwrap_or_else(|| format!("http://{mock_addr}"));
-    let app = App::build(config(&opts, &upstream)).await.unwrap();
+    spawn_config(config(&opts, &upstream), mock, mock_stop).await
+}
+
+/// A gateway built from an explicit configuration (several accounts, TLS, callers).
+pub async fn spawn_config(config: Config, mock: Mock, mock_stop: CancellationToken) -> TestApp {
+    let app = App::build(config).await.unwrap();
     let addr = app.grpc_addr();
     let metrics_addr = app.metrics_addr();
     let stop = CancellationToken::new();
