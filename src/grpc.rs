@@ -223,7 +223,8 @@ impl Gateway {
             }
             let (result, shared) = match joined.outcome {
                 Ok(outcome) => outcome,
-                // Gave up at its own deadline: what a lone call would have met.
+                // Gave up at its own deadline (the work may still be running
+                // for others): what a lone call would have met.
                 Err(Expired { marked }) => {
                     report.coalesced = true;
                     return Err(if marked {

@@ -10,8 +10,9 @@
 //!   transition, the gauge `provisioning_gateway_budget_backend_degraded` and
 //!   `/healthz` show the state.
 //! - **Probe**: while degraded, reconnects every [`PROBE_DEGRADED`] (each try
-//!   bounded by [`TIMEOUT`]), so the replica is back on the shared budget well
-//!   within a second of Redis returning; while healthy, reads `TIME` every
+//!   bounded by [`CONNECT_TIMEOUT`](super::redis::CONNECT_TIMEOUT)), so the
+//!   replica is back on the shared budget well within a second of Redis
+//!   returning; while healthy, reads `TIME` every
 //!   [`PROBE_HEALTHY`] to notice a lost Redis without traffic and to measure
 //!   clock skew.
 //!
