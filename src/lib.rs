@@ -7,6 +7,8 @@
 //! and the tests.
 #![forbid(unsafe_code)]
 
+pub mod accounts;
+pub mod auth;
 pub mod budget;
 pub mod cli;
 pub mod coalesce;
@@ -14,6 +16,7 @@ pub mod config;
 pub mod demo;
 pub mod domain;
 pub mod grpc;
+pub mod keys;
 pub mod mock;
 pub mod startup;
 pub mod status;

@@ -169,7 +169,9 @@ impl Upstream {
         timeout: Duration,
         span: &tracing::Span,
     ) -> Result<Reply, TransportError> {
-        let mut auth = HeaderValue::from_str(&format!("App {}", account.api_key.expose()))
+        // Read once per attempt: a reloaded key applies from the next attempt on.
+        let key = account.api_key.current();
+        let mut auth = HeaderValue::from_str(&format!("App {}", key.expose()))
             .map_err(|_| TransportError::Connect)?;
         auth.set_sensitive(true);
         let json = HeaderValue::from_static("application/json");
@@ -233,6 +235,7 @@ fn classify(e: reqwest::Error) -> TransportError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::strategy::Strategy;
 
     #[test]
     fn parses_the_vendor_error_body() {
@@ -241,6 +244,32 @@ mod tests {
         let e = reply.error.unwrap();
         assert_eq!(e.message_id.as_deref(), Some("BAD_REQUEST"));
         assert_eq!(e.validation_errors["applicationId"].len(), 1);
+    }
+
+    proptest::proptest! {
+        /// Any status, headers and body (huge, non-UTF-8, almost-JSON) map to
+        /// a status with exactly one ErrorInfo, without panicking.
+        #[test]
+        fn any_upstream_response_maps_to_a_status(
+            status in 100u16..1000,
+            retry_after in proptest::option::of(".{0,20}"),
+            body in proptest::prop_oneof![
+                proptest::collection::vec(proptest::prelude::any::<u8>(), 0..4096),
+                ".{0,200}".prop_map(|t| format!(r#"{{"requestError":{{"serviceException":{{"messageId":{t:?},"text":{t:?},"validationErrors":{{{t:?}:[{t:?}]}}}}}}}}"#).into_bytes()),
+                proptest::strategy::Just(vec![b'{'; MAX_BODY]),
+            ],
+        ) {
+            let mut headers = HeaderMap::new();
+            if let Some(v) = retry_after.and_then(|v| HeaderValue::from_str(&v).ok()) {
+                headers.insert(RETRY_AFTER, v);
+            }
+            let reply = Reply::new(status, &headers, &body);
+            proptest::prop_assert!(reply.retry_after.is_none_or(|d| d <= MAX_RETRY_AFTER));
+            let s = crate::status::CallError::Upstream(reply).to_status("acct");
+            use tonic_types::StatusExt;
+            let details = s.get_error_details();
+            proptest::prop_assert!(details.error_info().is_some());
+        }
     }
 
     #[test]
