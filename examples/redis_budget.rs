@@ -181,11 +181,13 @@ async fn spacing(url: &str, seconds: u64) -> anyhow::Result<()> {
         let config = Config {
             listen: "127.0.0.1:0".parse()?,
             metrics_listen: "127.0.0.1:0".parse()?,
-            account: AccountConfig {
-                name: Config::DEFAULT_ACCOUNT.into(),
-                endpoint: endpoint_url(&format!("http://{mock_addr}"))?,
-                api_key: ApiKey::new(KEY).map_err(anyhow::Error::msg)?,
-            },
+            accounts: vec![AccountConfig::new(
+                Config::DEFAULT_ACCOUNT,
+                endpoint_url(&format!("http://{mock_addr}"))?,
+                ApiKey::new(KEY).map_err(anyhow::Error::msg)?,
+            )],
+            default_account: Config::DEFAULT_ACCOUNT.to_owned(),
+            auth: Default::default(),
             budget: budget(1, Duration::from_millis(10)),
             backend: BackendConfig::Redis(redis_config(url, REPLICAS as u32)?),
             upstream_timeout: Duration::from_secs(10),

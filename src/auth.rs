@@ -13,6 +13,7 @@ use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::budget::Caller;
+use crate::config::AuthConfig;
 
 /// Longest `x-caller` name kept for fairness.
 const MAX_CALLER_NAME: usize = 128;
@@ -61,6 +62,20 @@ pub struct Identity {
 }
 
 impl Authenticator {
+    /// From the checked configuration: mTLS when a client CA is set, tokens
+    /// from the accounts file.
+    pub fn new(config: &AuthConfig) -> Self {
+        Self {
+            mtls: config.tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
+            tokens: config.callers.clone(),
+            weights: config
+                .callers
+                .iter()
+                .map(|c| (Arc::clone(&c.name), c.weight))
+                .collect(),
+        }
+    }
+
     /// True when calls must prove who they are.
     pub fn required(&self) -> bool {
         self.mtls || !self.tokens.is_empty()

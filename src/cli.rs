@@ -49,6 +49,20 @@ pub struct ServeArgs {
     /// (two gateways for different Infobip accounts may share one Redis).
     #[arg(long, env = "GATEWAY_ACCOUNT_NAME", default_value = "default")]
     pub account_name: String,
+    /// TOML file of several accounts and bearer-token callers (replaces the
+    /// single-account flags).
+    #[arg(long, env = "GATEWAY_ACCOUNTS_FILE")]
+    pub accounts_file: Option<PathBuf>,
+    /// PEM certificate chain for TLS on the gRPC listener.
+    #[arg(long, env = "GATEWAY_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "GATEWAY_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA bundle: require client certificates signed by it (mTLS); the
+    /// caller is the certificate's URI SAN (SPIFFE ID), else its DNS SAN.
+    #[arg(long, env = "GATEWAY_CLIENT_CA", requires = "tls_cert")]
+    pub client_ca: Option<PathBuf>,
     #[command(flatten)]
     pub budget: BudgetArgs,
     #[command(flatten)]

@@ -4,10 +4,10 @@
 //!
 //! The first caller of a key leads: its work runs in a task owned by the
 //! flight, under the leader's deadline. Later callers of the same key follow:
-//! they receive the same outcome, each waiting no longer than its own
-//! patience. The task is cancelled only when every caller, the leader
-//! included, has gone away; then its place in the budget queue is freed as if
-//! a lone caller had left. Once the work ends the key is free again: a call
+//! they receive the same outcome. Every caller, the leader included, waits no
+//! longer than its own patience, so none outlives its deadline even if the
+//! work overruns. The task is cancelled only when every caller has gone away;
+//! then its place in the budget queue is freed as if a lone caller had left. Once the work ends the key is free again: a call
 //! arriving after that starts a new flight (deleting twice is the caller's
 //! business; answering a later call with an old outcome would not be honest).
 
@@ -74,7 +74,7 @@ pub enum Role {
     Follower,
 }
 
-/// A follower's patience ran out before the flight ended.
+/// A caller's patience ran out before the flight ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Expired {
     /// The work had passed its [`Mark`].
@@ -105,9 +105,8 @@ where
     T: Clone + Send + Sync + 'static,
 {
     /// Runs `work` for `key`, or joins the flight already running it.
-    /// `deadline` is the work's deadline if this caller leads; a follower
-    /// waits until `patience` at most. A leader waits for its own work, which
-    /// its deadline bounds.
+    /// `deadline` is the work's deadline if this caller leads; either way the
+    /// caller waits until `patience` at most.
     pub async fn run<F, Fut>(
         &self,
         key: K,
@@ -121,11 +120,7 @@ where
     {
         let (flight, role) = self.join(key, deadline, work);
         let mut outcome = flight.outcome.clone();
-        let done = outcome.wait_for(Option::is_some);
-        let waited = match role {
-            Role::Leader => Ok(done.await),
-            Role::Follower => timeout_at(patience, done).await,
-        };
+        let waited = timeout_at(patience, outcome.wait_for(Option::is_some)).await;
         let outcome = match waited {
             Ok(Ok(value)) => value.clone().ok_or(Expired { marked: false }),
             // The task drops the sender unsent only when aborted, which needs

@@ -34,11 +34,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let config = Config {
         listen: args.listen,
         metrics_listen: args.metrics_listen,
-        account: AccountConfig {
-            name: Config::DEFAULT_ACCOUNT.into(),
-            endpoint: endpoint_url(&format!("http://{mock_addr}"))?,
-            api_key: ApiKey::new(DEMO_KEY).expect("the demo key is a valid key"),
-        },
+        accounts: vec![AccountConfig::new(
+            Config::DEFAULT_ACCOUNT,
+            endpoint_url(&format!("http://{mock_addr}"))?,
+            ApiKey::new(DEMO_KEY).expect("the demo key is a valid key"),
+        )],
+        default_account: Config::DEFAULT_ACCOUNT.into(),
+        auth: Default::default(),
         budget: BudgetConfig::from_args(&budget_args)?,
         backend: BackendConfig::Memory,
         upstream_timeout: std::time::Duration::from_secs(10),

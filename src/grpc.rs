@@ -1,16 +1,18 @@
 //! The gRPC service. The request path reads top to bottom in
 //! [`Gateway::delete`]: parse → account → budget → upstream → status.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
 use tonic::metadata::MetadataMap;
+use tonic::transport::CertificateDer;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 use tracing::field::Empty;
 
+use crate::auth::{AuthError, Authenticator, Identity};
 use crate::budget::{AccountQueue, Budget, BudgetError, Caller, Rejection, Turn};
 use crate::coalesce::{Coalescer, Expired, Mark, Role};
 use crate::config::AccountConfig;
@@ -21,12 +23,16 @@ use crate::status::CallError;
 use crate::telemetry::{self, metrics};
 use crate::upstream::{TransportError, Upstream};
 
+/// Label of calls refused before an account or caller is known.
+const UNKNOWN: &str = "unknown";
+
 /// Attempts per call at most: the first and two retries of what provably did
 /// not take effect (no connection, 429, 503).
 const MAX_ATTEMPTS: u32 = 3;
 /// Left between the end of an upstream attempt and the caller's deadline, so
-/// the caller gets our answer rather than its own timeout.
-const ANSWER_MARGIN: Duration = Duration::from_millis(20);
+/// the caller gets our answer (a precise status) rather than the transport's
+/// bare timeout, even on a busy node.
+const ANSWER_MARGIN: Duration = Duration::from_millis(50);
 
 /// Per-call limits from the configuration.
 #[derive(Debug, Clone, Copy)]
@@ -49,6 +55,9 @@ type Flown = (Result<(), CallError>, Report);
 pub struct Gateway {
     accounts: Arc<HashMap<String, AccountConfig>>,
     default_account: String,
+    auth: Arc<Authenticator>,
+    /// Caller names that may appear as metric labels (configured ones).
+    known_callers: Arc<HashSet<String>>,
     budget: Arc<Budget>,
     upstream: Upstream,
     limits: CallLimits,
@@ -68,14 +77,27 @@ struct Report {
 impl Gateway {
     pub fn new(
         accounts: Vec<AccountConfig>,
+        default_account: String,
+        auth: Authenticator,
         budget: Arc<Budget>,
         upstream: Upstream,
         limits: CallLimits,
     ) -> Self {
-        let default_account = accounts.first().map(|a| a.name.clone()).unwrap_or_default();
+        let known_callers = auth
+            .tokens
+            .iter()
+            .map(|t| t.name.to_string())
+            .chain(
+                accounts
+                    .iter()
+                    .flat_map(|a| a.allowed_callers.iter().flatten().cloned()),
+            )
+            .collect();
         Self {
             accounts: Arc::new(accounts.into_iter().map(|a| (a.name.clone(), a)).collect()),
             default_account,
+            auth: Arc::new(auth),
+            known_callers: Arc::new(known_callers),
             budget,
             upstream,
             limits,
@@ -202,7 +224,8 @@ impl Gateway {
             }
             let (result, shared) = match joined.outcome {
                 Ok(outcome) => outcome,
-                // Gave up at its own deadline: what a lone call would have met.
+                // Gave up at its own deadline (the work may still be running
+                // for others): what a lone call would have met.
                 Err(Expired { marked }) => {
                     report.coalesced = true;
                     return Err(if marked {
@@ -284,6 +307,38 @@ impl Gateway {
         result
     }
 
+    /// Who calls, on which account, and whether it may: decided before any
+    /// budget is spent. On refusal, the account name for labels comes along.
+    fn admit(
+        &self,
+        metadata: &MetadataMap,
+        peer_certs: Option<&[CertificateDer<'static>]>,
+    ) -> Result<(&AccountConfig, Identity), (&str, CallError)> {
+        let identity = self
+            .auth
+            .identify(metadata, peer_certs)
+            .map_err(|e| (UNKNOWN, e.into()))?;
+        let account = self.account(metadata).map_err(|e| (UNKNOWN, e))?;
+        if let Some(allowed) = &account.allowed_callers
+            && !(identity.authenticated && allowed.iter().any(|c| **c == *identity.caller.id))
+        {
+            let name = self.caller_label(&identity).to_owned();
+            return Err((account.name.as_str(), AuthError::NotAllowed(name).into()));
+        }
+        Ok((account, identity))
+    }
+
+    /// The caller as a bounded label: configured names, `anonymous`, or `unlisted`.
+    fn caller_label<'a>(&self, identity: &'a Identity) -> &'a str {
+        if !identity.authenticated {
+            "anonymous"
+        } else if self.known_callers.contains(&*identity.caller.id) {
+            &identity.caller.id
+        } else {
+            "unlisted"
+        }
+    }
+
     fn account(&self, metadata: &MetadataMap) -> Result<&AccountConfig, CallError> {
         match metadata.get("x-infobip-account") {
             None => self.accounts.get(&self.default_account),
@@ -303,32 +358,37 @@ impl AssociationService for Gateway {
         let deadline =
             started + grpc_timeout(request.metadata()).unwrap_or(self.limits.default_deadline);
         let mut report = Report::default();
-        let caller = caller(request.metadata());
-        let (account_name, result) = match self.account(request.metadata()) {
-            Ok(account) => {
+        let peer_certs = request.peer_certs();
+        let admitted = self.admit(request.metadata(), peer_certs.as_deref().map(Vec::as_slice));
+        let (account_name, caller, result) = match admitted {
+            Ok((account, identity)) => {
                 let result = self
                     .delete(
                         account,
-                        &caller,
+                        &identity.caller,
                         request.into_inner(),
                         deadline,
                         &mut report,
                     )
                     .await;
-                (account.name.as_str(), result)
+                let label = self.caller_label(&identity).to_owned();
+                (account.name.as_str(), label, result)
             }
-            Err(e) => ("unknown", Err(e)),
+            Err((account, e)) => (account, UNKNOWN.to_owned(), Err(e)),
         };
         let elapsed = started.elapsed();
-        tracing::Span::current().record("account", account_name);
+        let span = tracing::Span::current();
+        span.record("account", account_name);
+        span.record("caller", caller.as_str());
         let code = result
             .as_ref()
             .map_or_else(CallError::code, |()| tonic::Code::Ok);
-        metrics::request(account_name, code, elapsed);
+        metrics::request(account_name, &caller, code, elapsed);
         match result {
             Ok(()) => {
                 tracing::info!(
                     account = account_name,
+                    caller,
                     outcome = "OK",
                     coalesced = report.coalesced,
                     attempts = report.attempts,
@@ -343,6 +403,7 @@ impl AssociationService for Gateway {
                 let status = error.to_status(account_name);
                 tracing::warn!(
                     account = account_name,
+                    caller,
                     outcome = ?status.code(),
                     reason = %error.reason(),
                     coalesced = report.coalesced,
@@ -356,24 +417,6 @@ impl AssociationService for Gateway {
             }
         }
     }
-}
-
-/// Longest `x-caller` name kept for fairness.
-const MAX_CALLER_NAME: usize = 128;
-
-/// The fairness key of an anonymous call: its `x-caller` metadata (used for
-/// fair shares only, never for authorization), else `anonymous`.
-fn caller(metadata: &MetadataMap) -> Caller {
-    metadata
-        .get("x-caller")
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|name| !name.is_empty())
-        .map(|name| {
-            let name: String = name.chars().take(MAX_CALLER_NAME).collect();
-            Caller::new(name, std::num::NonZeroU32::MIN)
-        })
-        .unwrap_or_else(Caller::anonymous)
 }
 
 /// The caller's `grpc-timeout` (gRPC over HTTP/2 spec: up to 8 digits and a

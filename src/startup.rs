@@ -10,19 +10,21 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
+use crate::auth::Authenticator;
 use crate::budget::Budget;
-use crate::config::Config;
+use crate::config::{Config, TlsConfig};
 use crate::grpc::{CallLimits, Gateway};
+use crate::keys::KeyCell;
 use crate::pb::association_service_server::AssociationServiceServer;
 use crate::telemetry::{GrpcTraceLayer, metrics};
 use crate::upstream::Upstream;
 
 /// Largest request message accepted; a valid request is well under 2 KiB.
-const MAX_MESSAGE_BYTES: usize = 16 * 1024;
+const MAX_MESSAGE_BYTES: usize = 4 * 1024;
 
 /// A built gateway: listeners bound, not yet serving.
 pub struct App {
@@ -30,6 +32,8 @@ pub struct App {
     metrics: TcpListener,
     gateway: Gateway,
     budget: Arc<Budget>,
+    tls: Option<TlsConfig>,
+    keys: Vec<(String, Arc<KeyCell>)>,
     shutdown_grace: Duration,
 }
 
@@ -42,13 +46,14 @@ impl App {
         let metrics = TcpListener::bind(config.metrics_listen)
             .await
             .with_context(|| format!("cannot bind --metrics-listen {}", config.metrics_listen))?;
-        let budget = Budget::build(
-            &config.budget,
-            &config.backend,
-            [config.account.name.as_str()],
-        )
-        .await
-        .context("cannot set up the budget backend")?;
+        let budgets: Vec<_> = config
+            .accounts
+            .iter()
+            .map(|a| (a.name.clone(), a.budget(&config.budget)))
+            .collect();
+        let budget = Budget::build(&config.backend, &budgets)
+            .await
+            .context("cannot set up the budget backend")?;
         let budget = Arc::new(budget);
         let upstream =
             Upstream::new(config.upstream_timeout).context("cannot build the HTTP client")?;
@@ -57,12 +62,32 @@ impl App {
             upstream_reserve: config.budget.upstream_reserve,
             default_deadline: config.budget.max_wait + config.upstream_timeout,
         };
-        let gateway = Gateway::new(vec![config.account], Arc::clone(&budget), upstream, limits);
+        if !config.auth.required() {
+            tracing::warn!(
+                "no caller authentication configured (--client-ca or [[callers]] tokens): \
+                 every caller is anonymous"
+            );
+        }
+        let keys = config
+            .accounts
+            .iter()
+            .map(|a| (a.name.clone(), Arc::clone(&a.api_key)))
+            .collect();
+        let gateway = Gateway::new(
+            config.accounts,
+            config.default_account,
+            Authenticator::new(&config.auth),
+            Arc::clone(&budget),
+            upstream,
+            limits,
+        );
         Ok(Self {
             grpc,
             metrics,
             gateway,
             budget,
+            tls: config.auth.tls,
+            keys,
             shutdown_grace: config.shutdown_grace,
         })
     }
@@ -108,7 +133,21 @@ impl App {
         let stop = CancellationToken::new();
         let grpc_addr = self.grpc.local_addr()?;
         let metrics_addr = self.metrics.local_addr()?;
-        let grpc = Server::builder()
+        let mut server = Server::builder();
+        if let Some(tls) = &self.tls {
+            let mut config =
+                ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert, &tls.key));
+            if let Some(ca) = &tls.client_ca {
+                // Required, not optional: a call without a valid client
+                // certificate never reaches the service.
+                config = config.client_ca_root(Certificate::from_pem(ca));
+            }
+            server = server
+                .tls_config(config)
+                .context("invalid --tls-cert/--tls-key/--client-ca")?;
+        }
+        let reload = tokio::spawn(crate::keys::watch(self.keys));
+        let grpc = server
             // The server span wraps everything of a call, including tonic's
             // decoding and size limits, so refusals there are traced too.
             .layer(GrpcTraceLayer)
@@ -176,6 +215,7 @@ impl App {
         }
         let _ = metrics.await;
         upkeep.abort();
+        reload.abort();
         tracing::info!("stopped");
         Ok(())
     }

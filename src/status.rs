@@ -12,6 +12,7 @@ use std::time::Duration;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
+use crate::auth::AuthError;
 use crate::budget::BudgetError;
 use crate::domain::InvalidRequest;
 use crate::upstream::{Reply, TransportError};
@@ -30,6 +31,8 @@ pub enum CallError {
     #[error("unknown account")]
     UnknownAccount,
     #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error(transparent)]
     Budget(#[from] BudgetError),
     #[error("Infobip answered HTTP {}", .0.status)]
     Upstream(Reply),
@@ -43,6 +46,8 @@ impl CallError {
         match self {
             Self::Invalid(_) => "INVALID_REQUEST".into(),
             Self::UnknownAccount => "UNKNOWN_ACCOUNT".into(),
+            Self::Auth(AuthError::Unauthenticated) => "UNAUTHENTICATED".into(),
+            Self::Auth(AuthError::NotAllowed(_)) => "CALLER_NOT_ALLOWED".into(),
             Self::Budget(BudgetError::Exhausted { .. }) => "BUDGET_EXHAUSTED".into(),
             Self::Budget(BudgetError::ShuttingDown) => "SHUTTING_DOWN".into(),
             Self::Budget(BudgetError::BackendUnavailable) => "BUDGET_BACKEND_UNAVAILABLE".into(),
@@ -62,6 +67,8 @@ impl CallError {
     pub fn code(&self) -> Code {
         match self {
             Self::Invalid(_) | Self::UnknownAccount => Code::InvalidArgument,
+            Self::Auth(AuthError::Unauthenticated) => Code::Unauthenticated,
+            Self::Auth(AuthError::NotAllowed(_)) => Code::PermissionDenied,
             Self::Budget(BudgetError::Exhausted { .. }) => Code::ResourceExhausted,
             Self::Budget(_) => Code::Unavailable,
             Self::Upstream(reply) => code_for_http(reply.status),
@@ -95,7 +102,11 @@ impl CallError {
                 details.set_retry_info(Some(*retry_after));
                 self.to_string()
             }
-            Self::Budget(_) | Self::Transport(_) => self.to_string(),
+            Self::Auth(AuthError::NotAllowed(caller)) => {
+                metadata.insert("caller".into(), caller.clone());
+                self.to_string()
+            }
+            Self::Budget(_) | Self::Transport(_) | Self::Auth(_) => self.to_string(),
             Self::Upstream(reply) => {
                 metadata.insert("http_status".into(), reply.status.to_string());
                 if reply.status == 429 {

@@ -169,7 +169,9 @@ impl Upstream {
         timeout: Duration,
         span: &tracing::Span,
     ) -> Result<Reply, TransportError> {
-        let mut auth = HeaderValue::from_str(&format!("App {}", account.api_key.expose()))
+        // Read once per attempt: a reloaded key applies from the next attempt on.
+        let key = account.api_key.current();
+        let mut auth = HeaderValue::from_str(&format!("App {}", key.expose()))
             .map_err(|_| TransportError::Connect)?;
         auth.set_sensitive(true);
         let json = HeaderValue::from_static("application/json");

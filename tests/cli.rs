@@ -158,3 +158,37 @@ fn a_redis_password_never_shows_in_errors_or_help() {
     let help = String::from_utf8_lossy(&help.stdout);
     assert!(!help.contains("s3cr3t"), "password in --help: {help}");
 }
+
+#[test]
+fn a_bad_accounts_file_is_refused_with_file_line_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("accounts.toml");
+    std::fs::write(
+        &file,
+        "[[accounts]]\nname = \"main\"\nbase_url = \"https://x.example\"\napi_key_file = \"/k\"\nrate_per_second = 0\n",
+    )
+    .unwrap();
+    let path = file.to_str().unwrap();
+    let (code, stderr) = serve(&[("GATEWAY_ACCOUNTS_FILE", path)], &[]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "{path}:5: accounts.rate_per_second: must be at least 1"
+        )),
+        "{stderr}"
+    );
+    std::fs::write(
+        &file,
+        "[[accounts]]\nname = \"main\"\nbase_url = \"https://x.example\"\napi_key = \"inline\"\n",
+    )
+    .unwrap();
+    let (_, stderr) = serve(&[("GATEWAY_ACCOUNTS_FILE", path)], &[]);
+    assert!(
+        stderr.contains(&format!("{path}:4: api_key: unknown field")),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("inline"),
+        "the refused value is not echoed: {stderr}"
+    );
+}

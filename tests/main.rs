@@ -2,6 +2,7 @@
 //! the real server and the Infobip emulator or a raw TCP test upstream.
 
 mod budget;
+mod callers;
 mod chaos;
 mod cli;
 mod coalesce;

@@ -26,13 +26,14 @@ use crate::support::{
 };
 
 /// The vendor's interval at the 20/s these tests run (the gateway adds a
-/// 25 ms margin: T = 75 ms).
+/// 70 ms margin, T = 120 ms: three replicas' sends may jitter by that much on
+/// a loaded 2-core machine).
 const VENDOR_T: Duration = Duration::from_millis(50);
 
 fn opts_20() -> Opts {
     Opts {
         rate_per_second: 20,
-        safety_margin: Duration::from_millis(25),
+        safety_margin: Duration::from_millis(70),
         ..Opts::default()
     }
 }
@@ -86,15 +87,51 @@ fn gaps(arrivals: &[Arrival]) -> Vec<Duration> {
     arrivals.windows(2).map(|w| w[1].at - w[0].at).collect()
 }
 
+/// Redis errors the process saw (all replicas of a test share the recorder):
+/// tells a spacing failure from jitter apart from one caused by a fallback.
+async fn backend_errors(app: &TestApp) -> String {
+    let text = reqwest::get(format!("http://{}/metrics", app.metrics_addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find(|l| l.starts_with("provisioning_gateway_budget_backend_errors_total"))
+        .unwrap_or("provisioning_gateway_budget_backend_errors_total 0")
+        .to_owned()
+}
+
 fn assert_spacing(arrivals: &[Arrival], what: &str) {
+    let seen: Vec<(u16, u128)> = arrivals
+        .windows(2)
+        .map(|w| (w[1].status, (w[1].at - w[0].at).as_millis()))
+        .collect();
     assert!(
         arrivals.iter().all(|a| a.status == 204),
-        "{what}: the vendor refused some: {:?}",
-        arrivals.iter().map(|a| a.status).collect::<Vec<_>>()
+        "{what}: the vendor refused some (status, ms after the previous): {seen:?}"
     );
     if let Some(min) = gaps(arrivals).into_iter().min() {
-        assert!(min >= VENDOR_T, "{what}: arrivals only {min:?} apart");
+        assert!(
+            min >= VENDOR_T,
+            "{what}: arrivals only {min:?} apart: {seen:?}"
+        );
     }
+}
+
+/// One call through each replica, so every upstream connection is open
+/// before spacing is measured (a first connection can delay one arrival by
+/// tens of ms on a loaded machine). Returns how many arrivals to skip.
+async fn warm_up(apps: &[TestApp], mock: &Mock) -> usize {
+    for (i, app) in apps.iter().enumerate() {
+        app.client()
+            .await
+            .delete_association(request(1_000_000 + i))
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    mock.arrivals().len()
 }
 
 /// Polls `/healthz` of every app until `degraded` is `want`; returns how long it took.
@@ -239,13 +276,15 @@ async fn script_is_reloaded_after_a_flush_and_after_a_restart() {
 
 // ----------------------------------------------------------- the gateway
 
-#[tokio::test]
+// Several gateways and their callers: give them both cores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_share_one_budget() {
     let redis = RedisServer::start();
     let (mock, addr, _stop) = spawn_mock(20).await;
     let opts = opts_20().redis(&redis.url(), RedisFallback::Local, 3);
     let apps = replicas(3, &[opts], &mock, addr).await;
     until_degraded_is(&apps, false, Duration::from_secs(2)).await;
+    let skip = warm_up(&apps, &mock).await;
     let mut clients = Vec::new();
     for app in &apps {
         clients.push(app.client().await);
@@ -256,12 +295,14 @@ async fn three_replicas_share_one_budget() {
     });
     let results = join_all(calls).await;
     assert!(results.iter().all(Result::is_ok), "{results:?}");
-    let arrivals = mock.arrivals();
+    let arrivals = mock.arrivals().split_off(skip);
+    let what = format!("three replicas ({})", backend_errors(&apps[0]).await);
+    assert_spacing(&arrivals, &what);
     assert_eq!(arrivals.len(), 30, "one upstream call each");
-    assert_spacing(&arrivals, "three replicas");
 }
 
-#[tokio::test]
+// Several gateways and their callers: give them both cores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_accounts_on_one_redis_do_not_share_a_budget() {
     let redis = RedisServer::start();
     // 5/s: T = 210 ms, so sharing would show as arrivals ≥ 200 ms apart.
@@ -319,7 +360,8 @@ async fn two_accounts_on_one_redis_do_not_share_a_budget() {
     );
 }
 
-#[tokio::test]
+// Several gateways and their callers: give them both cores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_whose_clocks_disagree_keep_the_spacing() {
     let redis = RedisServer::start();
     let (mock, addr, _stop) = spawn_mock(20).await;
@@ -341,6 +383,7 @@ async fn replicas_whose_clocks_disagree_keep_the_spacing() {
         );
     }
     // ...and the spacing holds, because only Redis' clock decides.
+    let skip = warm_up(&apps, &mock).await;
     let mut clients = Vec::new();
     for app in &apps {
         clients.push(app.client().await);
@@ -351,12 +394,14 @@ async fn replicas_whose_clocks_disagree_keep_the_spacing() {
     });
     let results = join_all(calls).await;
     assert!(results.iter().all(Result::is_ok), "{results:?}");
-    let arrivals = mock.arrivals();
+    let arrivals = mock.arrivals().split_off(skip);
+    let what = format!("skewed clocks ({})", backend_errors(&apps[0]).await);
+    assert_spacing(&arrivals, &what);
     assert_eq!(arrivals.len(), 30);
-    assert_spacing(&arrivals, "skewed clocks");
 }
 
-#[tokio::test]
+// Several gateways and their callers: give them both cores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_replicas_429_holds_back_every_replica() {
     let redis = RedisServer::start();
     let (mock, addr, _stop) = spawn_mock(20).await;
@@ -394,7 +439,7 @@ async fn one_replicas_429_holds_back_every_replica() {
 #[tokio::test]
 async fn redis_down_at_start_local_fallback_serves_and_recovers() {
     let mut redis = RedisServer::start();
-    redis.kill();
+    redis = redis.kill_async().await;
     let (mock, addr, _stop) = spawn_mock(20).await;
     let opts = opts_20().redis(&redis.url(), RedisFallback::Local, 2);
     let apps = replicas(1, &[opts], &mock, addr).await;
@@ -421,10 +466,10 @@ async fn redis_down_at_start_local_fallback_serves_and_recovers() {
     client.delete_association(request(1)).await.unwrap();
     assert!(
         started.elapsed() >= Duration::from_millis(150),
-        "the local budget is rate / expected replicas: 2 × 75 ms ({:?})",
+        "the local budget is rate / expected replicas: 2 × 90 ms ({:?})",
         started.elapsed()
     );
-    redis.restart();
+    redis = redis.restart_async().await;
     let took = until_degraded_is(&apps, false, Duration::from_secs(2)).await;
     assert!(
         took < Duration::from_millis(1200),
@@ -448,7 +493,7 @@ async fn deny_fallback_answers_unavailable_at_once_until_redis_returns() {
     let apps = replicas(1, &[opts], &mock, addr).await;
     let mut client = apps[0].client().await;
     client.delete_association(request(0)).await.unwrap();
-    redis.kill();
+    redis = redis.kill_async().await;
     for n in 1..3 {
         let started = Instant::now();
         let status = client
@@ -469,7 +514,7 @@ async fn deny_fallback_answers_unavailable_at_once_until_redis_returns() {
         (h["degraded"].clone(), h["fallback"].clone()),
         (true.into(), "deny".into())
     );
-    redis.restart();
+    let _redis = redis.restart_async().await;
     let took = until_degraded_is(&apps, false, Duration::from_secs(2)).await;
     assert!(
         took < Duration::from_millis(1200),
@@ -486,7 +531,8 @@ struct Outcome {
     result: Result<(), tonic::Status>,
 }
 
-#[tokio::test]
+// Several gateways and their callers: give them both cores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_mid_load_no_call_outlives_its_deadline_and_the_spacing_returns() {
     let mut redis = RedisServer::start();
     let (mock, addr, _stop) = spawn_mock(20).await;
@@ -497,7 +543,13 @@ async fn redis_killed_mid_load_no_call_outlives_its_deadline_and_the_spacing_ret
     let mut load = Vec::new();
     for (r, app) in apps.iter().enumerate() {
         let client = app.client().await;
-        for l in 0..6 {
+        // Warm up: connections to the gateway and on to the vendor are open.
+        client
+            .clone()
+            .delete_association(request(900_000 + r))
+            .await
+            .unwrap();
+        for l in 0..4 {
             let (mut c, stop) = (client.clone(), Arc::clone(&stop));
             load.push(tokio::spawn(async move {
                 let mut outcomes = Vec::new();
@@ -525,14 +577,14 @@ async fn redis_killed_mid_load_no_call_outlives_its_deadline_and_the_spacing_ret
         }
     }
     tokio::time::sleep(Duration::from_millis(700)).await;
-    redis.kill();
+    redis = redis.kill_async().await;
     let killed = Instant::now();
     until_degraded_is(&apps, true, Duration::from_secs(2)).await;
     tokio::time::sleep(
         (killed + Duration::from_millis(1200)).saturating_duration_since(Instant::now()),
     )
     .await;
-    redis.restart();
+    let _redis = redis.restart_async().await;
     let restarted = Instant::now();
     let took = until_degraded_is(&apps, false, Duration::from_secs(3)).await;
     let recovered = Instant::now();
@@ -615,8 +667,8 @@ async fn rediss_with_a_password_and_a_private_ca() {
         o
     };
     let apps = replicas(1, &[trusted], &mock, addr).await;
-    let h = healthz(apps[0].metrics_addr).await;
-    assert_eq!(h["degraded"], false, "TLS + AUTH with the private CA: {h}");
+    // TLS + AUTH with the private CA (a loaded machine may need a reconnect).
+    until_degraded_is(&apps, false, Duration::from_secs(3)).await;
     apps[0]
         .client()
         .await
@@ -648,12 +700,12 @@ fn opts_1(redis: &RedisServer) -> Opts {
 
 #[tokio::test]
 async fn losing_redis_the_local_budget_starts_after_the_last_shared_slot() {
-    let mut redis = RedisServer::start();
+    let redis = RedisServer::start();
     let (mock, addr, _stop) = spawn_mock(1).await;
     let apps = replicas(1, &[opts_1(&redis)], &mock, addr).await;
     let mut client = apps[0].client().await;
     client.delete_association(request(0)).await.unwrap(); // a shared slot
-    redis.kill();
+    let _redis = redis.kill_async().await;
     client.delete_association(request(1)).await.unwrap(); // a local one
     let arrivals = mock.arrivals();
     assert_eq!(arrivals[1].status, 204, "the vendor accepted it");
@@ -667,12 +719,12 @@ async fn losing_redis_the_local_budget_starts_after_the_last_shared_slot() {
 #[tokio::test]
 async fn back_on_redis_the_shared_budget_starts_after_the_last_local_grant() {
     let mut redis = RedisServer::start();
-    redis.kill();
+    redis = redis.kill_async().await;
     let (mock, addr, _stop) = spawn_mock(1).await;
     let apps = replicas(1, &[opts_1(&redis)], &mock, addr).await;
     let mut client = apps[0].client().await;
     client.delete_association(request(0)).await.unwrap(); // a local slot
-    redis.restart(); // empty: the shared budget knows nothing of it
+    let _redis = redis.restart_async().await; // empty: the shared budget knows nothing of it
     until_degraded_is(&apps, false, Duration::from_secs(2)).await;
     client.delete_association(request(1)).await.unwrap(); // a shared one
     let arrivals = mock.arrivals();
@@ -682,4 +734,40 @@ async fn back_on_redis_the_shared_budget_starts_after_the_last_local_grant() {
         gap >= Duration::from_secs(1),
         "{gap:?} after the local slot"
     );
+}
+
+#[tokio::test]
+async fn the_real_binary_logs_a_lost_redis_without_its_password() {
+    let redis = RedisServer::with_password("right-pw");
+    let (_mock, addr, _stop) = spawn_mock(20).await;
+    let url = format!("redis://:wr0ng-s3cr3t@127.0.0.1:{}", redis.port());
+    let gateway = crate::support::process::GatewayProcess::start(
+        &format!("http://{addr}"),
+        &[
+            ("GATEWAY_BUDGET_BACKEND", "redis"),
+            ("GATEWAY_REDIS_URL", &url),
+            ("GATEWAY_RATE_PER_SECOND", "20"),
+        ],
+    )
+    .await;
+    // Wrong password: it starts degraded, and serves from the local budget.
+    let metrics: std::net::SocketAddr = gateway.metrics_addr.parse().unwrap();
+    assert_eq!(healthz(metrics).await["degraded"], true);
+    let mut client =
+        provisioning_gateway::pb::association_service_client::AssociationServiceClient::connect(
+            format!("http://{}", gateway.addr),
+        )
+        .await
+        .unwrap();
+    client.delete_association(request(0)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await; // a few probe rounds
+    let (status, logs) = gateway.terminate().await;
+    assert!(status.success());
+    let all = logs.join("\n");
+    assert!(
+        all.contains("Redis unreachable"),
+        "the degraded state is logged: {all}"
+    );
+    assert!(all.contains("127.0.0.1"), "the log names the Redis: {all}");
+    assert!(!all.contains("wr0ng-s3cr3t"), "password in the logs: {all}");
 }

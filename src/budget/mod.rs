@@ -164,25 +164,22 @@ pub struct Budget {
 }
 
 impl Budget {
-    /// The configured backend's budgets. The Redis backend starts even when
-    /// Redis is unreachable (degraded: fallback until the probe reconnects).
-    pub async fn build<'a>(
-        config: &BudgetConfig,
+    /// The configured backend's budgets, one per (account, budget). The Redis
+    /// backend starts even when Redis is unreachable (degraded: fallback until
+    /// the probe reconnects).
+    pub async fn build(
         backend: &BackendConfig,
-        accounts: impl IntoIterator<Item = &'a str>,
+        accounts: &[(String, BudgetConfig)],
     ) -> Result<Self, redis::StoreError> {
         Ok(match backend {
-            BackendConfig::Memory => Self::memory(config, accounts),
+            BackendConfig::Memory => Self::memory(accounts),
             BackendConfig::Redis(redis) => {
                 let backend = shared::RedisBackend::start(redis).await?;
-                let limiters: Vec<(String, Arc<dyn Limiter>)> = accounts
-                    .into_iter()
-                    .map(|name| {
-                        let limiter = backend.limiter(name, config);
-                        (name.to_owned(), Arc::new(limiter) as _)
-                    })
-                    .collect();
-                let mut budget = Self::with_limiters(config, limiters);
+                let limiters = accounts.iter().map(|(name, config)| {
+                    let limiter = backend.limiter(name, config);
+                    (name.clone(), config.clone(), Arc::new(limiter) as _)
+                });
+                let mut budget = Self::with_limiters(limiters);
                 budget.health = BackendHealth(Some(backend));
                 budget
             }
@@ -190,27 +187,21 @@ impl Budget {
     }
 
     /// In-process budgets, one GCRA per account.
-    pub fn memory<'a>(config: &BudgetConfig, accounts: impl IntoIterator<Item = &'a str>) -> Self {
-        Self::with_limiters(
-            config,
-            accounts.into_iter().map(|name| {
-                (
-                    name.to_owned(),
-                    Arc::new(local::LocalLimiter::new(config)) as _,
-                )
-            }),
-        )
+    pub fn memory(accounts: &[(String, BudgetConfig)]) -> Self {
+        Self::with_limiters(accounts.iter().map(|(name, config)| {
+            let limiter = Arc::new(local::LocalLimiter::new(config)) as _;
+            (name.clone(), config.clone(), limiter)
+        }))
     }
 
     /// Budgets over the given limiters; spawns each account's dispatcher.
     pub fn with_limiters(
-        config: &BudgetConfig,
-        limiters: impl IntoIterator<Item = (String, Arc<dyn Limiter>)>,
+        limiters: impl IntoIterator<Item = (String, BudgetConfig, Arc<dyn Limiter>)>,
     ) -> Self {
         let accounts = limiters
             .into_iter()
-            .map(|(name, limiter)| {
-                let queue = AccountQueue::spawn(&name, limiter, config);
+            .map(|(name, config, limiter)| {
+                let queue = AccountQueue::spawn(&name, limiter, &config);
                 (name, queue)
             })
             .collect();

@@ -25,9 +25,12 @@ use redis::{AsyncConnectionConfig, Script};
 use super::{BackendUnavailable, Decision, Limiter, WallClock};
 use crate::config::{CaPem, RedisUrl};
 
-/// Longest a connect or a command may take. Loopback or in-cluster Redis
-/// answers in well under a millisecond; this only bounds a dead one.
+/// Longest a command may take. Loopback or in-cluster Redis answers in well
+/// under a millisecond; this only bounds a dead or stuck one.
 pub const TIMEOUT: Duration = Duration::from_millis(250);
+/// Longest a (re)connect may take: TCP, TLS, AUTH and loading the script.
+/// Only the probe and startup connect, never a call, so this is a bit longer.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// The GCRA script, loaded once per connection and called by its SHA.
 pub fn gcra_script() -> &'static Script {
@@ -90,16 +93,20 @@ impl RedisStore {
     /// answer would still reload it).
     pub async fn connect(&self) -> Result<(), StoreError> {
         let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(self.timeout))
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(Some(self.timeout));
-        let mut conn = self
-            .bounded(
-                self.client
-                    .get_multiplexed_async_connection_with_config(&config),
-            )
-            .await?;
-        self.bounded(gcra_script().prepare_invoke().load_async(&mut conn))
-            .await?;
+        let connect = async {
+            let mut conn = self
+                .client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await?;
+            gcra_script().prepare_invoke().load_async(&mut conn).await?;
+            Ok::<_, redis::RedisError>(conn)
+        };
+        let conn = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+            Ok(r) => r.map_err(StoreError::from)?,
+            Err(_) => return Err(StoreError::Timeout(CONNECT_TIMEOUT)),
+        };
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         *self.lock() = Some((generation, conn));
         Ok(())

@@ -10,8 +10,9 @@
 //!   transition, the gauge `provisioning_gateway_budget_backend_degraded` and
 //!   `/healthz` show the state.
 //! - **Probe**: while degraded, reconnects every [`PROBE_DEGRADED`] (each try
-//!   bounded by [`TIMEOUT`]), so the replica is back on the shared budget well
-//!   within a second of Redis returning; while healthy, reads `TIME` every
+//!   bounded by [`CONNECT_TIMEOUT`](super::redis::CONNECT_TIMEOUT)), so the
+//!   replica is back on the shared budget well within a second of Redis
+//!   returning; while healthy, reads `TIME` every
 //!   [`PROBE_HEALTHY`] to notice a lost Redis without traffic and to measure
 //!   clock skew.
 //!
@@ -46,6 +47,8 @@ const SKEW_WARNING_US: i64 = 1_000_000;
 /// The process' Redis connection, its health, and its probe.
 pub struct RedisBackend {
     store: Arc<RedisStore>,
+    /// The URL as logs may show it (password redacted).
+    shown_url: String,
     key_prefix: String,
     fallback: RedisFallback,
     expected_replicas: u32,
@@ -63,6 +66,7 @@ impl RedisBackend {
         let store = Arc::new(RedisStore::new(&config.url, config.ca.as_ref(), TIMEOUT)?);
         let backend = Arc::new(Self {
             store,
+            shown_url: config.url.to_string(),
             key_prefix: config.key_prefix.clone(),
             fallback: config.fallback,
             expected_replicas: config.expected_replicas.get(),
@@ -73,6 +77,7 @@ impl RedisBackend {
         match backend.reconnect().await {
             Ok(()) => tracing::info!(
                 budget_backend = "redis",
+                redis = %backend.shown_url,
                 fallback = backend.fallback_name(),
                 "connected to Redis: the budget is shared"
             ),
@@ -140,6 +145,7 @@ impl RedisBackend {
             metrics::gauge!(DEGRADED).set(1.0);
             tracing::warn!(
                 budget_backend = "redis",
+                redis = %self.shown_url,
                 fallback = self.fallback_name(),
                 expected_replicas = self.expected_replicas,
                 error = %error,
@@ -157,6 +163,7 @@ impl RedisBackend {
             metrics::gauge!(DEGRADED).set(0.0);
             tracing::info!(
                 budget_backend = "redis",
+                redis = %self.shown_url,
                 "Redis answers again: back on the shared budget"
             );
         }

@@ -55,7 +55,7 @@ pub fn handle() -> PrometheusHandle {
 fn describe() {
     describe_counter!(
         REQUESTS,
-        "DeleteAssociation calls answered, by account and gRPC code"
+        "DeleteAssociation calls answered, by account, caller and gRPC code"
     );
     describe_histogram!(
         REQUEST_DURATION,
@@ -145,10 +145,11 @@ pub fn coalesced(account: &str) {
     counter!(COALESCED, "account" => account.to_owned()).increment(1);
 }
 
-/// One answered call.
-pub fn request(account: &str, code: tonic::Code, elapsed: Duration) {
+/// One answered call; `caller` is a bounded label (configured names,
+/// `anonymous`, `unlisted`, `unknown`).
+pub fn request(account: &str, caller: &str, code: tonic::Code, elapsed: Duration) {
     let code = format!("{code:?}");
-    counter!(REQUESTS, "account" => account.to_owned(), "code" => code.clone()).increment(1);
+    counter!(REQUESTS, "account" => account.to_owned(), "caller" => caller.to_owned(), "code" => code.clone()).increment(1);
     histogram!(REQUEST_DURATION, "code" => code).record(elapsed.as_secs_f64());
 }
 

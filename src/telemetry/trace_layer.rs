@@ -65,6 +65,7 @@ where
             rpc.method = method,
             rpc.grpc.status_code = Empty,
             account = Empty,
+            caller = Empty,
             trace_id = Empty,
             span_id = Empty,
         );

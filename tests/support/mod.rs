@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod otlp;
+pub mod pki;
 pub mod process;
 pub mod redis;
 
@@ -129,11 +130,13 @@ pub fn config(opts: &Opts, upstream: &str) -> Config {
     Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         metrics_listen: "127.0.0.1:0".parse().unwrap(),
-        account: AccountConfig {
-            name: opts.account_name.clone(),
-            endpoint: endpoint_url(upstream).unwrap(),
-            api_key: ApiKey::new(opts.api_key.clone()).unwrap(),
-        },
+        accounts: vec![AccountConfig::new(
+            opts.account_name.clone(),
+            endpoint_url(upstream).unwrap(),
+            ApiKey::new(opts.api_key.clone()).unwrap(),
+        )],
+        default_account: opts.account_name.clone(),
+        auth: Default::default(),
         budget: BudgetConfig {
             rate_per_second: NonZeroU32::new(opts.rate_per_second).unwrap(),
             burst: NonZeroU32::MIN,
@@ -192,7 +195,12 @@ pub async fn spawn_gateway(
         .upstream_url
         .clone()
         .unwrap_or_else(|| format!("http://{mock_addr}"));
-    let app = App::build(config(&opts, &upstream)).await.unwrap();
+    spawn_config(config(&opts, &upstream), mock, mock_stop).await
+}
+
+/// A gateway built from an explicit configuration (several accounts, TLS, callers).
+pub async fn spawn_config(config: Config, mock: Mock, mock_stop: CancellationToken) -> TestApp {
+    let app = App::build(config).await.unwrap();
     let addr = app.grpc_addr();
     let metrics_addr = app.metrics_addr();
     let stop = CancellationToken::new();

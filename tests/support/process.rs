@@ -22,6 +22,13 @@ impl GatewayProcess {
     /// Starts `serve` against `upstream` with JSON logs and the extra
     /// environment; returns once it logs its bound address.
     pub async fn start(upstream: &str, env: &[(&str, &str)]) -> Self {
+        let mut all = vec![("INFOBIP_BASE_URL", upstream), ("INFOBIP_API_KEY", API_KEY)];
+        all.extend_from_slice(env);
+        Self::start_with(&all).await
+    }
+
+    /// Starts `serve` with exactly this environment (plus JSON logs at info).
+    pub async fn start_with(env: &[(&str, &str)]) -> Self {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_provisioning-gateway"));
         cmd.args([
             "serve",
@@ -33,8 +40,6 @@ impl GatewayProcess {
             "json",
         ])
         .env_clear()
-        .env("INFOBIP_BASE_URL", upstream)
-        .env("INFOBIP_API_KEY", API_KEY)
         .env("RUST_LOG", "info")
         .stderr(Stdio::piped())
         .kill_on_drop(true);
@@ -73,6 +78,22 @@ impl GatewayProcess {
             metrics_addr,
             logs,
             reader,
+        }
+    }
+
+    /// Waits until a log line contains `text`.
+    pub async fn wait_for_log(&self, text: &str, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if self.logs.lock().unwrap().iter().any(|l| l.contains(text)) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no log line with {text:?} within {within:?}"
+            );
+            // Logs arrive through a pipe; look again shortly.
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 

@@ -67,6 +67,28 @@ impl RedisServer {
         }
     }
 
+    /// [`Self::kill`] off the async runtime: the gateways under test share
+    /// the test's runtime and must not stall while the process is reaped.
+    pub async fn kill_async(mut self) -> Self {
+        tokio::task::spawn_blocking(move || {
+            self.kill();
+            self
+        })
+        .await
+        .expect("kill does not panic")
+    }
+
+    /// [`Self::restart`] off the async runtime (starting redis-server and
+    /// waiting for its PING takes a while on a loaded machine).
+    pub async fn restart_async(mut self) -> Self {
+        tokio::task::spawn_blocking(move || {
+            self.restart();
+            self
+        })
+        .await
+        .expect("restart panics only when redis-server cannot start")
+    }
+
     /// Starts it again, empty, on the same port.
     pub fn restart(&mut self) {
         self.kill();

@@ -1,0 +1,322 @@
+//! Callers and accounts: mTLS and bearer-token identity, per-account allowed
+//! callers, separate budgets per account, fair shares between callers, and
+//! API key reload without restart.
+
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use provisioning_gateway::accounts::KeySource;
+use provisioning_gateway::auth::TokenCaller;
+use provisioning_gateway::config::{AccountConfig, ApiKey, TlsConfig, endpoint_url};
+use provisioning_gateway::keys::KeyCell;
+use provisioning_gateway::pb::association_service_client::AssociationServiceClient;
+use sha2::Digest;
+use tonic::Code;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use tonic_types::StatusExt;
+
+use crate::support::pki::{Ca, Leaf};
+use crate::support::process::GatewayProcess;
+use crate::support::{Opts, TestApp, config, request, spawn_config, spawn_open_mock};
+
+const ORDERS: &str = "spiffe://cluster.test/ns/orders/sa/orders";
+const BILLING: &str = "spiffe://cluster.test/ns/billing/sa/billing";
+
+/// Two accounts on one open emulator: `main` (any authenticated caller) and
+/// `restricted` (only ORDERS and the token caller `reports`).
+async fn two_accounts(tls: Option<TlsConfig>, tokens: Vec<TokenCaller>) -> TestApp {
+    let (mock, addr, stop) = spawn_open_mock(20).await;
+    let mut c = config(&Opts::default(), &format!("http://{addr}"));
+    let endpoint = endpoint_url(&format!("http://{addr}")).unwrap();
+    let mut restricted = AccountConfig::new(
+        "restricted",
+        endpoint.clone(),
+        ApiKey::new("key-restricted").unwrap(),
+    );
+    restricted.allowed_callers = Some(vec![ORDERS.into(), "reports".into()]);
+    c.accounts = vec![
+        AccountConfig::new("main", endpoint, ApiKey::new("key-main").unwrap()),
+        restricted,
+    ];
+    c.default_account = "main".into();
+    c.auth.tls = tls;
+    c.auth.callers = tokens;
+    spawn_config(c, mock, stop).await
+}
+
+fn account<T>(msg: T, name: &str) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut()
+        .insert("x-infobip-account", name.parse().unwrap());
+    r
+}
+
+async fn tls_client(
+    app: &TestApp,
+    ca: &Ca,
+    identity: Option<&Leaf>,
+) -> Result<AssociationServiceClient<Channel>, tonic::transport::Error> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca.pem()))
+        .domain_name("localhost");
+    if let Some(leaf) = identity {
+        tls = tls.identity(Identity::from_pem(&leaf.cert, &leaf.key));
+    }
+    let channel = Channel::from_shared(format!("https://localhost:{}", app.addr.port()))
+        .unwrap()
+        .tls_config(tls)?
+        .connect()
+        .await?;
+    Ok(AssociationServiceClient::new(channel))
+}
+
+#[tokio::test]
+async fn mtls_identifies_callers_and_accounts_restrict_them() {
+    let ca = Ca::new("callers-ca");
+    let server = ca.server();
+    let tls = TlsConfig {
+        cert: server.cert.clone().into(),
+        key: server.key.clone().into(),
+        client_ca: Some(ca.pem().into()),
+    };
+    let app = two_accounts(Some(tls), Vec::new()).await;
+
+    // No client certificate: refused (at the handshake or the first call).
+    let refused = match tls_client(&app, &ca, None).await {
+        Err(_) => true,
+        Ok(mut c) => c.delete_association(request(0)).await.is_err(),
+    };
+    assert!(
+        refused,
+        "a call without a client certificate must be refused"
+    );
+    // A certificate from another CA: refused.
+    let rogue = Ca::new("rogue-ca").client(ORDERS);
+    let refused = match tls_client(&app, &ca, Some(&rogue)).await {
+        Err(_) => true,
+        Ok(mut c) => c.delete_association(request(1)).await.is_err(),
+    };
+    assert!(refused, "a certificate from an unknown CA must be refused");
+    assert!(app.mock.arrivals().is_empty());
+
+    // ORDERS may use both accounts; BILLING only the unrestricted one.
+    let mut orders = tls_client(&app, &ca, Some(&ca.client(ORDERS)))
+        .await
+        .unwrap();
+    orders.delete_association(request(2)).await.unwrap();
+    orders
+        .delete_association(account(request(3), "restricted"))
+        .await
+        .unwrap();
+    let mut billing = tls_client(&app, &ca, Some(&ca.client(BILLING)))
+        .await
+        .unwrap();
+    billing.delete_association(request(4)).await.unwrap();
+    let denied = billing
+        .delete_association(account(request(5), "restricted"))
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    let info = denied.get_error_details().error_info().cloned().unwrap();
+    assert_eq!(info.reason, "CALLER_NOT_ALLOWED");
+    assert_eq!(
+        app.mock.arrivals().len(),
+        3,
+        "the denied call spent nothing"
+    );
+}
+
+#[tokio::test]
+async fn bearer_tokens_identify_callers() {
+    let token = |name: &str, secret: &str| TokenCaller {
+        name: name.into(),
+        token_sha256: sha2::Sha256::digest(secret.as_bytes()).into(),
+        weight: std::num::NonZeroU32::MIN,
+    };
+    let app = two_accounts(
+        None,
+        vec![
+            token("reports", "reports-secret"),
+            token("audit", "audit-secret"),
+        ],
+    )
+    .await;
+    let mut client = app.client().await;
+    let bearer = |mut r: tonic::Request<_>, secret: &str| {
+        r.metadata_mut()
+            .insert("authorization", format!("Bearer {secret}").parse().unwrap());
+        r
+    };
+    let none = client.delete_association(request(0)).await.unwrap_err();
+    assert_eq!(none.code(), Code::Unauthenticated);
+    let wrong = client
+        .delete_association(bearer(tonic::Request::new(request(0)), "guess"))
+        .await
+        .unwrap_err();
+    assert_eq!(wrong.code(), Code::Unauthenticated);
+    client
+        .delete_association(bearer(account(request(1), "restricted"), "reports-secret"))
+        .await
+        .unwrap();
+    let denied = client
+        .delete_association(bearer(account(request(2), "restricted"), "audit-secret"))
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    client
+        .delete_association(bearer(tonic::Request::new(request(3)), "audit-secret"))
+        .await
+        .unwrap();
+    assert_eq!(app.mock.arrivals().len(), 2);
+}
+
+#[tokio::test]
+async fn accounts_keep_separate_budgets_and_unknown_ones_are_refused() {
+    let (mock, addr, stop) = spawn_open_mock(1).await;
+    let mut c = config(
+        &Opts {
+            rate_per_second: 1,
+            ..Opts::default()
+        },
+        &format!("http://{addr}"),
+    );
+    let endpoint = endpoint_url(&format!("http://{addr}")).unwrap();
+    c.accounts = vec![
+        AccountConfig::new("a", endpoint.clone(), ApiKey::new("key-a").unwrap()),
+        AccountConfig::new("b", endpoint, ApiKey::new("key-b").unwrap()),
+    ];
+    c.default_account = "a".into();
+    let app = spawn_config(c, mock, stop).await;
+    let client = app.client().await;
+    let calls = ["a", "b", "a", "b"]
+        .into_iter()
+        .enumerate()
+        .map(|(n, acct)| {
+            let mut c = client.clone();
+            async move { c.delete_association(account(request(n), acct)).await }
+        });
+    let results = join_all(calls).await;
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    let arrivals = app.mock.arrivals();
+    let key = |i: usize| {
+        arrivals[i].headers["authorization"]
+            .to_str()
+            .unwrap()
+            .to_owned()
+    };
+    // One from each account at once, then one from each a second later.
+    let first_b = (0..4).find(|&i| key(i) == "App key-b").unwrap();
+    let first_a = (0..4).find(|&i| key(i) == "App key-a").unwrap();
+    let apart = arrivals[first_a].at.max(arrivals[first_b].at)
+        - arrivals[first_a].at.min(arrivals[first_b].at);
+    assert!(
+        apart < Duration::from_millis(500),
+        "two accounts do not wait for each other ({apart:?})"
+    );
+
+    let unknown = client
+        .clone()
+        .delete_association(account(request(9), "nope"))
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::InvalidArgument);
+    let d = unknown.get_error_details();
+    assert_eq!(d.error_info().unwrap().reason, "UNKNOWN_ACCOUNT");
+    assert_eq!(
+        d.bad_request().unwrap().field_violations[0].field,
+        "x-infobip-account"
+    );
+}
+
+#[tokio::test]
+async fn a_single_call_is_served_within_two_intervals_of_a_flood() {
+    let (mock, addr, stop) = spawn_open_mock(5).await;
+    let opts = Opts {
+        rate_per_second: 5,
+        ..Opts::default()
+    };
+    let app = spawn_config(config(&opts, &format!("http://{addr}")), mock, stop).await;
+    let client = app.client().await;
+    let named = |n: usize, who: &str| {
+        let mut r = tonic::Request::new(request(n));
+        r.metadata_mut().insert("x-caller", who.parse().unwrap());
+        r
+    };
+    let flood: Vec<_> = (0..30)
+        .map(|n| {
+            let mut c = client.clone();
+            let r = named(n, "flood");
+            tokio::spawn(async move { c.delete_association(r).await })
+        })
+        .collect();
+    app.mock.wait_for_requests(2).await; // the flood is flowing
+    let joined = Instant::now();
+    let mut c = client.clone();
+    c.delete_association(named(100, "single")).await.unwrap();
+    let waited = joined.elapsed();
+    let interval = Duration::from_secs(1) / 5 + opts.safety_margin;
+    // Round-robin: at most the flood call already holding the slot, and one
+    // more, before it — not the 28 still waiting.
+    assert!(
+        waited <= interval * 2 + Duration::from_millis(150),
+        "waited {waited:?}"
+    );
+    for f in flood {
+        f.abort();
+    }
+}
+
+#[tokio::test]
+async fn a_changed_key_file_is_used_without_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("api-key");
+    std::fs::write(&key_file, "first-key").unwrap();
+    let (mock, mock_addr, _stop) = spawn_open_mock(20).await;
+    let accounts = dir.path().join("accounts.toml");
+    std::fs::write(
+        &accounts,
+        format!("[[accounts]]\nname = \"main\"\nbase_url = \"http://{mock_addr}\"\napi_key_file = {:?}\n", key_file),
+    )
+    .unwrap();
+    let gateway =
+        GatewayProcess::start_with(&[("GATEWAY_ACCOUNTS_FILE", accounts.to_str().unwrap())]).await;
+    let mut client = AssociationServiceClient::connect(format!("http://{}", gateway.addr))
+        .await
+        .unwrap();
+    client.delete_association(request(0)).await.unwrap();
+    std::fs::write(&key_file, "second-key").unwrap();
+    // SIGHUP reloads at once (the file is also re-read every 2 s).
+    let pid = gateway.child.id().unwrap().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    gateway
+        .wait_for_log("API key reloaded", Duration::from_secs(10))
+        .await;
+    client.delete_association(request(1)).await.unwrap();
+    let keys: Vec<_> = mock
+        .arrivals()
+        .iter()
+        .map(|a| a.headers["authorization"].to_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(keys, ["App first-key", "App second-key"]);
+    let (status, logs) = gateway.terminate().await;
+    assert!(status.success());
+    assert!(
+        logs.iter()
+            .all(|l| !l.contains("first-key") && !l.contains("second-key")),
+        "no key in logs"
+    );
+}
+
+#[test]
+fn key_cells_read_env_sources_by_name() {
+    // The accounts file's api_key_env names a variable; PATH always exists.
+    let cell = KeyCell::load(KeySource::Env("PATH".into())).unwrap();
+    assert!(!cell.current().expose().is_empty());
+    assert!(KeyCell::load(KeySource::Env("PG_SURELY_UNSET_VARIABLE".into())).is_err());
+}
