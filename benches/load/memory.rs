@@ -2,10 +2,11 @@
 //! 10,000 callers queued on one account, and of the budget state for 10,000
 //! accounts.
 //!
-//! The binary has one account (multi-account configuration is another
-//! issue), so the second figure is measured in this process: the RSS growth
-//! from `Budget::memory` over 10,000 account names (a queue, a GCRA limiter
-//! and a parked dispatcher task each), measured first thing in the process.
+//! Budget state for 10,000 accounts: the binary with an `--accounts-file` of
+//! 10,000 accounts against one of a single account, both idle after one call;
+//! and, in this process, the RSS growth from `Budget::memory` over 10,000
+//! accounts (a queue, a GCRA limiter and a parked dispatcher task each),
+//! measured first thing in the process.
 
 use std::time::{Duration, Instant};
 
@@ -44,24 +45,67 @@ async fn wait_depth(
     }
 }
 
+/// Budget state for 10,000 accounts: the release binary with an accounts
+/// file of 10,000 accounts against the same binary with one, and the growth
+/// from `Budget::memory` over 10,000 accounts in this process.
 async fn accounts() -> anyhow::Result<serde_json::Value> {
     let budget_config = config("127.0.0.1:9".parse()?, &[])?.budget;
-    let names: Vec<String> = (0..ACCOUNTS).map(|i| format!("account-{i:05}")).collect();
+    let names: Vec<(String, _)> = (0..ACCOUNTS)
+        .map(|i| (format!("account-{i:05}"), budget_config.clone()))
+        .collect();
     let (before, _) = rss(0);
-    let budget = Budget::memory(&budget_config, names.iter().map(String::as_str));
+    let budget = Budget::memory(&names);
     // Let every dispatcher run once and park on its queue.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let (after, _) = rss(0);
     budget.close();
-    let delta = after.saturating_sub(before);
+    let in_process = after.saturating_sub(before);
     println!(
-        "  budget state for {ACCOUNTS} accounts (in process): +{:.1} MiB RSS, {:.0} bytes per account",
-        mib(delta),
-        delta as f64 / ACCOUNTS as f64
+        "  budget state for {ACCOUNTS} accounts (Budget::memory, in process): +{:.1} MiB RSS, {:.0} bytes per account",
+        mib(in_process),
+        in_process as f64 / ACCOUNTS as f64
     );
-    Ok(
-        json!({"accounts": ACCOUNTS, "rss_delta_bytes": delta, "bytes_per_account": delta as f64 / ACCOUNTS as f64}),
-    )
+
+    let (_mock, upstream) = emulator(1_000_000).await?;
+    let file = |n: usize| -> anyhow::Result<std::path::PathBuf> {
+        let mut toml = String::from("default_account = \"account-00000\"\n");
+        for i in 0..n {
+            toml.push_str(&format!(
+                "\n[[accounts]]\nname = \"account-{i:05}\"\nbase_url = \"http://{upstream}\"\napi_key_env = \"BENCH_API_KEY\"\n"
+            ));
+        }
+        let path = crate::systems::results_dir().join(format!("accounts-{n}.toml"));
+        std::fs::write(&path, toml)?;
+        Ok(path)
+    };
+    let mut idle = Vec::new();
+    for n in [1, ACCOUNTS] {
+        let path = file(n)?;
+        let path = path.to_string_lossy().into_owned();
+        let env = [("BENCH_API_KEY", crate::systems::API_KEY.to_owned())];
+        let flags = ["--accounts-file", path.as_str()];
+        let gateway = GatewayBin::start(&format!("accounts-{n}"), upstream, &flags, &env).await?;
+        let mut client =
+            AssociationServiceClient::connect(format!("http://{}", gateway.addr)).await?;
+        client.delete_association(request()).await?;
+        idle.push(rss(gateway.pid()).0);
+        gateway.stop().await;
+    }
+    let binary = idle[1].saturating_sub(idle[0]);
+    println!(
+        "  release binary idle after one call: {:.1} MiB with 1 account, {:.1} MiB with {ACCOUNTS}: +{:.1} MiB, {:.0} bytes per account",
+        mib(idle[0]),
+        mib(idle[1]),
+        mib(binary),
+        binary as f64 / (ACCOUNTS - 1) as f64
+    );
+    Ok(json!({
+        "accounts": ACCOUNTS,
+        "in_process_rss_delta_bytes": in_process,
+        "binary_rss_1_account_bytes": idle[0],
+        "binary_rss_10000_accounts_bytes": idle[1],
+        "binary_bytes_per_account": binary as f64 / (ACCOUNTS - 1) as f64,
+    }))
 }
 
 /// 10,000 callers queued on the binary; `log` is its `RUST_LOG`.

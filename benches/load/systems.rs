@@ -166,13 +166,17 @@ impl GatewayBin {
         ])
         .args(flags)
         .env_clear()
-        .env("INFOBIP_BASE_URL", format!("http://{upstream}"))
-        .env("INFOBIP_API_KEY", API_KEY)
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log)?)
         .kill_on_drop(true);
+        // An accounts file names the upstreams and keys itself (and refuses
+        // the single-account settings next to it).
+        if !flags.contains(&"--accounts-file") {
+            cmd.env("INFOBIP_BASE_URL", format!("http://{upstream}"))
+                .env("INFOBIP_API_KEY", API_KEY);
+        }
         for (k, v) in env {
             cmd.env(k, v);
         }
