@@ -198,13 +198,15 @@ impl App {
         }
 
         tracing::info!(grace = ?self.shutdown_grace, "shutting down: NOT_SERVING, draining");
+        // Queued and new calls get SHUTTING_DOWN from here on; then probes
+        // see NOT_SERVING while in-flight calls finish.
+        self.budget.close();
         health
             .set_service_status("", ServingStatus::NotServing)
             .await;
         health
             .set_not_serving::<AssociationServiceServer<Gateway>>()
             .await;
-        self.budget.close();
         stop.cancel();
         match tokio::time::timeout(self.shutdown_grace, &mut grpc).await {
             Ok(res) => res?.context("gRPC server failed while draining")?,
