@@ -106,6 +106,22 @@ async fn caller(addr: SocketAddr, end: Instant) -> Tally {
     tally
 }
 
+/// Redraws the arrivals picture from the last `accuracy.json`.
+pub fn replot(opts: &Opts) -> anyhow::Result<()> {
+    let path = crate::systems::results_dir().join("accuracy.json");
+    let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+    let r = &doc["results"];
+    let times: Vec<f64> = serde_json::from_value(r["arrival_times_s"].clone())?;
+    let title = format!(
+        "Upstream arrivals: {} callers, {} replica(s), budget 1 rps (T = 1010 ms)",
+        r["callers"], r["replicas"]
+    );
+    let svg = opts.svg_dir.join("bench-arrivals.svg");
+    crate::plot::arrivals(&svg, &title, &times, 1000.0, &[])?;
+    println!("wrote {} from {}", svg.display(), path.display());
+    Ok(())
+}
+
 pub async fn run(opts: &Opts) -> anyhow::Result<()> {
     let redis_available = has_redis_backend();
     let replicas = opts.replicas.unwrap_or(if redis_available { 3 } else { 1 });

@@ -11,6 +11,7 @@
 //!   accuracy   callers against replicas at 1 rps: rate used, smallest gap
 //!   memory     RSS with 10,000 queued callers; budget state for 10,000 accounts
 //!   all        every scenario above (memory first)
+//!   replot     redraw the arrivals picture from the last accuracy.json
 //! options:
 //!   --rounds N           interleaved rounds per comparison (default 5)
 //!   --round DURATION     length of one round (default 1s)
@@ -95,7 +96,7 @@ fn parse(args: &[String]) -> anyhow::Result<(Vec<String>, Opts)> {
                     .collect::<Result<_, _>>()?;
             }
             "all" => scenarios.extend(SCENARIOS.iter().map(|s| s.to_string())),
-            s if SCENARIOS.contains(&s) => scenarios.push(s.to_owned()),
+            s if SCENARIOS.contains(&s) || s == "replot" => scenarios.push(s.to_owned()),
             other => bail!("unknown argument {other:?}; scenarios: {SCENARIOS:?} or all"),
         }
     }
@@ -127,6 +128,7 @@ fn main() -> anyhow::Result<()> {
                 "tracing" => tracing_cost::run(&opts).await?,
                 "accuracy" => accuracy::run(&opts).await?,
                 "memory" => memory::run(&opts).await?,
+                "replot" => accuracy::replot(&opts)?,
                 _ => unreachable!("parse accepts only known scenarios"),
             }
         }

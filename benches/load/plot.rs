@@ -132,15 +132,15 @@ pub fn arrivals(
         .windows(2)
         .map(|w| (w[1], (w[1] - w[0]) * 1e3))
         .collect();
-    let max_gap = gaps.iter().map(|g| g.1).fold(interval_ms, f64::max);
-    let min_gap = gaps.iter().map(|g| g.1).fold(interval_ms, f64::min);
+    let max_gap = gaps.iter().map(|g| g.1).fold(f64::MIN, f64::max);
+    let min_gap = gaps.iter().map(|g| g.1).fold(f64::MAX, f64::min);
     let mut chart = ChartBuilder::on(&bottom)
         .margin(15)
         .x_label_area_size(45)
         .y_label_area_size(60)
         .build_cartesian_2d(
             0.0..end,
-            (min_gap.min(interval_ms) - 20.0)..(max_gap + 20.0),
+            (min_gap.min(interval_ms) - 20.0)..(max_gap.max(interval_ms) + 20.0),
         )
         .map_err(err)?;
     chart

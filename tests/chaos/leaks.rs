@@ -128,8 +128,8 @@ async fn ten_thousand_failing_calls_do_not_grow_the_binarys_memory() {
         .await
         .unwrap();
 
-    script_500s(&mock, 2000);
-    assert_all_failed(&storm(&client, failing(2000), CONCURRENCY).await);
+    script_500s(&mock, 1000);
+    assert_all_failed(&storm(&client, failing(1000), CONCURRENCY).await);
     let warm = rss(pid);
     let calls = calls();
     script_500s(&mock, calls);
