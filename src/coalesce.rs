@@ -2,21 +2,26 @@
 //! one execution, so a retry storm or duplicate work from callers costs one
 //! budget slot and one upstream call, not many.
 //!
-//! The first caller of a key leads: its work runs in a task owned by the
-//! flight, under the leader's deadline. Later callers of the same key follow:
-//! they receive the same outcome. Every caller, the leader included, waits no
-//! longer than its own patience, so none outlives its deadline even if the
-//! work overruns. The task is cancelled only when every caller has gone away;
-//! then its place in the budget queue is freed as if a lone caller had left. Once the work ends the key is free again: a call
-//! arriving after that starts a new flight (deleting twice is the caller's
-//! business; answering a later call with an old outcome would not be honest).
+//! The first caller of a key leads: it runs the work itself, in its own task
+//! (no task per call), under its deadline. Later callers of the same key
+//! follow: they receive the same outcome. Every caller, the leader included,
+//! waits no longer than its own patience, so none outlives its deadline even
+//! if the work overruns. A leader that leaves (patience over, or cancelled)
+//! while followers still wait hands the unfinished work to a task of its own;
+//! the work is cancelled only when every caller has gone away, and then its
+//! place in the budget queue is freed as if a lone caller had left. Once the
+//! work ends the key is free again: a call arriving after that starts a new
+//! flight (deleting twice is the caller's business; answering a later call
+//! with an old outcome would not be honest).
 
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
+use futures::future::BoxFuture;
 use tokio::sync::watch;
+use tokio::task::AbortHandle;
 use tokio::time::{Instant, timeout_at};
 use tracing::Instrument;
 
@@ -38,7 +43,8 @@ struct Flight<K: Hash + Eq, T> {
     outcome: watch::Receiver<Option<T>>,
     deadline: Instant,
     mark: Mark,
-    task: tokio::task::AbortHandle,
+    /// The task finishing the work after its leader left, if it did.
+    handed_over: Mutex<Option<AbortHandle>>,
     registry: Weak<Registry<K, T>>,
     key: K,
     id: u64,
@@ -47,8 +53,77 @@ struct Flight<K: Hash + Eq, T> {
 impl<K: Hash + Eq, T> Drop for Flight<K, T> {
     /// The last caller left: nobody wants the outcome any more.
     fn drop(&mut self) {
-        self.task.abort();
+        let task = self
+            .handed_over
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(task) = task.take() {
+            task.abort();
+        }
         forget(&self.registry, &self.key, self.id);
+    }
+}
+
+/// The leader's hold on the work while it runs it in its own task.
+struct Lead<K: Hash + Eq + Clone + Send + Sync + 'static, T: Send + Sync + 'static> {
+    /// `None` once finished (or handed over).
+    work: Option<BoxFuture<'static, T>>,
+    tx: watch::Sender<Option<T>>,
+    flight: Arc<Flight<K, T>>,
+    /// The leader's span, for the work if it is handed over.
+    span: tracing::Span,
+}
+
+impl<K: Hash + Eq + Clone + Send + Sync + 'static, T: Clone + Send + Sync + 'static> Lead<K, T> {
+    /// Runs the work to its end and publishes the outcome to the followers.
+    async fn finish(&mut self) -> T {
+        let Some(work) = self.work.as_mut() else {
+            unreachable!("the work is taken only when the lead is dropped")
+        };
+        let value = work.await;
+        self.work = None;
+        self.tx.send_replace(Some(value.clone()));
+        forget(&self.flight.registry, &self.flight.key, self.flight.id);
+        value
+    }
+}
+
+impl<K: Hash + Eq + Clone + Send + Sync + 'static, T: Send + Sync + 'static> Drop for Lead<K, T> {
+    /// The leader left with the work unfinished: followers still waiting get
+    /// it finished in a task of its own; with none, it is cancelled here.
+    fn drop(&mut self) {
+        let Some(work) = self.work.take() else { return };
+        let flight = &self.flight;
+        let Some(registry) = flight.registry.upgrade() else {
+            return;
+        };
+        // Followers join under this lock: the count cannot grow meanwhile.
+        let mut map = registry.lock().unwrap_or_else(|p| p.into_inner());
+        let runtime = tokio::runtime::Handle::try_current();
+        match runtime {
+            Ok(runtime) if Arc::strong_count(flight) > 1 => {
+                let tx = self.tx.clone();
+                let (registry, key, id) =
+                    (Arc::downgrade(&registry), flight.key.clone(), flight.id);
+                let task = runtime.spawn(
+                    async move {
+                        let value = work.await;
+                        tx.send_replace(Some(value));
+                        forget(&registry, &key, id);
+                    }
+                    .instrument(self.span.clone()),
+                );
+                let mut slot = flight.handed_over.lock().unwrap_or_else(|p| p.into_inner());
+                *slot = Some(task.abort_handle());
+            }
+            _ => {
+                if map.get(&flight.key).is_some_and(|e| e.id == flight.id) {
+                    map.remove(&flight.key);
+                }
+                drop(map);
+                drop(work);
+            }
+        }
     }
 }
 
@@ -99,6 +174,12 @@ impl<K: Hash + Eq, T> Default for Coalescer<K, T> {
     }
 }
 
+/// How a caller takes part in a flight.
+enum Join<K: Hash + Eq + Clone + Send + Sync + 'static, T: Send + Sync + 'static> {
+    Leader(Lead<K, T>),
+    Follower(Arc<Flight<K, T>>),
+}
+
 impl<K, T> Coalescer<K, T>
 where
     K: Hash + Eq + Clone + Send + Sync + 'static,
@@ -118,21 +199,34 @@ where
         F: FnOnce(Mark) -> Fut,
         Fut: Future<Output = T> + Send + 'static,
     {
-        let (flight, role) = self.join(key, deadline, work);
-        let mut outcome = flight.outcome.clone();
-        let waited = timeout_at(patience, outcome.wait_for(Option::is_some)).await;
-        let outcome = match waited {
-            Ok(Ok(value)) => value.clone().ok_or(Expired { marked: false }),
-            // The task drops the sender unsent only when aborted, which needs
-            // every caller gone, this one included: expiry all the same.
-            Ok(Err(_)) | Err(_) => Err(Expired {
-                marked: flight.mark.is_set(),
-            }),
-        };
-        Joined {
-            outcome,
-            role,
-            flight_deadline: flight.deadline,
+        match self.join(key, deadline, work) {
+            Join::Leader(mut lead) => {
+                let outcome = timeout_at(patience, lead.finish()).await;
+                Joined {
+                    outcome: outcome.map_err(|_| Expired {
+                        marked: lead.flight.mark.is_set(),
+                    }),
+                    role: Role::Leader,
+                    flight_deadline: lead.flight.deadline,
+                }
+            }
+            Join::Follower(flight) => {
+                let mut outcome = flight.outcome.clone();
+                let waited = timeout_at(patience, outcome.wait_for(Option::is_some)).await;
+                let outcome = match waited {
+                    Ok(Ok(value)) => value.clone().ok_or(Expired { marked: false }),
+                    // The sender goes unsent only when the work was cancelled
+                    // or could not be handed over: expiry all the same.
+                    Ok(Err(_)) | Err(_) => Err(Expired {
+                        marked: flight.mark.is_set(),
+                    }),
+                };
+                Joined {
+                    outcome,
+                    role: Role::Follower,
+                    flight_deadline: flight.deadline,
+                }
+            }
         }
     }
 
@@ -141,36 +235,23 @@ where
         self.lock().len()
     }
 
-    fn join<F, Fut>(&self, key: K, deadline: Instant, work: F) -> (Arc<Flight<K, T>>, Role)
+    fn join<F, Fut>(&self, key: K, deadline: Instant, work: F) -> Join<K, T>
     where
         F: FnOnce(Mark) -> Fut,
         Fut: Future<Output = T> + Send + 'static,
     {
         let mut flights = self.lock();
         if let Some(flight) = flights.get(&key).and_then(|e| e.flight.upgrade()) {
-            return (flight, Role::Follower);
+            return Join::Follower(flight);
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = watch::channel(None);
         let mark = Mark::default();
-        let registry = Arc::downgrade(&self.flights);
-        let done_key = key.clone();
-        let work = work(mark.clone());
-        // Spawned, so the work outlives its leader while others still wait;
-        // it stays in the leader's span for tracing.
-        let task = tokio::spawn(
-            async move {
-                let value = work.await;
-                let _ = tx.send(Some(value));
-                forget(&registry, &done_key, id);
-            }
-            .in_current_span(),
-        );
         let flight = Arc::new(Flight {
             outcome: rx,
             deadline,
-            mark,
-            task: task.abort_handle(),
+            mark: mark.clone(),
+            handed_over: Mutex::new(None),
             registry: Arc::downgrade(&self.flights),
             key: key.clone(),
             id,
@@ -180,7 +261,13 @@ where
             flight: Arc::downgrade(&flight),
         };
         flights.insert(key, entry);
-        (flight, Role::Leader)
+        drop(flights);
+        Join::Leader(Lead {
+            work: Some(Box::pin(work(mark))),
+            tx,
+            flight,
+            span: tracing::Span::current(),
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<K, Entry<K, T>>> {
@@ -331,6 +418,52 @@ mod tests {
         let j = follower.await.unwrap();
         assert_eq!((j.outcome, j.role), (Ok(5), Role::Follower));
         assert_eq!(runs.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_leader_out_of_patience_hands_the_work_to_a_waiting_follower() {
+        let c = Arc::new(Coalescer::<&str, u32>::default());
+        let runs = Arc::new(AtomicUsize::new(0));
+        let now = Instant::now();
+        let leader = c.run(
+            "k",
+            now + FAR,
+            now + Duration::from_secs(1),
+            work(&runs, Duration::from_secs(2), 3),
+        );
+        let follower = async {
+            tokio::task::yield_now().await;
+            c.run("k", now + FAR, now + FAR, work(&runs, Duration::ZERO, 0))
+                .await
+        };
+        let (leader, follower) = tokio::join!(leader, follower);
+        assert_eq!(leader.outcome, Err(Expired { marked: true }));
+        assert_eq!(Instant::now() - now, Duration::from_secs(2));
+        assert_eq!((follower.outcome, follower.role), (Ok(3), Role::Follower));
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+        assert_eq!(c.in_flight(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lone_leader_out_of_patience_cancels_the_work() {
+        let c = Coalescer::<&str, u32>::default();
+        let runs = Arc::new(AtomicUsize::new(0));
+        let now = Instant::now();
+        let j = c
+            .run(
+                "k",
+                now + FAR,
+                now + Duration::from_millis(100),
+                work(&runs, Duration::from_secs(2), 3),
+            )
+            .await;
+        assert_eq!(j.outcome, Err(Expired { marked: false }));
+        assert_eq!(c.in_flight(), 0, "the key is free at once");
+        let again = c
+            .run("k", now + FAR, now + FAR, work(&runs, Duration::ZERO, 4))
+            .await;
+        assert_eq!((again.outcome, again.role), (Ok(4), Role::Leader));
+        assert_eq!(runs.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test(start_paused = true)]

@@ -19,6 +19,7 @@ use crate::config::AccountConfig;
 use crate::domain::Association;
 use crate::pb::association_service_server::AssociationService;
 use crate::pb::{DeleteAssociationRequest, DeleteAssociationResponse};
+use crate::send_clock::SendClock;
 use crate::status::CallError;
 use crate::telemetry::{self, metrics};
 use crate::upstream::{TransportError, Upstream};
@@ -44,8 +45,8 @@ pub struct CallLimits {
 }
 
 /// Identical calls in flight at the same time share one outcome: the account
-/// and the five fields.
-type FlightKey = (String, Association);
+/// and the five fields (shared, so the flight's copies cost no allocation).
+type FlightKey = Arc<(String, Association)>;
 /// What every caller of a flight receives.
 type Flown = (Result<(), CallError>, Report);
 
@@ -53,8 +54,8 @@ type Flown = (Result<(), CallError>, Report);
 /// call's work runs in a task of its own, holding a clone.
 #[derive(Clone)]
 pub struct Gateway {
-    accounts: Arc<HashMap<String, AccountConfig>>,
-    default_account: String,
+    accounts: Arc<HashMap<String, Arc<AccountConfig>>>,
+    default_account: Arc<str>,
     auth: Arc<Authenticator>,
     /// Caller names that may appear as metric labels (configured ones).
     known_callers: Arc<HashSet<String>>,
@@ -94,8 +95,13 @@ impl Gateway {
             )
             .collect();
         Self {
-            accounts: Arc::new(accounts.into_iter().map(|a| (a.name.clone(), a)).collect()),
-            default_account,
+            accounts: Arc::new(
+                accounts
+                    .into_iter()
+                    .map(|a| (a.name.clone(), Arc::new(a)))
+                    .collect(),
+            ),
+            default_account: default_account.into(),
             auth: Arc::new(auth),
             known_callers: Arc::new(known_callers),
             budget,
@@ -107,7 +113,7 @@ impl Gateway {
 
     async fn delete(
         &self,
-        account: &AccountConfig,
+        account: &Arc<AccountConfig>,
         caller: &Caller,
         request: DeleteAssociationRequest,
         deadline: Instant,
@@ -126,12 +132,12 @@ impl Gateway {
         &self,
         account: &AccountConfig,
         caller: &Caller,
-        association: Association,
+        association: &Association,
         deadline: Instant,
         mark: Mark,
         report: &mut Report,
     ) -> Result<(), CallError> {
-        let body = association.to_json();
+        let body = bytes::Bytes::from(association.to_json());
         let queue = self
             .budget
             .account(&account.name)
@@ -157,10 +163,11 @@ impl Gateway {
                 .upstream_timeout
                 .min(remaining.saturating_sub(ANSWER_MARGIN));
             mark.set();
-            let outcome = self
-                .upstream
-                .delete(account, body.clone(), timeout, report.attempts)
-                .await;
+            let clock = SendClock::new(queue.late_after(turn.granted_at));
+            let attempt =
+                self.upstream
+                    .delete(account, clock.body(body.clone()), timeout, report.attempts);
+            let outcome = keep_spacing(attempt, &clock, queue).await;
             report.http_status = outcome.as_ref().ok().map(|r| r.status);
 
             // 4. Outcome: retry only what provably did not take effect.
@@ -194,17 +201,17 @@ impl Gateway {
     /// at the same time; each caller still answers by its own deadline.
     async fn coalesced(
         &self,
-        account: &AccountConfig,
+        account: &Arc<AccountConfig>,
         caller: &Caller,
         association: Association,
         deadline: Instant,
         report: &mut Report,
     ) -> Result<(), CallError> {
-        let key: FlightKey = (account.name.clone(), association);
+        let key: FlightKey = Arc::new((account.name.clone(), association));
         let patience = deadline.checked_sub(ANSWER_MARGIN).unwrap_or(deadline);
         let mut joins = 0;
         loop {
-            let (gateway, account, association) = (self.clone(), account.clone(), key.1.clone());
+            let (gateway, account, flight) = (self.clone(), Arc::clone(account), Arc::clone(&key));
             // The shared call takes its turn in the leader's fair share.
             let caller = caller.clone();
             let joined = self
@@ -212,7 +219,7 @@ impl Gateway {
                 .run(key.clone(), deadline, patience, move |mark| async move {
                     let mut report = Report::default();
                     let result = gateway
-                        .send(&account, &caller, association, deadline, mark, &mut report)
+                        .send(&account, &caller, &flight.1, deadline, mark, &mut report)
                         .await;
                     (result, report)
                 })
@@ -313,7 +320,7 @@ impl Gateway {
         &self,
         metadata: &MetadataMap,
         peer_certs: Option<&[CertificateDer<'static>]>,
-    ) -> Result<(&AccountConfig, Identity), (&str, CallError)> {
+    ) -> Result<(&Arc<AccountConfig>, Identity), (&str, CallError)> {
         let identity = self
             .auth
             .identify(metadata, peer_certs)
@@ -339,9 +346,9 @@ impl Gateway {
         }
     }
 
-    fn account(&self, metadata: &MetadataMap) -> Result<&AccountConfig, CallError> {
+    fn account(&self, metadata: &MetadataMap) -> Result<&Arc<AccountConfig>, CallError> {
         match metadata.get("x-infobip-account") {
-            None => self.accounts.get(&self.default_account),
+            None => self.accounts.get(&*self.default_account),
             Some(name) => name.to_str().ok().and_then(|n| self.accounts.get(n)),
         }
         .ok_or(CallError::UnknownAccount)
@@ -416,6 +423,22 @@ impl AssociationService for Gateway {
                 Err(status)
             }
         }
+    }
+}
+
+/// Runs one upstream `attempt`; if its request leaves late (a cold
+/// connection, a starved thread), moves the account's next slot meanwhile,
+/// while the request is still in flight.
+async fn keep_spacing<T>(
+    attempt: impl Future<Output = T>,
+    clock: &SendClock,
+    queue: &AccountQueue,
+) -> T {
+    let mut attempt = std::pin::pin!(attempt);
+    tokio::select! {
+        biased;
+        outcome = &mut attempt => outcome,
+        sent_at = clock.late() => tokio::join!(attempt, queue.sent_late(sent_at)).0,
     }
 }
 

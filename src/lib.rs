@@ -18,6 +18,7 @@ pub mod domain;
 pub mod grpc;
 pub mod keys;
 pub mod mock;
+pub mod send_clock;
 pub mod startup;
 pub mod status;
 pub mod telemetry;

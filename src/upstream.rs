@@ -116,7 +116,7 @@ impl Upstream {
     pub async fn delete(
         &self,
         account: &AccountConfig,
-        body: Vec<u8>,
+        body: reqwest::Body,
         timeout: Duration,
         attempt: u32,
     ) -> Result<Reply, TransportError> {
@@ -165,7 +165,7 @@ impl Upstream {
     async fn send(
         &self,
         account: &AccountConfig,
-        body: Vec<u8>,
+        body: reqwest::Body,
         timeout: Duration,
         span: &tracing::Span,
     ) -> Result<Reply, TransportError> {

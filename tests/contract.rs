@@ -36,6 +36,9 @@ async fn sends_exactly_the_vendor_body_and_headers() {
     assert_eq!(h["authorization"], format!("App {API_KEY}").as_str());
     assert_eq!(h["content-type"], "application/json");
     assert_eq!(h["accept"], "application/json");
+    let length = arrivals[0].body.len().to_string();
+    assert_eq!(h["content-length"], length.as_str(), "a sized body");
+    assert!(!h.contains_key("transfer-encoding"), "not chunked");
     let ua = h["user-agent"].to_str().unwrap();
     assert_eq!(
         ua,

@@ -89,6 +89,10 @@ impl Limiter for LocalLimiter {
         std::future::ready(Ok(self.decide())).boxed()
     }
 
+    fn try_acquire_now(&self) -> Option<Decision> {
+        Some(self.decide())
+    }
+
     fn pushback(&self, wait: Duration) -> BoxFuture<'_, ()> {
         self.hold_until(Instant::now() + wait);
         std::future::ready(()).boxed()

@@ -43,6 +43,11 @@ pub struct BackendUnavailable;
 pub trait Limiter: Send + Sync + 'static {
     /// Takes the next slot if it is due now, else says how long until it is.
     fn acquire(&self) -> BoxFuture<'_, Result<Decision, BackendUnavailable>>;
+    /// The same decision made at once, without waiting on anything, where
+    /// the limiter can (in process); `None` where it cannot (Redis).
+    fn try_acquire_now(&self) -> Option<Decision> {
+        None
+    }
     /// Moves the next slot to at least now + `wait` (upstream 429 pushback).
     fn pushback(&self, wait: Duration) -> BoxFuture<'_, ()>;
     /// Completes when the limiter's answers may have changed other than by

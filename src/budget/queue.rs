@@ -2,10 +2,12 @@
 //!
 //! Calls line up per caller and are served round-robin by caller
 //! ([`super::fair`]), FIFO within a caller; a single dispatcher task per
-//! account takes the next call still waiting, asks the limiter for a slot, sleeps exactly as long
-//! as the limiter says (no polling), and hands the slot over. A caller that
-//! leaves (cancelled, deadline) simply drops its receiver: the dispatcher
-//! notices and moves on, so no slot is spent on nobody.
+//! account takes the next call still waiting, asks the limiter for a slot,
+//! sleeps exactly as long as the limiter says (no polling), and hands the
+//! slot over. A caller that leaves (cancelled, deadline) simply drops its
+//! receiver: the dispatcher notices and moves on, so no slot is spent on
+//! nobody. A call that finds nobody in line and a limiter that can decide at
+//! once (in process) takes a free slot itself, without waking the dispatcher.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -30,10 +32,12 @@ pub struct Turn {
     pub position: usize,
     /// Time spent in line.
     pub waited: Duration,
+    /// When the slot was taken: the upstream request should leave now.
+    pub granted_at: Instant,
 }
 
 struct Waiter {
-    tx: oneshot::Sender<Result<(), BudgetError>>,
+    tx: oneshot::Sender<Result<Instant, BudgetError>>,
     ready_by: Instant,
 }
 
@@ -54,6 +58,9 @@ pub struct AccountQueue {
     name: String,
     limiter: Arc<dyn Limiter>,
     interval: Duration,
+    /// How late after its grant a request may leave before the next slot
+    /// moves; `None` where spacing is not promised (burst, no margin).
+    send_slack: Option<Duration>,
     max_wait: Duration,
     max_queue: usize,
     state: Mutex<State>,
@@ -68,6 +75,10 @@ impl AccountQueue {
             name: name.to_owned(),
             limiter,
             interval: config.interval(),
+            // Half the margin: a send this late after its grant, followed by
+            // one on time, still arrives at least interval - margin/2 apart.
+            send_slack: (config.burst.get() == 1 && !config.safety_margin.is_zero())
+                .then(|| config.safety_margin / 2),
             max_wait: config.max_wait,
             max_queue: config.max_queue.get(),
             state: Mutex::new(State {
@@ -99,7 +110,7 @@ impl AccountQueue {
     /// upstream reserve). Refuses at once when the turn cannot come by then.
     pub async fn wait_turn(&self, caller: &Caller, ready_by: Instant) -> Result<Turn, BudgetError> {
         let joined = Instant::now();
-        let (tx, rx) = oneshot::channel();
+        let (tx, rx);
         let position = {
             let mut st = self.lock();
             if self.closing.is_cancelled() {
@@ -122,6 +133,16 @@ impl AccountQueue {
             if joined + eta > ready_by {
                 return refuse(Rejection::Deadline);
             }
+            // Nobody in line or being served: a free slot is this call's.
+            if st.live == 0 && self.limiter.try_acquire_now() == Some(Decision::Granted) {
+                st.next_slot = joined + self.interval;
+                return Ok(Turn {
+                    position,
+                    waited: Duration::ZERO,
+                    granted_at: joined,
+                });
+            }
+            (tx, rx) = oneshot::channel();
             st.waiters.push(caller, Waiter { tx, ready_by });
             st.live += 1;
             st.live_by_caller
@@ -134,9 +155,10 @@ impl AccountQueue {
         let _live = LiveGuard(self, &caller.id);
         self.wake.notify_one();
         match timeout_at(ready_by, rx).await {
-            Ok(Ok(Ok(()))) => Ok(Turn {
+            Ok(Ok(Ok(granted_at))) => Ok(Turn {
                 position,
-                waited: joined.elapsed(),
+                waited: granted_at.saturating_duration_since(joined),
+                granted_at,
             }),
             Ok(Ok(Err(e))) => Err(e),
             // The dispatcher drops a sender when it stops, or when it finds the
@@ -173,6 +195,32 @@ impl AccountQueue {
         };
         self.limiter.pushback(wait).await;
         wait
+    }
+
+    /// After which instant a request granted at `granted_at` leaves late
+    /// (see [`Self::sent_late`]); `None` if it never does.
+    pub fn late_after(&self, granted_at: Instant) -> Option<Instant> {
+        self.send_slack.map(|slack| granted_at + slack)
+    }
+
+    /// A request left at `sent_at`, later than its grant allowed for: no
+    /// slot before `sent_at` + the interval, so the vendor never sees two
+    /// arrivals closer than that, whatever delayed this one.
+    pub async fn sent_late(&self, sent_at: Instant) {
+        let next = sent_at + self.interval;
+        {
+            let mut st = self.lock();
+            st.next_slot = st.next_slot.max(next);
+        }
+        tracing::debug!(
+            account = %self.name,
+            late_ms = sent_at.elapsed().as_millis() as u64,
+            "upstream request left late: next slot moved"
+        );
+        metrics::late_send(&self.name);
+        self.limiter
+            .pushback(next.saturating_duration_since(Instant::now()))
+            .await;
     }
 
     /// Upstream accepted a call: 429 backoff starts over.
@@ -245,10 +293,11 @@ impl AccountQueue {
             };
             match decision {
                 Ok(Decision::Granted) => {
-                    self.lock().next_slot = Instant::now() + self.interval;
+                    let now = Instant::now();
+                    self.lock().next_slot = now + self.interval;
                     // If the caller left in the instant since the check above,
                     // this slot is lost; the window is a few instructions wide.
-                    let _ = waiter.tx.send(Ok(()));
+                    let _ = waiter.tx.send(Ok(now));
                     return;
                 }
                 Ok(Decision::Wait(wait)) => {
@@ -339,6 +388,48 @@ mod tests {
             assert_eq!((i, position), (n, n.saturating_sub(1)));
             assert_eq!(at, T * n as u32, "caller {n} served at {at:?}");
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_free_slot_is_taken_at_once_without_the_dispatcher() {
+        use futures::FutureExt;
+        let q = queue(100);
+        // Completes on its first poll: no other task (the dispatcher) ran.
+        let turn = q.wait_turn(&anon(), Instant::now() + FAR).now_or_never();
+        let turn = turn.expect("granted on the first poll").unwrap();
+        assert_eq!((turn.position, turn.waited), (0, Duration::ZERO));
+        // The next one waits in line for the dispatcher.
+        assert!(
+            q.wait_turn(&anon(), Instant::now() + FAR)
+                .now_or_never()
+                .is_none()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_late_send_moves_the_next_slot_to_one_interval_after_it() {
+        let q = queue(100);
+        let turn = q.wait_turn(&anon(), Instant::now() + FAR).await.unwrap();
+        let slack = Duration::from_millis(5);
+        assert_eq!(q.late_after(turn.granted_at), Some(turn.granted_at + slack));
+        // The request left 60 ms after its grant (a cold connection, say).
+        tokio::time::advance(Duration::from_millis(60)).await;
+        q.sent_late(Instant::now()).await;
+        let sent = Instant::now();
+        q.wait_turn(&anon(), Instant::now() + FAR).await.unwrap();
+        assert_eq!(Instant::now() - sent, T, "one full interval after the send");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sends_are_never_late_where_spacing_is_not_promised() {
+        let mut c = config(100);
+        c.burst = std::num::NonZeroU32::new(5).unwrap();
+        let q = AccountQueue::spawn("burst", Arc::new(LocalLimiter::new(&c)), &c);
+        assert_eq!(q.late_after(Instant::now()), None);
+        let mut c = config(100);
+        c.safety_margin = Duration::ZERO;
+        let q = AccountQueue::spawn("no-margin", Arc::new(LocalLimiter::new(&c)), &c);
+        assert_eq!(q.late_after(Instant::now()), None);
     }
 
     #[tokio::test(start_paused = true)]

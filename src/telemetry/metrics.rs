@@ -24,6 +24,7 @@ pub const DEGRADED: &str = "provisioning_gateway_budget_backend_degraded";
 pub const BACKEND_ERRORS: &str = "provisioning_gateway_budget_backend_errors_total";
 pub const CLOCK_SKEW: &str = "provisioning_gateway_budget_redis_clock_skew_seconds";
 pub const COALESCED: &str = "provisioning_gateway_coalesced_calls_total";
+pub const LATE_SENDS: &str = "provisioning_gateway_upstream_late_sends_total";
 
 /// Histogram buckets in seconds: a few ms (refusals, fast upstream) to the
 /// longest waits (`--max-wait` defaults to 30 s).
@@ -95,6 +96,10 @@ fn describe() {
         "Redis' clock minus this replica's (informational: decisions use Redis' clock)"
     );
     describe_counter!(
+        LATE_SENDS,
+        "Upstream requests that left later than their slot allowed for (the next slot moved), by account"
+    );
+    describe_counter!(
         COALESCED,
         "Calls that shared an identical call's upstream call, by account"
     );
@@ -143,6 +148,11 @@ struct Healthz {
 /// A call that shared an identical call's upstream call.
 pub fn coalesced(account: &str) {
     counter!(COALESCED, "account" => account.to_owned()).increment(1);
+}
+
+/// An upstream request left late; the account's next slot moved.
+pub fn late_send(account: &str) {
+    counter!(LATE_SENDS, "account" => account.to_owned()).increment(1);
 }
 
 /// One answered call; `caller` is a bounded label (configured names,
