@@ -9,12 +9,6 @@ use provisioning_gateway::startup::{App, shutdown_signal};
 use provisioning_gateway::{demo, telemetry};
 use std::process::ExitCode;
 
-/// mimalloc: calls allocate on one worker thread and free on another all the
-/// time (request, upstream reply, answer); glibc's malloc pays for that in
-/// locks and consolidation (see BENCHMARKS.md, overhead).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();

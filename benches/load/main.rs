@@ -29,10 +29,6 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
-/// The same allocator as the gateway's binary, for every system compared.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 mod accuracy;
 mod flood;
 mod harness;
