@@ -17,7 +17,9 @@ use serde_json::json;
 use crate::Opts;
 use crate::harness::{Target, connections, fmt, interleave};
 use crate::report::{table, verdict, write};
-use crate::systems::{GatewayBin, UNLIMITED, echo_server, fast_upstream, gateway_in_process};
+use crate::systems::{
+    GatewayBin, UNLIMITED, chain_server, echo_server, fast_upstream, gateway_in_process,
+};
 
 const P50_TARGET: f64 = 1.10;
 const P99_TARGET: f64 = 1.25;
@@ -25,6 +27,7 @@ const P99_TARGET: f64 = 1.25;
 pub async fn run(opts: &Opts) -> anyhow::Result<()> {
     let (upstream, upstream_calls) = fast_upstream().await?;
     let echo = echo_server().await?;
+    let chain = chain_server(upstream).await?;
     let (gateway, _) = gateway_in_process(upstream, UNLIMITED).await?;
     let binary = GatewayBin::start("overhead", upstream, UNLIMITED, &[]).await?;
 
@@ -40,6 +43,7 @@ pub async fn run(opts: &Opts) -> anyhow::Result<()> {
                 "gateway binary",
                 Target::grpc(binary.addr, conns, None).await?,
             ),
+            ("bare chain", Target::grpc(chain, conns, None).await?),
         ];
         if let Some(only) = &opts.only {
             let target = systems.iter().find(|(n, _)| n == only);
@@ -92,14 +96,18 @@ pub async fn run(opts: &Opts) -> anyhow::Result<()> {
             ],
             &rows,
         );
-        let [echo_s, direct_s, gateway_s, binary_s] = &samples[..] else {
-            unreachable!("four systems")
+        let [echo_s, direct_s, gateway_s, binary_s, chain_s] = &samples[..] else {
+            unreachable!("five systems")
         };
         let ratio = |g: &crate::harness::Sample, q: f64| {
             g.p(q).as_secs_f64() / (echo_s.p(q) + direct_s.p(q)).as_secs_f64()
         };
         let mut ratios = serde_json::Map::new();
-        for (name, g) in [("gateway", gateway_s), ("gateway binary", binary_s)] {
+        for (name, g) in [
+            ("gateway", gateway_s),
+            ("gateway binary", binary_s),
+            ("bare chain", chain_s),
+        ] {
             let (r50, r99) = (ratio(g, 0.5), ratio(g, 0.99));
             println!(
                 "  {name} ÷ (echo + direct HTTP): p50 {r50:.3} (target ≤ {P50_TARGET}: {}), p99 {r99:.3} (target ≤ {P99_TARGET}: {})",

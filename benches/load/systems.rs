@@ -85,6 +85,37 @@ pub async fn echo_server() -> anyhow::Result<SocketAddr> {
     Ok(addr)
 }
 
+/// The two hops joined with nothing else: a bare tonic server whose handler
+/// sends the direct HTTP request and answers when it returns. What joining
+/// the hops in one process costs before any gateway logic (a diagnostic).
+struct Chain(crate::harness::Target);
+
+#[tonic::async_trait]
+impl AssociationService for Chain {
+    async fn delete_association(
+        &self,
+        _request: Request<DeleteAssociationRequest>,
+    ) -> Result<Response<DeleteAssociationResponse>, Status> {
+        self.0.call(0).await;
+        Ok(Response::new(DeleteAssociationResponse {}))
+    }
+}
+
+/// [`Chain`] on a bare tonic server, in front of `upstream`.
+pub async fn chain_server(upstream: SocketAddr) -> anyhow::Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let chain = Chain(crate::harness::Target::http(upstream)?);
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .max_concurrent_streams(Some(1024))
+            .add_service(AssociationServiceServer::new(chain))
+            .serve_with_incoming(incoming),
+    );
+    Ok(addr)
+}
+
 /// The Infobip emulator enforcing `rate_per_second` (any API key).
 pub async fn emulator(rate_per_second: u32) -> anyhow::Result<(Mock, SocketAddr)> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
