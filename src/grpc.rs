@@ -164,9 +164,13 @@ impl Gateway {
                 .min(remaining.saturating_sub(ANSWER_MARGIN));
             mark.set();
             let clock = SendClock::new(queue.late_after(turn.granted_at));
-            let attempt =
-                self.upstream
-                    .delete(account, clock.body(body.clone()), timeout, report.attempts);
+            // Boxed: a call still waiting in line holds no room for it.
+            let attempt = Box::pin(self.upstream.delete(
+                account,
+                clock.body(body.clone()),
+                timeout,
+                report.attempts,
+            ));
             let outcome = keep_spacing(attempt, &clock, queue).await;
             report.http_status = outcome.as_ref().ok().map(|r| r.status);
 

@@ -96,7 +96,9 @@ fn parse(args: &[String]) -> anyhow::Result<(Vec<String>, Opts)> {
                     .collect::<Result<_, _>>()?;
             }
             "all" => scenarios.extend(SCENARIOS.iter().map(|s| s.to_string())),
-            s if SCENARIOS.contains(&s) || s == "replot" => scenarios.push(s.to_owned()),
+            s if SCENARIOS.contains(&s) || s == "replot" || s == "park-server" => {
+                scenarios.push(s.to_owned())
+            }
             other => bail!("unknown argument {other:?}; scenarios: {SCENARIOS:?} or all"),
         }
     }
@@ -121,7 +123,9 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async {
         for scenario in &scenarios {
-            println!("\n=== {scenario} ===");
+            if scenario != "park-server" {
+                println!("\n=== {scenario} ===");
+            }
             match scenario.as_str() {
                 "overhead" => overhead::run(&opts).await?,
                 "flood" => flood::run(&opts).await?,
@@ -129,6 +133,8 @@ fn main() -> anyhow::Result<()> {
                 "accuracy" => accuracy::run(&opts).await?,
                 "memory" => memory::run(&opts).await?,
                 "replot" => accuracy::replot(&opts)?,
+                // Internal: the memory scenario's bare tonic floor, as a child.
+                "park-server" => systems::park_server().await?,
                 _ => unreachable!("parse accepts only known scenarios"),
             }
         }

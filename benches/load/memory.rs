@@ -181,7 +181,84 @@ async fn queued(log: &str) -> anyhow::Result<serde_json::Value> {
     }))
 }
 
+/// The floor: 10,000 calls pending on a bare tonic server (a child process
+/// of this tool, `park-server`) whose handler never answers.
+async fn bare_floor() -> anyhow::Result<serde_json::Value> {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mut child = tokio::process::Command::new(std::env::current_exe()?)
+        .arg("park-server")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let pid = child.id().unwrap_or_default();
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+    let mut lines = BufReader::new(stdout).lines();
+    let addr = loop {
+        let line = lines
+            .next_line()
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("park-server exited"))?;
+        if let Some(addr) = line.strip_prefix("listening ") {
+            break addr.to_owned();
+        }
+    };
+    let mut clients = Vec::new();
+    for _ in 0..12 {
+        let channel = Endpoint::from_shared(format!("http://{addr}"))?
+            .connect()
+            .await?;
+        clients.push(AssociationServiceClient::new(channel));
+    }
+    let mut warm = clients[0].clone();
+    let _ = tokio::time::timeout(
+        Duration::from_millis(200),
+        warm.delete_association(request()),
+    )
+    .await;
+    let (idle, _) = rss(pid);
+    let callers: Vec<_> = (0..CALLERS)
+        .map(|i| {
+            let mut client = clients[i % clients.len()].clone();
+            let req = request();
+            tokio::spawn(async move { client.delete_association(req).await })
+        })
+        .collect();
+    let started = Instant::now();
+    let mut parked = 0;
+    while parked < CALLERS + 1 && started.elapsed() < Duration::from_secs(60) {
+        match tokio::time::timeout(Duration::from_secs(5), lines.next_line()).await {
+            Ok(Ok(Some(line))) => {
+                parked = line
+                    .strip_prefix("parked ")
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(parked)
+            }
+            _ => break,
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (loaded, _) = rss(pid);
+    callers.iter().for_each(|c| c.abort());
+    drop(child);
+    let per_call = loaded.saturating_sub(idle) as f64 / CALLERS as f64;
+    println!(
+        "  bare tonic server (the floor), {} calls pending: {:.1} MiB RSS (idle {:.1} MiB), {per_call:.0} bytes per pending call",
+        parked.saturating_sub(1),
+        mib(loaded),
+        mib(idle)
+    );
+    Ok(json!({
+        "pending": parked.saturating_sub(1), "rss_idle_bytes": idle, "rss_pending_bytes": loaded,
+        "bytes_per_pending_call": per_call,
+    }))
+}
+
 pub async fn run(_opts: &Opts) -> anyhow::Result<()> {
+    let floor = bare_floor().await?;
     let accounts = accounts().await?;
     // As deployed (spans and a log line per call), then with the per-call
     // spans filtered out, to show what telemetry holds per waiting call.
@@ -189,7 +266,7 @@ pub async fn run(_opts: &Opts) -> anyhow::Result<()> {
     let quiet = queued("warn,provisioning_gateway::startup=info").await?;
     write(
         "memory",
-        json!({"accounts": accounts, "queued_callers": deployed, "queued_callers_spans_off": quiet}),
+        json!({"accounts": accounts, "queued_callers": deployed, "queued_callers_spans_off": quiet, "bare_tonic_floor": floor}),
     );
     Ok(())
 }

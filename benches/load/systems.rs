@@ -284,3 +284,44 @@ pub async fn scrape(metrics_addr: SocketAddr, name: &str) -> Option<f64> {
         .find(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
+
+/// A bare tonic server whose handler never answers: what holding a pending
+/// unary call costs tonic and hyper alone (the floor under the memory
+/// figure). Runs in a child process of the load tool (`park-server`), so its
+/// resident set is its own; prints its address, then the number of calls
+/// parked whenever it changes.
+struct Park(Arc<AtomicU64>);
+
+#[tonic::async_trait]
+impl AssociationService for Park {
+    async fn delete_association(
+        &self,
+        _request: Request<DeleteAssociationRequest>,
+    ) -> Result<Response<DeleteAssociationResponse>, Status> {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        std::future::pending().await
+    }
+}
+
+/// The `park-server` entry point (see [`Park`]).
+pub async fn park_server() -> anyhow::Result<()> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    println!("listening {}", listener.local_addr()?);
+    let parked = Arc::new(AtomicU64::new(0));
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .max_concurrent_streams(Some(1024))
+            .add_service(AssociationServiceServer::new(Park(Arc::clone(&parked))))
+            .serve_with_incoming(incoming),
+    );
+    let mut last = u64::MAX;
+    loop {
+        let now = parked.load(Ordering::Relaxed);
+        if now != last {
+            println!("parked {now}");
+            last = now;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
