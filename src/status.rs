@@ -6,11 +6,13 @@
 //! Messages are the vendor's `text` or a fixed sentence: never an internal
 //! error chain, never the API key.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::time::Duration;
 
+use prost::Message;
+use prost_types::Any;
 use tonic::{Code, Status};
-use tonic_types::{ErrorDetails, StatusExt};
+use tonic_types::pb::{BadRequest, RetryInfo, bad_request::FieldViolation};
 
 use crate::auth::AuthError;
 use crate::budget::BudgetError;
@@ -21,6 +23,74 @@ use crate::upstream::{Reply, TransportError};
 pub const DOMAIN: &str = "provisioning-gateway";
 /// Longest upstream `text` copied into a status message.
 const MAX_MESSAGE: usize = 512;
+/// `RetryInfo` is rounded up to this: a hint need not be finer, and identical
+/// refusals then carry identical bytes, which HTTP/2 header compression sends
+/// as a table index instead of a fresh 200-byte header (load shedding).
+const RETRY_GRANULARITY: Duration = Duration::from_millis(10);
+
+/// `google.rpc.ErrorInfo`, wire-identical to tonic-types' but with its
+/// metadata in key order: the same error always encodes to the same bytes.
+#[derive(Clone, PartialEq, Message)]
+struct ErrorInfo {
+    #[prost(string, tag = "1")]
+    reason: String,
+    #[prost(string, tag = "2")]
+    domain: String,
+    #[prost(btree_map = "string, string", tag = "3")]
+    metadata: BTreeMap<String, String>,
+}
+
+/// Rich details under construction: BadRequest, RetryInfo, ErrorInfo.
+#[derive(Default)]
+struct Details {
+    violations: Vec<FieldViolation>,
+    retry: Option<Duration>,
+}
+
+impl Details {
+    fn violation(&mut self, field: impl Into<String>, description: impl Into<String>) {
+        self.violations.push(FieldViolation {
+            field: field.into(),
+            description: description.into(),
+            ..FieldViolation::default()
+        });
+    }
+
+    /// The status carrying these details and `error_info`.
+    fn into_status(self, code: Code, message: String, error_info: ErrorInfo) -> Status {
+        let any = |name: &str, value: Vec<u8>| Any {
+            type_url: format!("type.googleapis.com/google.rpc.{name}"),
+            value,
+        };
+        let mut details = Vec::with_capacity(3);
+        if !self.violations.is_empty() {
+            let bad = BadRequest {
+                field_violations: self.violations,
+            };
+            details.push(any("BadRequest", bad.encode_to_vec()));
+        }
+        if let Some(delay) = self.retry {
+            let retry = RetryInfo {
+                retry_delay: prost_types::Duration::try_from(delay).ok(),
+            };
+            details.push(any("RetryInfo", retry.encode_to_vec()));
+        }
+        details.push(any("ErrorInfo", error_info.encode_to_vec()));
+        let status = tonic_types::pb::Status {
+            code: code as i32,
+            message: message.clone(),
+            details,
+        };
+        Status::with_details(code, message, status.encode_to_vec().into())
+    }
+}
+
+/// `d` rounded up to [`RETRY_GRANULARITY`].
+fn round_up(d: Duration) -> Duration {
+    let step = RETRY_GRANULARITY.as_nanos();
+    let steps = d.as_nanos().div_ceil(step);
+    Duration::from_nanos(u64::try_from(steps * step).unwrap_or(u64::MAX))
+}
 
 /// Everything that can end a call without success. `Clone`: coalesced calls
 /// all receive the outcome of the one that ran.
@@ -79,27 +149,27 @@ impl CallError {
 
     /// The status returned to the caller, with rich details.
     pub fn to_status(&self, account: &str) -> Status {
-        let mut details = ErrorDetails::new();
-        let mut metadata = HashMap::from([("account".to_owned(), account.to_owned())]);
+        let mut details = Details::default();
+        let mut metadata = BTreeMap::from([("account".to_owned(), account.to_owned())]);
         let message = match self {
             Self::Invalid(invalid) => {
                 for v in &invalid.0 {
-                    details.add_bad_request_violation(v.field, &v.description);
+                    details.violation(v.field, &v.description);
                 }
                 invalid.to_string()
             }
             Self::UnknownAccount => {
-                details
-                    .add_bad_request_violation("x-infobip-account", "names no configured account");
+                details.violation("x-infobip-account", "names no configured account");
                 "unknown account in metadata x-infobip-account".to_owned()
             }
             Self::Budget(BudgetError::Exhausted {
                 reason,
                 retry_after,
             }) => {
+                let retry_after = round_up(*retry_after);
                 metadata.insert("rejection".into(), reason.as_str().into());
                 metadata.insert("retry_after_ms".into(), retry_after.as_millis().to_string());
-                details.set_retry_info(Some(*retry_after));
+                details.retry = Some(retry_after);
                 self.to_string()
             }
             Self::Auth(AuthError::NotAllowed(caller)) => {
@@ -110,13 +180,12 @@ impl CallError {
             Self::Upstream(reply) => {
                 metadata.insert("http_status".into(), reply.status.to_string());
                 if reply.status == 429 {
-                    details
-                        .set_retry_info(Some(reply.retry_after.unwrap_or(Duration::from_secs(1))));
+                    details.retry = Some(reply.retry_after.unwrap_or(Duration::from_secs(1)));
                 }
                 let error = reply.error.as_ref();
                 for (field, problems) in error.iter().flat_map(|e| &e.validation_errors) {
                     for problem in problems {
-                        details.add_bad_request_violation(proto_field(field), problem);
+                        details.violation(proto_field(field), problem.as_str());
                     }
                 }
                 error
@@ -126,8 +195,12 @@ impl CallError {
                     .unwrap_or_else(|| self.to_string())
             }
         };
-        details.set_error_info(self.reason(), DOMAIN, metadata);
-        Status::with_error_details(self.code(), message, details)
+        let error_info = ErrorInfo {
+            reason: self.reason(),
+            domain: DOMAIN.to_owned(),
+            metadata,
+        };
+        details.into_status(self.code(), message, error_info)
     }
 }
 
@@ -198,6 +271,7 @@ mod tests {
     use super::*;
     use crate::upstream::ServiceException;
     use proptest::prelude::*;
+    use tonic_types::StatusExt;
 
     fn reply(status: u16, error: Option<ServiceException>) -> CallError {
         CallError::Upstream(Reply {
@@ -205,6 +279,31 @@ mod tests {
             error,
             retry_after: None,
         })
+    }
+
+    fn refusal(retry_after: Duration) -> Status {
+        CallError::Budget(BudgetError::Exhausted {
+            reason: crate::budget::Rejection::QueueFull,
+            retry_after,
+        })
+        .to_status("default")
+    }
+
+    #[test]
+    fn identical_refusals_encode_to_identical_bytes_with_retry_rounded_up() {
+        let a = refusal(Duration::from_micros(1_000_001));
+        let b = refusal(Duration::from_micros(1_009_999));
+        assert_eq!(a.details(), b.details(), "same bytes within one 10 ms step");
+        let details = a.get_error_details();
+        let retry = details.retry_info().unwrap().retry_delay.unwrap();
+        assert_eq!(retry, Duration::from_millis(1010), "rounded up, never down");
+        let info = details.error_info().unwrap();
+        assert_eq!(info.reason, "BUDGET_EXHAUSTED");
+        assert_eq!(info.metadata["retry_after_ms"], "1010");
+        assert_eq!(info.metadata["rejection"], "queue_full");
+        assert_eq!(info.metadata["account"], "default");
+        let c = refusal(Duration::from_millis(1011));
+        assert_ne!(a.details(), c.details());
     }
 
     #[test]
