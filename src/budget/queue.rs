@@ -39,6 +39,7 @@ pub struct Turn {
 struct Waiter {
     tx: oneshot::Sender<Result<Instant, BudgetError>>,
     ready_by: Instant,
+    joined: Instant,
 }
 
 struct State {
@@ -49,6 +50,9 @@ struct State {
     live_by_caller: HashMap<Arc<str>, (usize, u32)>,
     /// Best estimate of when the limiter grants its next slot.
     next_slot: Instant,
+    /// This replica's time between grants while callers wait: the interval
+    /// alone, or longer when other replicas share the budget (see [`Pace`]).
+    pace: Pace,
     /// Consecutive upstream 429s without Retry-After, for backoff.
     pushback_streak: u32,
 }
@@ -86,6 +90,7 @@ impl AccountQueue {
                 live: 0,
                 live_by_caller: HashMap::new(),
                 next_slot: Instant::now(),
+                pace: Pace::new(config.interval()),
                 pushback_streak: 0,
             }),
             wake: Notify::new(),
@@ -143,7 +148,14 @@ impl AccountQueue {
                 });
             }
             (tx, rx) = oneshot::channel();
-            st.waiters.push(caller, Waiter { tx, ready_by });
+            st.waiters.push(
+                caller,
+                Waiter {
+                    tx,
+                    ready_by,
+                    joined,
+                },
+            );
             st.live += 1;
             st.live_by_caller
                 .entry(Arc::clone(&caller.id))
@@ -235,10 +247,10 @@ impl AccountQueue {
     }
 
     /// When a call joining now with `ahead` calls before it could expect its
-    /// slot: the next slot plus one interval per call ahead.
+    /// slot: the next slot plus, per call ahead, this replica's pace.
     fn eta(&self, st: &State, ahead: usize, now: Instant) -> Duration {
         let ahead = u32::try_from(ahead).unwrap_or(u32::MAX);
-        st.next_slot.saturating_duration_since(now) + self.interval.saturating_mul(ahead)
+        st.next_slot.saturating_duration_since(now) + st.pace.get(now).saturating_mul(ahead)
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -294,7 +306,11 @@ impl AccountQueue {
             match decision {
                 Ok(Decision::Granted) => {
                     let now = Instant::now();
-                    self.lock().next_slot = now + self.interval;
+                    {
+                        let mut st = self.lock();
+                        st.next_slot = now + self.interval;
+                        st.pace.granted(now, waiter.joined);
+                    }
                     // If the caller left in the instant since the check above,
                     // this slot is lost; the window is a few instructions wide.
                     let _ = waiter.tx.send(Ok(now));
@@ -320,6 +336,62 @@ impl AccountQueue {
                 }
             }
         }
+    }
+}
+
+/// How fast this replica's line moves: the time between consecutive grants
+/// while callers were waiting, smoothed. Alone on its budget it is the
+/// interval; with other replicas drawing on the same Redis budget it is
+/// longer (about the interval times the busy replicas), and admission must
+/// use it, or calls are admitted that then time out in line.
+#[derive(Debug, Clone, Copy)]
+struct Pace {
+    interval: Duration,
+    smoothed: Duration,
+    last_grant: Option<Instant>,
+}
+
+impl Pace {
+    /// Weight of the newest gap, out of 8.
+    const NEW_IN_8: u32 = 2;
+    /// A gap counts up to this many intervals (a 429 pushback is not a pace).
+    const MAX_INTERVALS: u32 = 8;
+    /// After this many intervals without a grant the line has been idle:
+    /// start again from the interval.
+    const STALE_INTERVALS: u32 = 16;
+
+    fn new(interval: Duration) -> Self {
+        Self {
+            interval,
+            smoothed: interval,
+            last_grant: None,
+        }
+    }
+
+    /// The pace to expect now.
+    fn get(&self, now: Instant) -> Duration {
+        match self.last_grant {
+            Some(last) if now.saturating_duration_since(last) < self.stale() => self.smoothed,
+            _ => self.interval,
+        }
+    }
+
+    /// A slot was granted at `now` to a call that joined at `joined`: if it
+    /// was already waiting at the previous grant, the gap is a sample.
+    fn granted(&mut self, now: Instant, joined: Instant) {
+        if let Some(last) = self.last_grant {
+            if now.saturating_duration_since(last) >= self.stale() {
+                self.smoothed = self.interval;
+            } else if joined <= last {
+                let gap = (now - last).clamp(self.interval, self.interval * Self::MAX_INTERVALS);
+                self.smoothed = (self.smoothed * (8 - Self::NEW_IN_8) + gap * Self::NEW_IN_8) / 8;
+            }
+        }
+        self.last_grant = Some(now);
+    }
+
+    fn stale(&self) -> Duration {
+        self.interval * Self::STALE_INTERVALS
     }
 }
 
@@ -430,6 +502,70 @@ mod tests {
         c.safety_margin = Duration::ZERO;
         let q = AccountQueue::spawn("no-margin", Arc::new(LocalLimiter::new(&c)), &c);
         assert_eq!(q.late_after(Instant::now()), None);
+    }
+
+    #[test]
+    fn pace_follows_gaps_under_a_line_and_forgets_them_after_idle() {
+        let t0 = Instant::now();
+        let mut pace = Pace::new(T);
+        pace.granted(t0, t0);
+        assert_eq!(pace.get(t0), T);
+        // The next caller was waiting already, and its slot came 3 T later.
+        pace.granted(t0 + T * 3, t0);
+        assert_eq!(pace.get(t0 + T * 3), T * 3 / 2, "6/8 T + 2/8 of 3 T");
+        // A caller that arrived to an empty line says nothing about the pace.
+        pace.granted(t0 + T * 9, t0 + T * 8);
+        assert_eq!(pace.get(t0 + T * 9), T * 3 / 2);
+        // A pushback-long gap (12 T) counts as 8 T at most.
+        pace.granted(t0 + T * 21, t0 + T * 9);
+        assert_eq!(
+            pace.get(t0 + T * 21),
+            T * 25 / 8,
+            "6/8 of 1.5 T + 2/8 of 8 T"
+        );
+        // Idle for 16 T: back to the interval.
+        assert_eq!(pace.get(t0 + T * 37), T);
+        pace.granted(t0 + T * 40, t0 + T * 20);
+        assert_eq!(pace.get(t0 + T * 40), T, "a stale gap is no sample");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn admission_uses_the_pace_the_line_actually_moves_at() {
+        let c = config(100);
+        // Other replicas take two slots of every three on the shared budget:
+        // this replica's limiter grants one every 3 T.
+        let limiter = Arc::new(LocalLimiter::with_interval(
+            T * 3,
+            std::num::NonZeroU32::MIN,
+        ));
+        let q = AccountQueue::spawn("shared", limiter, &c);
+        let mut held = Vec::new();
+        for _ in 0..8 {
+            let q = Arc::clone(&q);
+            held.push(tokio::spawn(async move {
+                q.wait_turn(&anon(), Instant::now() + FAR).await
+            }));
+            tokio::task::yield_now().await;
+        }
+        // Slots at 0 (taken at once), 3 T, 6 T, 9 T, 12 T; three still wait.
+        sleep(T * 12 + Duration::from_millis(1)).await;
+        assert_eq!(q.depth(), 3);
+        // At one interval per call ahead this caller would be admitted
+        // (about 4 T); at the pace seen, its turn is further than its deadline.
+        let err = q
+            .wait_turn(&anon(), Instant::now() + T * 5)
+            .await
+            .unwrap_err();
+        match err {
+            BudgetError::Exhausted {
+                reason,
+                retry_after,
+            } => {
+                assert_eq!(reason, Rejection::Deadline);
+                assert!(retry_after > T * 6, "{retry_after:?}");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
     }
 
     #[tokio::test(start_paused = true)]
