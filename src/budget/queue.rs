@@ -135,7 +135,14 @@ impl AccountQueue {
             if eta > self.max_wait {
                 return refuse(Rejection::MaxWait);
             }
-            if joined + eta > ready_by {
+            // A line shared with other replicas moves unevenly: keep what the
+            // pace exceeds the interval by as slack (none when alone).
+            let slack = if st.live == 0 {
+                Duration::ZERO
+            } else {
+                st.pace.get(joined).saturating_sub(self.interval)
+            };
+            if joined + eta + slack > ready_by {
                 return refuse(Rejection::Deadline);
             }
             // Nobody in line or being served: a free slot is this call's.
@@ -308,8 +315,9 @@ impl AccountQueue {
                     let now = Instant::now();
                     {
                         let mut st = self.lock();
-                        st.next_slot = now + self.interval;
                         st.pace.granted(now, waiter.joined);
+                        // This replica's next grant, as far as it can tell.
+                        st.next_slot = now + st.pace.get(now);
                     }
                     // If the caller left in the instant since the check above,
                     // this slot is lost; the window is a few instructions wide.
@@ -368,10 +376,14 @@ impl Pace {
         }
     }
 
-    /// The pace to expect now.
+    /// The pace to expect now: at least as long as the line has already
+    /// waited since the last grant (a replica the others outrun learns it
+    /// at once, not a few grants later).
     fn get(&self, now: Instant) -> Duration {
         match self.last_grant {
-            Some(last) if now.saturating_duration_since(last) < self.stale() => self.smoothed,
+            Some(last) if now.saturating_duration_since(last) < self.stale() => {
+                self.smoothed.max(now - last)
+            }
             _ => self.interval,
         }
     }
