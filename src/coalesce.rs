@@ -230,6 +230,13 @@ where
         }
     }
 
+    /// Whether a flight for `key` is in progress (a call now would follow it).
+    pub fn is_flying(&self, key: &K) -> bool {
+        self.lock()
+            .get(key)
+            .is_some_and(|e| e.flight.strong_count() > 0)
+    }
+
     /// Flights in progress.
     pub fn in_flight(&self) -> usize {
         self.lock().len()

@@ -142,9 +142,7 @@ impl Gateway {
             .budget
             .account(&account.name)
             .ok_or(CallError::UnknownAccount)?;
-        let ready_by = deadline
-            .checked_sub(self.limits.upstream_reserve)
-            .unwrap_or(deadline);
+        let ready_by = self.ready_by(deadline);
         let mut last: Option<CallError> = None;
         loop {
             // 2. Budget: every attempt pays a slot. A retry that cannot get
@@ -212,6 +210,16 @@ impl Gateway {
         report: &mut Report,
     ) -> Result<(), CallError> {
         let key: FlightKey = Arc::new((account.name.clone(), association));
+        // A call that would lead a new flight and that the budget refuses at
+        // once is refused before any flight is set up (load shedding is cheap).
+        if let Some(queue) = self.budget.account(&account.name)
+            && !self.flights.is_flying(&key)
+            && let Err(e) = queue.check(caller, self.ready_by(deadline))
+        {
+            let span = self.wait_span(&account.name);
+            self.record_wait(&span, &account.name, &Err(e));
+            return Err(CallError::Budget(e));
+        }
         let patience = deadline.checked_sub(ANSWER_MARGIN).unwrap_or(deadline);
         let mut joins = 0;
         loop {
@@ -274,6 +282,13 @@ impl Gateway {
         }
     }
 
+    /// The latest instant a budget slot is still useful to a call with `deadline`.
+    fn ready_by(&self, deadline: Instant) -> Instant {
+        deadline
+            .checked_sub(self.limits.upstream_reserve)
+            .unwrap_or(deadline)
+    }
+
     /// One budget wait, as its own span with its metrics.
     async fn wait_turn(
         &self,
@@ -282,6 +297,17 @@ impl Gateway {
         caller: &Caller,
         ready_by: Instant,
     ) -> Result<Turn, BudgetError> {
+        let span = self.wait_span(account);
+        let result = queue
+            .wait_turn(caller, ready_by)
+            .instrument(span.clone())
+            .await;
+        self.record_wait(&span, account, &result);
+        result
+    }
+
+    /// The `budget.wait` span of one call.
+    fn wait_span(&self, account: &str) -> tracing::Span {
         let span = tracing::info_span!(
             "budget.wait",
             account,
@@ -293,11 +319,12 @@ impl Gateway {
             span_id = Empty,
         );
         telemetry::record_ids(&span);
-        let result = queue
-            .wait_turn(caller, ready_by)
-            .instrument(span.clone())
-            .await;
-        match &result {
+        span
+    }
+
+    /// A budget wait's outcome, on its span and in the metrics.
+    fn record_wait(&self, span: &tracing::Span, account: &str, result: &Result<Turn, BudgetError>) {
+        match result {
             Ok(turn) => {
                 span.record("budget.queue_position", turn.position);
                 span.record("budget.waited_ms", turn.waited.as_millis() as u64);
@@ -315,7 +342,6 @@ impl Gateway {
                 metrics::rejection(account, outcome);
             }
         }
-        result
     }
 
     /// Who calls, on which account, and whether it may: decided before any

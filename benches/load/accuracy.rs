@@ -22,7 +22,8 @@ use tonic_types::StatusExt;
 use crate::Opts;
 use crate::harness::{label, request};
 use crate::report::{table, verdict, write};
-use crate::systems::{GatewayBin, emulator};
+use crate::systems::{GatewayBin, emulator, scrape};
+use provisioning_gateway::telemetry::metrics::LATE_SENDS;
 
 /// Each caller's deadline.
 const DEADLINE: Duration = Duration::from_secs(10);
@@ -169,6 +170,12 @@ pub async fn run(opts: &Opts) -> anyhow::Result<()> {
             *tally.outcomes.entry(k).or_default() += v;
         }
     }
+    // Requests that left later than their slot allowed for (a cold upstream
+    // connection, a starved thread): each moved the next slot.
+    let mut late_sends = 0.0;
+    for g in &gateways {
+        late_sends += scrape(g.metrics_addr, LATE_SENDS).await.unwrap_or(0.0);
+    }
     for g in gateways {
         g.stop().await;
     }
@@ -244,6 +251,7 @@ pub async fn run(opts: &Opts) -> anyhow::Result<()> {
         ],
     );
     println!("  answers: {:?}", tally.outcomes);
+    println!("  upstream requests that left late (next slot moved): {late_sends}");
     let svg = opts.svg_dir.join("bench-arrivals.svg");
     let title = format!(
         "Upstream arrivals: {} callers, {replicas} replica(s), budget 1 rps (T = 1010 ms)",
@@ -260,6 +268,7 @@ pub async fn run(opts: &Opts) -> anyhow::Result<()> {
             "upstream_rate_ratio": rate, "min_gap_ms": min_gap * 1e3, "vendor_429s": vendor_429,
             "arrivals": times.len(), "calls": total, "ok": ok, "refused": refused - timed_out,
             "timed_out_in_queue": timed_out, "late": tally.late, "hung": tally.hung,
+            "late_sends": late_sends,
             "served_share_of_admitted": ok as f64 / admitted.max(1) as f64,
             "outcomes": tally.outcomes, "arrival_times_s": times,
         }),

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use provisioning_gateway::mock::Mock;
 use provisioning_gateway::pb::association_service_client::AssociationServiceClient;
+use provisioning_gateway::telemetry::metrics::LATE_SENDS;
 use serde_json::json;
 use tokio::task::JoinHandle;
 
@@ -70,7 +71,7 @@ pub async fn run(opts: &Opts) -> anyhow::Result<()> {
     let c = opts.concurrency.iter().copied().max().unwrap_or(64);
     let echo = echo_server().await?;
     let (mock_full, upstream_full) = emulator(1).await?;
-    let (full, _) = gateway_in_process(
+    let (full, metrics) = gateway_in_process(
         upstream_full,
         &[
             "--rate-per-second",
@@ -162,9 +163,14 @@ pub async fn run(opts: &Opts) -> anyhow::Result<()> {
         "hopeless deadline": vendor_view(&mock_deadline),
     });
     println!("  upstream (vendor emulator at 1 rps): {vendor}");
+    // Both gateways run in this process and share its metrics recorder.
+    let late_sends = crate::systems::scrape(metrics, LATE_SENDS)
+        .await
+        .unwrap_or(0.0);
+    println!("  upstream requests that left late (next slot moved), both gateways: {late_sends}");
     write(
         "flood",
-        json!({"concurrency": c, "target_ratio": TARGET, "systems": results, "upstream": vendor}),
+        json!({"concurrency": c, "target_ratio": TARGET, "systems": results, "upstream": vendor, "late_sends": late_sends}),
     );
     Ok(())
 }

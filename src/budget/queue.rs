@@ -118,33 +118,7 @@ impl AccountQueue {
         let (tx, rx);
         let position = {
             let mut st = self.lock();
-            if self.closing.is_cancelled() {
-                return Err(BudgetError::ShuttingDown);
-            }
-            let position = ahead(caller, st.live_by_caller.iter().map(|(id, v)| (id, *v)));
-            let eta = self.eta(&st, position, joined);
-            let refuse = |reason| {
-                Err(BudgetError::Exhausted {
-                    reason,
-                    retry_after: eta,
-                })
-            };
-            if st.live >= self.max_queue {
-                return refuse(Rejection::QueueFull);
-            }
-            if eta > self.max_wait {
-                return refuse(Rejection::MaxWait);
-            }
-            // A line shared with other replicas moves unevenly: keep what the
-            // pace exceeds the interval by as slack (none when alone).
-            let slack = if st.live == 0 {
-                Duration::ZERO
-            } else {
-                st.pace.get(joined).saturating_sub(self.interval)
-            };
-            if joined + eta + slack > ready_by {
-                return refuse(Rejection::Deadline);
-            }
+            let position = self.admit(&st, caller, joined, ready_by)?;
             // Nobody in line or being served: a free slot is this call's.
             if st.live == 0 && self.limiter.try_acquire_now() == Some(Decision::Granted) {
                 st.next_slot = joined + self.interval;
@@ -191,6 +165,52 @@ impl AccountQueue {
                 })
             }
         }
+    }
+
+    /// Whether `caller` would be admitted now (see [`Self::wait_turn`]), without
+    /// joining the line: lets a call be refused before anything is set up.
+    pub fn check(&self, caller: &Caller, ready_by: Instant) -> Result<(), BudgetError> {
+        let st = self.lock();
+        self.admit(&st, caller, Instant::now(), ready_by).map(drop)
+    }
+
+    /// Admission of `caller` joining at `joined`: its position in line, or
+    /// why it is refused at once.
+    fn admit(
+        &self,
+        st: &State,
+        caller: &Caller,
+        joined: Instant,
+        ready_by: Instant,
+    ) -> Result<usize, BudgetError> {
+        if self.closing.is_cancelled() {
+            return Err(BudgetError::ShuttingDown);
+        }
+        let position = ahead(caller, st.live_by_caller.iter().map(|(id, v)| (id, *v)));
+        let eta = self.eta(st, position, joined);
+        let refuse = |reason| {
+            Err(BudgetError::Exhausted {
+                reason,
+                retry_after: eta,
+            })
+        };
+        if st.live >= self.max_queue {
+            return refuse(Rejection::QueueFull);
+        }
+        if eta > self.max_wait {
+            return refuse(Rejection::MaxWait);
+        }
+        // A line shared with other replicas moves unevenly: keep what the
+        // pace exceeds the interval by as slack (none when alone).
+        let slack = if st.live == 0 {
+            Duration::ZERO
+        } else {
+            st.pace.get(joined).saturating_sub(self.interval)
+        };
+        if joined + eta + slack > ready_by {
+            return refuse(Rejection::Deadline);
+        }
+        Ok(position)
     }
 
     /// When a caller joining now could expect its slot (for `RetryInfo`).
