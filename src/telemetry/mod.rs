@@ -88,7 +88,20 @@ pub fn init(format: Option<LogFormat>) -> Telemetry {
     };
     let _ = tracing_subscriber::registry()
         .with(filter)
-        .with(tracing_opentelemetry::layer().with_tracer(tracer))
+        .with(
+            // Lean spans: the attributes DESIGN.md names, not the layer's
+            // extras (source location, thread, target, busy/idle time), and no
+            // OpenTelemetry context switch on every enter (the upstream
+            // traceparent comes from the client span explicitly). A call waits
+            // in line holding its spans: they cost memory per waiting call.
+            tracing_opentelemetry::layer()
+                .with_tracer(tracer)
+                .with_location(false)
+                .with_threads(false)
+                .with_target(false)
+                .with_tracked_inactivity(false)
+                .with_context_activation(false),
+        )
         .with(fmt)
         .try_init();
     if let Some(e) = export_error {
