@@ -6,6 +6,7 @@
 //! Messages are the vendor's `text` or a fixed sentence: never an internal
 //! error chain, never the API key.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -15,7 +16,7 @@ use tonic::{Code, Status};
 use tonic_types::pb::{BadRequest, RetryInfo, bad_request::FieldViolation};
 
 use crate::auth::AuthError;
-use crate::budget::BudgetError;
+use crate::budget::{BudgetError, Rejection};
 use crate::domain::InvalidRequest;
 use crate::upstream::{Reply, TransportError};
 
@@ -147,8 +148,36 @@ impl CallError {
         }
     }
 
-    /// The status returned to the caller, with rich details.
+    /// The status returned to the caller, with rich details. Budget
+    /// refusals are built once per thread and reused while identical (same
+    /// account, reason and rounded `RetryInfo`): under a flood, shedding load
+    /// must stay cheap.
     pub fn to_status(&self, account: &str) -> Status {
+        let Self::Budget(BudgetError::Exhausted {
+            reason,
+            retry_after,
+        }) = self
+        else {
+            return self.build_status(account);
+        };
+        thread_local! {
+            static LAST_REFUSAL: RefCell<Option<(String, Rejection, Duration, Status)>> =
+                const { RefCell::new(None) };
+        }
+        let retry_after = round_up(*retry_after);
+        LAST_REFUSAL.with_borrow_mut(|last| match last {
+            Some((a, r, d, status)) if a == account && r == reason && *d == retry_after => {
+                status.clone()
+            }
+            _ => {
+                let status = self.build_status(account);
+                *last = Some((account.to_owned(), *reason, retry_after, status.clone()));
+                status
+            }
+        })
+    }
+
+    fn build_status(&self, account: &str) -> Status {
         let mut details = Details::default();
         let mut metadata = BTreeMap::from([("account".to_owned(), account.to_owned())]);
         let message = match self {
@@ -283,7 +312,7 @@ mod tests {
 
     fn refusal(retry_after: Duration) -> Status {
         CallError::Budget(BudgetError::Exhausted {
-            reason: crate::budget::Rejection::QueueFull,
+            reason: Rejection::QueueFull,
             retry_after,
         })
         .to_status("default")
@@ -304,6 +333,21 @@ mod tests {
         assert_eq!(info.metadata["account"], "default");
         let c = refusal(Duration::from_millis(1011));
         assert_ne!(a.details(), c.details());
+        // Reused per thread only while identical: another account, another status.
+        let other = CallError::Budget(BudgetError::Exhausted {
+            reason: Rejection::QueueFull,
+            retry_after: Duration::from_micros(1_000_001),
+        })
+        .to_status("other");
+        let info = other.get_error_details().error_info().cloned().unwrap();
+        assert_eq!(info.metadata["account"], "other");
+        let deadline = CallError::Budget(BudgetError::Exhausted {
+            reason: Rejection::Deadline,
+            retry_after: Duration::from_micros(1_000_001),
+        })
+        .to_status("other");
+        let info = deadline.get_error_details().error_info().cloned().unwrap();
+        assert_eq!(info.metadata["rejection"], "deadline");
     }
 
     #[test]
