@@ -1,6 +1,7 @@
 //! The budget through the real server: spacing of upstream arrivals under
 //! concurrency, no slot wasted on a caller that left, hopeless calls refused
-//! at once, the queue bound, and one real 1 rps run.
+//! at once, the queue bound, one real 1 rps run, and a request that leaves
+//! late (a real dropped SYN) moving the next slot.
 
 use std::time::{Duration, Instant};
 
@@ -170,4 +171,107 @@ async fn real_one_request_per_second() {
         );
     }
     assert!(started.elapsed() >= Duration::from_secs(2));
+}
+
+/// The budget spaces grants; Infobip counts arrivals. Here the first request
+/// is held up on its way out for real: the upstream's accept queue is full,
+/// so the kernel drops the gateway's SYN and retries it a second later (a
+/// cold connect gone wrong). That request then leaves ~1 s after its slot was
+/// granted; the next call, made as soon as it arrived, must still arrive one
+/// interval after it, not at once on the slot the budget thought was due.
+#[tokio::test]
+async fn a_request_that_leaves_late_moves_the_next_slot() {
+    use provisioning_gateway::mock::{Mock, MockConfig};
+    use tokio::net::{TcpSocket, TcpStream};
+
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(1).unwrap();
+    let addr = listener.local_addr().unwrap();
+    // Connections nobody accepts yet, until one more cannot connect.
+    let mut unaccepted = Vec::new();
+    while let Ok(Ok(stream)) =
+        tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await
+    {
+        unaccepted.push(stream);
+        assert!(unaccepted.len() < 16, "the accept queue never filled");
+    }
+    let overflows = listen_overflows();
+    let mock = Mock::new(MockConfig {
+        api_key: Some(crate::support::API_KEY.into()),
+        rate_per_second: 10,
+    });
+    let stop = tokio_util::sync::CancellationToken::new();
+    let app = crate::support::spawn_gateway(
+        Opts {
+            rate_per_second: 10,
+            ..Opts::default()
+        },
+        mock.clone(),
+        addr,
+        stop.clone(),
+    )
+    .await;
+    let client = app.client().await;
+    let first = {
+        let mut c = client.clone();
+        tokio::spawn(async move { c.delete_association(request(1)).await })
+    };
+    // Once the kernel has dropped the gateway's SYN, the upstream starts
+    // accepting, well before the kernel sends the SYN again.
+    let started = Instant::now();
+    while listen_overflows() <= overflows {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no SYN dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::spawn(mock.clone().serve(listener, stop.cancelled_owned()));
+    let started = Instant::now();
+    while mock.arrivals().is_empty() {
+        assert!(started.elapsed() < Duration::from_secs(10), "never arrived");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let mut c = client.clone();
+    c.delete_association(request(2)).await.unwrap();
+    first.await.unwrap().unwrap();
+
+    let arrivals = mock.arrivals();
+    assert_eq!(arrivals.len(), 2);
+    assert!(
+        arrivals.iter().all(|a| a.status == 204),
+        "the vendor accepted both"
+    );
+    let gap = arrivals[1].at - arrivals[0].at;
+    assert!(
+        gap >= Duration::from_millis(100),
+        "arrivals {gap:?} apart, closer than the vendor's 100 ms"
+    );
+    let metrics = reqwest::get(format!("http://{}/metrics", app.metrics_addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("provisioning_gateway_upstream_late_sends_total")),
+        "the late send is counted:\n{metrics}"
+    );
+    drop(unaccepted);
+}
+
+/// The kernel's count of connection attempts dropped because a listener's
+/// accept queue was full (`TcpExt: ListenOverflows` in /proc/net/netstat).
+fn listen_overflows() -> u64 {
+    let netstat = std::fs::read_to_string("/proc/net/netstat").expect("/proc/net/netstat");
+    let mut tcp_ext = netstat.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (names, values) = (tcp_ext.next().unwrap(), tcp_ext.next().unwrap());
+    let at = names
+        .split_whitespace()
+        .position(|n| n == "ListenOverflows")
+        .expect("ListenOverflows counter");
+    values.split_whitespace().nth(at).unwrap().parse().unwrap()
 }
