@@ -51,7 +51,7 @@ type FlightKey = Arc<(String, Association)>;
 type Flown = (Result<(), CallError>, Report);
 
 /// The `AssociationService` implementation. Cheap to clone: a coalesced
-/// call's work runs in a task of its own, holding a clone.
+/// call's work holds a clone, as it may move to a task of its own.
 #[derive(Clone)]
 pub struct Gateway {
     accounts: Arc<HashMap<String, Arc<AccountConfig>>>,

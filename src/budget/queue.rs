@@ -32,7 +32,8 @@ pub struct Turn {
     pub position: usize,
     /// Time spent in line.
     pub waited: Duration,
-    /// When the slot was taken: the upstream request should leave now.
+    /// When the slot was asked for and taken (at the latest): the upstream
+    /// request should leave now.
     pub granted_at: Instant,
 }
 
@@ -322,6 +323,10 @@ impl AccountQueue {
     /// waiter leaves first or the gateway shuts down.
     async fn serve(&self, mut waiter: Waiter) {
         loop {
+            // The slot is taken somewhere between asking and the answer (a
+            // Redis round trip, which a busy node can stretch): the request
+            // is due from the asking, so lateness is counted from there.
+            let asked = Instant::now();
             let decision = tokio::select! {
                 d = self.limiter.acquire() => d,
                 () = waiter.tx.closed() => return,
@@ -341,7 +346,7 @@ impl AccountQueue {
                     }
                     // If the caller left in the instant since the check above,
                     // this slot is lost; the window is a few instructions wide.
-                    let _ = waiter.tx.send(Ok(now));
+                    let _ = waiter.tx.send(Ok(asked));
                     return;
                 }
                 Ok(Decision::Wait(wait)) => {
