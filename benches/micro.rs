@@ -77,8 +77,21 @@ fn mapping(c: &mut Criterion) {
         reason: Rejection::Deadline,
         retry_after: Duration::from_millis(681),
     });
-    g.bench_function("to_status: budget refusal + RetryInfo", |b| {
+    // The same refusal again: reused from the thread's last one.
+    g.bench_function("to_status: budget refusal, repeated", |b| {
         b.iter(|| black_box(&refused).to_status("default"))
+    });
+    // A new RetryInfo every time: built and encoded.
+    let mut retry_ms = 0;
+    g.bench_function("to_status: budget refusal, new", |b| {
+        b.iter(|| {
+            retry_ms += 10;
+            CallError::Budget(BudgetError::Exhausted {
+                reason: Rejection::Deadline,
+                retry_after: Duration::from_millis(retry_ms),
+            })
+            .to_status("default")
+        })
     });
     g.finish();
 }
