@@ -11,6 +11,7 @@
 use std::time::{Duration, Instant};
 
 use provisioning_gateway::budget::Budget;
+use provisioning_gateway::pb::DeleteAssociationResponse;
 use provisioning_gateway::pb::association_service_client::AssociationServiceClient;
 use serde_json::json;
 use tonic::transport::Endpoint;
@@ -43,6 +44,34 @@ async fn wait_depth(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// 12 connections × up to 1024 streams each (the server's limit) hold 10,000 calls.
+async fn connections(
+    addr: std::net::SocketAddr,
+) -> anyhow::Result<Vec<AssociationServiceClient<tonic::transport::Channel>>> {
+    let mut clients = Vec::new();
+    for _ in 0..12 {
+        let channel = Endpoint::from_shared(format!("http://{addr}"))?
+            .connect()
+            .await?;
+        clients.push(AssociationServiceClient::new(channel));
+    }
+    Ok(clients)
+}
+
+/// 10,000 calls at once, spread over `clients`, each a task of its own.
+fn call_all(
+    clients: &[AssociationServiceClient<tonic::transport::Channel>],
+) -> Vec<tokio::task::JoinHandle<Result<tonic::Response<DeleteAssociationResponse>, tonic::Status>>>
+{
+    (0..CALLERS)
+        .map(|i| {
+            let mut client = clients[i % clients.len()].clone();
+            let req = request();
+            tokio::spawn(async move { client.delete_association(req).await })
+        })
+        .collect()
 }
 
 /// Budget state for 10,000 accounts: the release binary with an accounts
@@ -127,22 +156,9 @@ async fn queued(log: &str) -> anyhow::Result<serde_json::Value> {
     warm.delete_association(request()).await?;
     let (idle, _) = rss(gateway.pid());
 
-    // 12 connections × up to 1024 streams each (the server's limit) hold 10,000 calls.
-    let mut clients = Vec::new();
-    for _ in 0..12 {
-        let channel = Endpoint::from_shared(format!("http://{}", gateway.addr))?
-            .connect()
-            .await?;
-        clients.push(AssociationServiceClient::new(channel));
-    }
+    let clients = connections(gateway.addr).await?;
     let started = Instant::now();
-    let callers: Vec<_> = (0..CALLERS)
-        .map(|i| {
-            let mut client = clients[i % clients.len()].clone();
-            let req = request();
-            tokio::spawn(async move { client.delete_association(req).await })
-        })
-        .collect();
+    let callers = call_all(&clients);
     // All are in line when those waiting plus those already served (one a
     // second, after the warm-up call) make 10,000.
     let depth = wait_depth(gateway.metrics_addr, Duration::from_secs(60), |d| {
@@ -206,13 +222,7 @@ async fn bare_floor() -> anyhow::Result<serde_json::Value> {
             break addr.to_owned();
         }
     };
-    let mut clients = Vec::new();
-    for _ in 0..12 {
-        let channel = Endpoint::from_shared(format!("http://{addr}"))?
-            .connect()
-            .await?;
-        clients.push(AssociationServiceClient::new(channel));
-    }
+    let clients = connections(addr.parse()?).await?;
     let mut warm = clients[0].clone();
     let _ = tokio::time::timeout(
         Duration::from_millis(200),
@@ -220,13 +230,7 @@ async fn bare_floor() -> anyhow::Result<serde_json::Value> {
     )
     .await;
     let (idle, _) = rss(pid);
-    let callers: Vec<_> = (0..CALLERS)
-        .map(|i| {
-            let mut client = clients[i % clients.len()].clone();
-            let req = request();
-            tokio::spawn(async move { client.delete_association(req).await })
-        })
-        .collect();
+    let callers = call_all(&clients);
     let started = Instant::now();
     let mut parked = 0;
     while parked < CALLERS + 1 && started.elapsed() < Duration::from_secs(60) {
