@@ -161,7 +161,7 @@ impl Gateway {
                 .upstream_timeout
                 .min(remaining.saturating_sub(ANSWER_MARGIN));
             mark.set();
-            let clock = SendClock::new(queue.late_after(turn.granted_at));
+            let clock = SendClock::new(queue.late_after(turn.granted_at), turn.departure);
             // Boxed: a call still waiting in line holds no room for it.
             let attempt = Box::pin(self.upstream.delete(
                 account,

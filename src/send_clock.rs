@@ -12,13 +12,15 @@
 
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::sync::Notify;
 use tokio::time::Instant;
+
+use crate::budget::Departure;
 
 /// The sending time of one upstream attempt.
 #[derive(Clone)]
@@ -29,15 +31,19 @@ struct Inner {
     late_after: Option<Instant>,
     sent_at: OnceLock<Instant>,
     late: Notify,
+    /// Told when the request leaves; dropped with the clock if it never does.
+    departure: Mutex<Option<Departure>>,
 }
 
 impl SendClock {
-    /// A clock for an attempt that is late if it leaves after `late_after`.
-    pub fn new(late_after: Option<Instant>) -> Self {
+    /// A clock for an attempt that is late if it leaves after `late_after`;
+    /// `departure` learns when it leaves.
+    pub fn new(late_after: Option<Instant>, departure: Departure) -> Self {
         Self(Arc::new(Inner {
             late_after,
             sent_at: OnceLock::new(),
             late: Notify::new(),
+            departure: Mutex::new(Some(departure)),
         }))
     }
 
@@ -72,8 +78,15 @@ impl SendClock {
 
     fn stamp(&self) {
         let now = Instant::now();
-        if self.0.sent_at.set(now).is_ok() && self.is_late(now) {
-            self.0.late.notify_one();
+        if self.0.sent_at.set(now).is_ok() {
+            let late = self.is_late(now);
+            let mut departure = self.0.departure.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(departure) = departure.take() {
+                departure.left(now, late);
+            }
+            if late {
+                self.0.late.notify_one();
+            }
         }
     }
 }
@@ -115,7 +128,7 @@ mod tests {
 
     fn body(bytes: &'static [u8]) -> (SendClock, ClockedBody, Instant) {
         let now = Instant::now();
-        let clock = SendClock::new(Some(now + Duration::from_millis(5)));
+        let clock = SendClock::new(Some(now + Duration::from_millis(5)), Departure::default());
         let body = ClockedBody {
             bytes: Some(Bytes::from_static(bytes)),
             clock: clock.clone(),

@@ -25,7 +25,7 @@ pub mod redis;
 pub mod shared;
 
 pub use fair::Caller;
-pub use queue::{AccountQueue, Turn};
+pub use queue::{AccountQueue, Departure, Turn};
 
 /// A limiter's answer: the slot is taken now, or the next one is this far off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

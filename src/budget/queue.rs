@@ -26,7 +26,7 @@ use crate::telemetry::metrics;
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// What a caller learns when its turn comes.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 pub struct Turn {
     /// Callers that were ahead of it when it joined.
     pub position: usize,
@@ -35,10 +35,12 @@ pub struct Turn {
     /// When the slot was asked for and taken (at the latest): the upstream
     /// request should leave now.
     pub granted_at: Instant,
+    /// Tell it when the request leaves (see [`Departure`]).
+    pub departure: Departure,
 }
 
 struct Waiter {
-    tx: oneshot::Sender<Result<Instant, BudgetError>>,
+    tx: oneshot::Sender<Result<(Instant, Departure), BudgetError>>,
     ready_by: Instant,
     joined: Instant,
 }
@@ -66,6 +68,8 @@ pub struct AccountQueue {
     /// How late after its grant a request may leave before the next slot
     /// moves; `None` where spacing is not promised (burst, no margin).
     send_slack: Option<Duration>,
+    /// Granted requests not yet gone out, where spacing is promised.
+    transit: Option<Arc<Transit>>,
     max_wait: Duration,
     max_queue: usize,
     state: Mutex<State>,
@@ -76,14 +80,16 @@ pub struct AccountQueue {
 impl AccountQueue {
     /// Creates the queue and spawns its dispatcher on the current runtime.
     pub fn spawn(name: &str, limiter: Arc<dyn Limiter>, config: &BudgetConfig) -> Arc<Self> {
+        // Spacing is promised with a burst of 1 and a margin to keep it.
+        let spacing = config.burst.get() == 1 && !config.safety_margin.is_zero();
         let queue = Arc::new(Self {
             name: name.to_owned(),
             limiter,
             interval: config.interval(),
             // Half the margin: a send this late after its grant, followed by
             // one on time, still arrives at least interval - margin/2 apart.
-            send_slack: (config.burst.get() == 1 && !config.safety_margin.is_zero())
-                .then(|| config.safety_margin / 2),
+            send_slack: spacing.then(|| config.safety_margin / 2),
+            transit: spacing.then(|| Arc::new(Transit::new(config.interval()))),
             max_wait: config.max_wait,
             max_queue: config.max_queue.get(),
             state: Mutex::new(State {
@@ -120,13 +126,18 @@ impl AccountQueue {
         let position = {
             let mut st = self.lock();
             let position = self.admit(&st, caller, joined, ready_by)?;
-            // Nobody in line or being served: a free slot is this call's.
-            if st.live == 0 && self.limiter.try_acquire_now() == Some(Decision::Granted) {
+            // Nobody in line or being served, nothing on its way out: a
+            // free slot is this call's.
+            if st.live == 0
+                && self.transit.as_ref().is_none_or(|t| t.is_clear(joined))
+                && self.limiter.try_acquire_now() == Some(Decision::Granted)
+            {
                 st.next_slot = joined + self.interval;
                 return Ok(Turn {
                     position,
                     waited: Duration::ZERO,
                     granted_at: joined,
+                    departure: self.departure(),
                 });
             }
             (tx, rx) = oneshot::channel();
@@ -149,10 +160,11 @@ impl AccountQueue {
         let _live = LiveGuard(self, &caller.id);
         self.wake.notify_one();
         match timeout_at(ready_by, rx).await {
-            Ok(Ok(Ok(granted_at))) => Ok(Turn {
+            Ok(Ok(Ok((granted_at, departure)))) => Ok(Turn {
                 position,
                 waited: granted_at.saturating_duration_since(joined),
                 granted_at,
+                departure,
             }),
             Ok(Ok(Err(e))) => Err(e),
             // The dispatcher drops a sender when it stops, or when it finds the
@@ -263,6 +275,14 @@ impl AccountQueue {
             .await;
     }
 
+    /// A granted request on its way out, holding back the next grant.
+    fn departure(&self) -> Departure {
+        Departure(self.transit.as_ref().map(|t| {
+            t.lock().unsent += 1;
+            Arc::clone(t)
+        }))
+    }
+
     /// Upstream accepted a call: 429 backoff starts over.
     pub fn reset_pushback(&self) {
         self.lock().pushback_streak = 0;
@@ -323,6 +343,17 @@ impl AccountQueue {
     /// waiter leaves first or the gateway shuts down.
     async fn serve(&self, mut waiter: Waiter) {
         loop {
+            // No grant while a granted request may still leave.
+            if let Some(transit) = &self.transit {
+                tokio::select! {
+                    () = transit.clear() => {}
+                    () = waiter.tx.closed() => return,
+                    () = self.closing.cancelled() => {
+                        let _ = waiter.tx.send(Err(BudgetError::ShuttingDown));
+                        return;
+                    }
+                }
+            }
             // The slot is taken somewhere between asking and the answer (a
             // Redis round trip, which a busy node can stretch): the request
             // is due from the asking, so lateness is counted from there.
@@ -346,7 +377,7 @@ impl AccountQueue {
                     }
                     // If the caller left in the instant since the check above,
                     // this slot is lost; the window is a few instructions wide.
-                    let _ = waiter.tx.send(Ok(asked));
+                    let _ = waiter.tx.send(Ok((asked, self.departure())));
                     return;
                 }
                 Ok(Decision::Wait(wait)) => {
@@ -369,6 +400,121 @@ impl AccountQueue {
                 }
             }
         }
+    }
+}
+
+/// Granted requests that have not gone out yet, and the earliest next grant
+/// after one that left late. Where spacing is promised this replica never
+/// grants while a granted request may still leave: a request held up for
+/// longer than a whole interval (a connect retried by the kernel, a stalled
+/// handshake) cannot then arrive close to one granted meanwhile.
+struct Transit {
+    state: Mutex<TransitState>,
+    /// Wakes the dispatcher when a request leaves or gives up.
+    changed: Notify,
+    interval: Duration,
+}
+
+#[derive(Default)]
+struct TransitState {
+    unsent: usize,
+    /// One interval after the last late departure.
+    not_before: Option<Instant>,
+}
+
+impl Transit {
+    fn new(interval: Duration) -> Self {
+        Self {
+            state: Mutex::default(),
+            changed: Notify::new(),
+            interval,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, TransitState> {
+        // Counter updates only: a poisoned lock is still consistent.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Nothing on its way out and no late departure's interval running.
+    fn is_clear(&self, now: Instant) -> bool {
+        let st = self.lock();
+        st.unsent == 0 && st.not_before.is_none_or(|t| t <= now)
+    }
+
+    /// Completes once [`Self::is_clear`].
+    async fn clear(&self) {
+        loop {
+            // Notify keeps a permit when nobody waits: no wake-up is lost
+            // between the check and the await.
+            let changed = self.changed.notified();
+            let until = {
+                let st = self.lock();
+                if st.unsent > 0 {
+                    None
+                } else {
+                    match st.not_before {
+                        Some(t) if t > Instant::now() => Some(t),
+                        _ => return,
+                    }
+                }
+            };
+            match until {
+                Some(t) => {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(t) => {}
+                        () = changed => {}
+                    }
+                }
+                None => changed.await,
+            }
+        }
+    }
+
+    fn done(&self, left_late_at: Option<Instant>) {
+        {
+            let mut st = self.lock();
+            st.unsent = st.unsent.saturating_sub(1);
+            if let Some(at) = left_late_at {
+                let next = at + self.interval;
+                st.not_before = Some(st.not_before.map_or(next, |t| t.max(next)));
+            }
+        }
+        self.changed.notify_one();
+    }
+}
+
+/// A granted request on its way upstream. [`Self::left`] says when it went
+/// out; dropped without that, it never will (no connection, cancelled).
+/// Either lets this replica grant again (see [`Transit`]).
+#[derive(Default)]
+pub struct Departure(Option<Arc<Transit>>);
+
+impl Departure {
+    /// The request went out at `at`, late if `late`: then this replica's
+    /// next grant comes one interval after `at` at the earliest.
+    pub fn left(mut self, at: Instant, late: bool) {
+        if let Some(transit) = self.0.take() {
+            transit.done(late.then_some(at));
+        }
+    }
+}
+
+impl Drop for Departure {
+    fn drop(&mut self) {
+        if let Some(transit) = self.0.take() {
+            transit.done(None);
+        }
+    }
+}
+
+impl std::fmt::Debug for Departure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Departure(pending)"
+        } else {
+            "Departure(none)"
+        })
     }
 }
 
@@ -523,10 +669,47 @@ mod tests {
         assert_eq!(q.late_after(turn.granted_at), Some(turn.granted_at + slack));
         // The request left 60 ms after its grant (a cold connection, say).
         tokio::time::advance(Duration::from_millis(60)).await;
+        turn.departure.left(Instant::now(), true);
         q.sent_late(Instant::now()).await;
         let sent = Instant::now();
         q.wait_turn(&anon(), Instant::now() + FAR).await.unwrap();
         assert_eq!(Instant::now() - sent, T, "one full interval after the send");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_grant_while_a_granted_request_has_not_left() {
+        let q = queue(100);
+        let start = Instant::now();
+        let first = q.wait_turn(&anon(), start + FAR).await.unwrap();
+        let next = {
+            let q = Arc::clone(&q);
+            tokio::spawn(async move {
+                q.wait_turn(&anon(), Instant::now() + FAR).await.unwrap();
+                Instant::now()
+            })
+        };
+        // Its connection takes 3 T: no slot for anyone meanwhile.
+        sleep(T * 3).await;
+        assert!(!next.is_finished(), "granted while the first had not left");
+        first.departure.left(Instant::now(), true);
+        assert_eq!(next.await.unwrap() - start, T * 4, "one T after it left");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_that_never_leaves_frees_the_line() {
+        let q = queue(100);
+        let start = Instant::now();
+        let first = q.wait_turn(&anon(), start + FAR).await.unwrap();
+        let next = {
+            let q = Arc::clone(&q);
+            tokio::spawn(async move {
+                q.wait_turn(&anon(), Instant::now() + FAR).await.unwrap();
+                Instant::now()
+            })
+        };
+        sleep(T / 2).await;
+        drop(first); // no connection: it never went out
+        assert_eq!(next.await.unwrap() - start, T, "the limiter's own slot");
     }
 
     #[tokio::test(start_paused = true)]
@@ -580,7 +763,7 @@ mod tests {
         for _ in 0..8 {
             let q = Arc::clone(&q);
             held.push(tokio::spawn(async move {
-                q.wait_turn(&anon(), Instant::now() + FAR).await
+                q.wait_turn(&anon(), Instant::now() + FAR).await.map(drop)
             }));
             tokio::task::yield_now().await;
         }
@@ -611,7 +794,7 @@ mod tests {
         q.wait_turn(&anon(), Instant::now() + FAR).await.unwrap(); // takes the slot at t=0
         let leaver = {
             let q = Arc::clone(&q);
-            tokio::spawn(async move { q.wait_turn(&anon(), Instant::now() + FAR).await })
+            tokio::spawn(async move { q.wait_turn(&anon(), Instant::now() + FAR).await.map(drop) })
         };
         tokio::task::yield_now().await;
         let stayer = {
@@ -661,7 +844,7 @@ mod tests {
         for _ in 0..3 {
             let q = Arc::clone(&q);
             held.push(tokio::spawn(async move {
-                q.wait_turn(&anon(), Instant::now() + FAR).await
+                q.wait_turn(&anon(), Instant::now() + FAR).await.map(drop)
             }));
             tokio::task::yield_now().await;
         }
@@ -690,7 +873,7 @@ mod tests {
         for _ in 0..31 {
             let q = Arc::clone(&q);
             held.push(tokio::spawn(async move {
-                q.wait_turn(&anon(), Instant::now() + FAR).await
+                q.wait_turn(&anon(), Instant::now() + FAR).await.map(drop)
             }));
             tokio::task::yield_now().await;
         }
@@ -734,7 +917,7 @@ mod tests {
         for _ in 0..30 {
             let (q, flood) = (Arc::clone(&q), flood.clone());
             held.push(tokio::spawn(async move {
-                q.wait_turn(&flood, Instant::now() + FAR).await
+                q.wait_turn(&flood, Instant::now() + FAR).await.map(drop)
             }));
             tokio::task::yield_now().await;
         }
@@ -759,7 +942,7 @@ mod tests {
         q.wait_turn(&anon(), Instant::now() + FAR).await.unwrap();
         let waiting = {
             let q = Arc::clone(&q);
-            tokio::spawn(async move { q.wait_turn(&anon(), Instant::now() + FAR).await })
+            tokio::spawn(async move { q.wait_turn(&anon(), Instant::now() + FAR).await.map(drop) })
         };
         tokio::task::yield_now().await;
         q.close();
