@@ -8,7 +8,9 @@
 //! connection, a starved thread) would arrive closer than the interval to the
 //! next one, sent on time. [`SendClock::late`] says so while the request is
 //! still in flight, early enough to move the next slot (see
-//! [`crate::budget::AccountQueue::sent_late`]).
+//! [`crate::budget::AccountQueue::sent_late`]); and the turn's
+//! [`Departure`] learns the moment, so the replica grants no other slot while
+//! the request has not left.
 
 use std::convert::Infallible;
 use std::pin::Pin;
