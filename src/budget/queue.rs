@@ -486,7 +486,7 @@ impl Transit {
 
 /// A granted request on its way upstream. [`Self::left`] says when it went
 /// out; dropped without that, it never will (no connection, cancelled).
-/// Either lets this replica grant again (see [`Transit`]).
+/// Either lets this replica grant again.
 #[derive(Default)]
 pub struct Departure(Option<Arc<Transit>>);
 
