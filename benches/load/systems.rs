@@ -71,18 +71,24 @@ impl AssociationService for Echo {
     }
 }
 
-/// A bare tonic server (as `Server::serve` sets it up) with the echo service.
-pub async fn echo_server() -> anyhow::Result<SocketAddr> {
+/// `service` on a bare tonic server (as `Server::serve` sets it up, with the
+/// gateway's stream limit) on a free loopback port.
+async fn bare_server(service: impl AssociationService) -> anyhow::Result<SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     tokio::spawn(
         tonic::transport::Server::builder()
             .max_concurrent_streams(Some(1024))
-            .add_service(AssociationServiceServer::new(Echo))
+            .add_service(AssociationServiceServer::new(service))
             .serve_with_incoming(incoming),
     );
     Ok(addr)
+}
+
+/// A bare tonic server with the echo service.
+pub async fn echo_server() -> anyhow::Result<SocketAddr> {
+    bare_server(Echo).await
 }
 
 /// The two hops joined with nothing else: a bare tonic server whose handler
@@ -103,17 +109,7 @@ impl AssociationService for Chain {
 
 /// [`Chain`] on a bare tonic server, in front of `upstream`.
 pub async fn chain_server(upstream: SocketAddr) -> anyhow::Result<SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let chain = Chain(crate::harness::Target::http(upstream)?);
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .max_concurrent_streams(Some(1024))
-            .add_service(AssociationServiceServer::new(chain))
-            .serve_with_incoming(incoming),
-    );
-    Ok(addr)
+    bare_server(Chain(crate::harness::Target::http(upstream)?)).await
 }
 
 /// The Infobip emulator enforcing `rate_per_second` (any API key).
@@ -305,15 +301,10 @@ impl AssociationService for Park {
 
 /// The `park-server` entry point (see [`Park`]).
 pub async fn park_server() -> anyhow::Result<()> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    println!("listening {}", listener.local_addr()?);
     let parked = Arc::new(AtomicU64::new(0));
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .max_concurrent_streams(Some(1024))
-            .add_service(AssociationServiceServer::new(Park(Arc::clone(&parked))))
-            .serve_with_incoming(incoming),
+    println!(
+        "listening {}",
+        bare_server(Park(Arc::clone(&parked))).await?
     );
     let mut last = u64::MAX;
     loop {

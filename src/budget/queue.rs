@@ -65,10 +65,8 @@ pub struct AccountQueue {
     name: String,
     limiter: Arc<dyn Limiter>,
     interval: Duration,
-    /// How late after its grant a request may leave before the next slot
-    /// moves; `None` where spacing is not promised (burst, no margin).
-    send_slack: Option<Duration>,
-    /// Granted requests not yet gone out, where spacing is promised.
+    /// Granted requests not yet gone out, where spacing is promised (a
+    /// burst of 1 and a margin to keep it); `None` where it is not.
     transit: Option<Arc<Transit>>,
     max_wait: Duration,
     max_queue: usize,
@@ -80,7 +78,6 @@ pub struct AccountQueue {
 impl AccountQueue {
     /// Creates the queue and spawns its dispatcher on the current runtime.
     pub fn spawn(name: &str, limiter: Arc<dyn Limiter>, config: &BudgetConfig) -> Arc<Self> {
-        // Spacing is promised with a burst of 1 and a margin to keep it.
         let spacing = config.burst.get() == 1 && !config.safety_margin.is_zero();
         let queue = Arc::new(Self {
             name: name.to_owned(),
@@ -88,8 +85,8 @@ impl AccountQueue {
             interval: config.interval(),
             // Half the margin: a send this late after its grant, followed by
             // one on time, still arrives at least interval - margin/2 apart.
-            send_slack: spacing.then(|| config.safety_margin / 2),
-            transit: spacing.then(|| Arc::new(Transit::new(config.interval()))),
+            transit: spacing
+                .then(|| Arc::new(Transit::new(config.interval(), config.safety_margin / 2))),
             max_wait: config.max_wait,
             max_queue: config.max_queue.get(),
             state: Mutex::new(State {
@@ -252,7 +249,7 @@ impl AccountQueue {
     /// After which instant a request granted at `granted_at` leaves late
     /// (see [`Self::sent_late`]); `None` if it never does.
     pub fn late_after(&self, granted_at: Instant) -> Option<Instant> {
-        self.send_slack.map(|slack| granted_at + slack)
+        self.transit.as_ref().map(|t| granted_at + t.slack)
     }
 
     /// A request left at `sent_at`, later than its grant allowed for: no
@@ -413,6 +410,8 @@ struct Transit {
     /// Wakes the dispatcher when a request leaves or gives up.
     changed: Notify,
     interval: Duration,
+    /// How late after its grant a request may leave before the next slot moves.
+    slack: Duration,
 }
 
 #[derive(Default)]
@@ -423,11 +422,12 @@ struct TransitState {
 }
 
 impl Transit {
-    fn new(interval: Duration) -> Self {
+    fn new(interval: Duration, slack: Duration) -> Self {
         Self {
             state: Mutex::default(),
             changed: Notify::new(),
             interval,
+            slack,
         }
     }
 
@@ -622,6 +622,15 @@ mod tests {
     }
 
     const T: Duration = Duration::from_millis(1010);
+
+    /// A caller waiting for its turn in a task of its own; yields when it was served.
+    fn served_at(q: &Arc<AccountQueue>) -> tokio::task::JoinHandle<Instant> {
+        let q = Arc::clone(q);
+        tokio::spawn(async move {
+            q.wait_turn(&anon(), Instant::now() + FAR).await.unwrap();
+            Instant::now()
+        })
+    }
     const FAR: Duration = Duration::from_secs(3600);
 
     #[tokio::test(start_paused = true)]
@@ -681,13 +690,7 @@ mod tests {
         let q = queue(100);
         let start = Instant::now();
         let first = q.wait_turn(&anon(), start + FAR).await.unwrap();
-        let next = {
-            let q = Arc::clone(&q);
-            tokio::spawn(async move {
-                q.wait_turn(&anon(), Instant::now() + FAR).await.unwrap();
-                Instant::now()
-            })
-        };
+        let next = served_at(&q);
         // Its connection takes 3 T: no slot for anyone meanwhile.
         sleep(T * 3).await;
         assert!(!next.is_finished(), "granted while the first had not left");
@@ -700,13 +703,7 @@ mod tests {
         let q = queue(100);
         let start = Instant::now();
         let first = q.wait_turn(&anon(), start + FAR).await.unwrap();
-        let next = {
-            let q = Arc::clone(&q);
-            tokio::spawn(async move {
-                q.wait_turn(&anon(), Instant::now() + FAR).await.unwrap();
-                Instant::now()
-            })
-        };
+        let next = served_at(&q);
         sleep(T / 2).await;
         drop(first); // no connection: it never went out
         assert_eq!(next.await.unwrap() - start, T, "the limiter's own slot");
@@ -797,13 +794,7 @@ mod tests {
             tokio::spawn(async move { q.wait_turn(&anon(), Instant::now() + FAR).await.map(drop) })
         };
         tokio::task::yield_now().await;
-        let stayer = {
-            let q = Arc::clone(&q);
-            tokio::spawn(async move {
-                q.wait_turn(&anon(), Instant::now() + FAR).await.unwrap();
-                Instant::now()
-            })
-        };
+        let stayer = served_at(&q);
         tokio::time::advance(T / 2).await;
         leaver.abort();
         let start = Instant::now() - T / 2;
