@@ -9,12 +9,11 @@ use std::num::NonZeroU32;
 use std::time::Duration;
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
-use provisioning_gateway::budget::local::LocalLimiter;
-use provisioning_gateway::budget::{BudgetError, Rejection};
 use provisioning_gateway::domain::Association;
 use provisioning_gateway::pb::{Channel, DeleteAssociationRequest, ResourceType};
-use provisioning_gateway::status::{CallError, code_for_http};
-use provisioning_gateway::upstream::Reply;
+use provisioning_gateway::testing::{
+    BudgetError, CallError, LocalLimiter, Rejection, Reply, code_for_http,
+};
 use reqwest::header::HeaderMap;
 
 fn request() -> DeleteAssociationRequest {

@@ -8,24 +8,27 @@
 //!
 //! `cargo run --release --example redis_budget` (needs `redis-server` on PATH;
 //! everything runs on loopback). `-- --seconds N` shortens (b).
+// Measures wall time on the real clock, outside any paused runtime: the
+// library's tokio-clock rule (clippy.toml) does not apply here.
+#![allow(clippy::disallowed_types, clippy::disallowed_methods)]
 
 use std::net::TcpListener as StdListener;
-use std::num::{NonZeroU32, NonZeroUsize};
+use std::num::NonZeroU32;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use provisioning_gateway::budget::redis::{RedisLimiter, RedisStore, TIMEOUT};
-use provisioning_gateway::budget::shared::RedisBackend;
-use provisioning_gateway::budget::{Limiter, WallClock};
-use provisioning_gateway::cli::RedisFallback;
 use provisioning_gateway::config::{
-    AccountConfig, ApiKey, BackendConfig, BudgetConfig, Config, RedisConfig, RedisUrl, endpoint_url,
+    AccountConfig, Config, RedisConfig, RedisUrl, defaults, endpoint_url,
 };
 use provisioning_gateway::mock::{Mock, MockConfig};
 use provisioning_gateway::pb::association_service_client::AssociationServiceClient;
 use provisioning_gateway::pb::{Channel, DeleteAssociationRequest, ResourceType};
 use provisioning_gateway::startup::App;
+use provisioning_gateway::testing::{
+    Decision, Limiter, RedisBackend, RedisLimiter, RedisStore, TIMEOUT, WallClock,
+};
+use provisioning_gateway::{ApiKey, KeySource};
 use tokio_util::sync::CancellationToken;
 use tonic_types::StatusExt;
 
@@ -78,26 +81,11 @@ fn summary(name: &str, mut v: Vec<Duration>) -> Duration {
     percentile(&v, 0.5)
 }
 
-fn budget(rate: u32, margin: Duration) -> BudgetConfig {
-    BudgetConfig {
-        rate_per_second: NonZeroU32::new(rate).expect("a positive rate"),
-        burst: NonZeroU32::MIN,
-        safety_margin: margin,
-        max_wait: Duration::from_secs(30),
-        max_queue: NonZeroUsize::new(1000).expect("1000 > 0"),
-        upstream_reserve: Duration::from_millis(200),
-    }
-}
-
 fn redis_config(url: &str, replicas: u32) -> anyhow::Result<RedisConfig> {
-    Ok(RedisConfig {
-        url: RedisUrl::new(url).map_err(anyhow::Error::msg)?,
-        ca: None,
-        key_prefix: "provisioning-gateway:bench:".into(),
-        fallback: RedisFallback::Local,
-        expected_replicas: NonZeroU32::new(replicas).expect("replicas > 0"),
-        clock: WallClock::system(),
-    })
+    let mut redis = RedisConfig::new(RedisUrl::new(url).map_err(anyhow::Error::msg)?);
+    redis.key_prefix = "provisioning-gateway:bench:".into();
+    redis.expected_replicas = NonZeroU32::new(replicas).expect("replicas > 0");
+    Ok(redis)
 }
 
 /// (a) decision latency vs PING, interleaved.
@@ -117,8 +105,8 @@ async fn latency(url: &str, n: usize) -> anyhow::Result<()> {
         NonZeroU32::MIN,
     );
     // The limiter the dispatcher calls: the script behind the fallback wrapper.
-    let backend = RedisBackend::start(&redis_config(url, 1)?).await?;
-    let shared = backend.limiter("shared", &budget(1_000_000, Duration::ZERO));
+    let backend = RedisBackend::start(&redis_config(url, 1)?, WallClock::default()).await?;
+    let shared = backend.limiter_with("shared", Duration::from_micros(1), NonZeroU32::MIN);
     for _ in 0..200 {
         store.ping().await?;
         script.decide().await?;
@@ -133,7 +121,7 @@ async fn latency(url: &str, n: usize) -> anyhow::Result<()> {
         let t = Instant::now();
         let d = script.decide().await?;
         raw.push(t.elapsed());
-        granted += usize::from(d == provisioning_gateway::budget::Decision::Granted);
+        granted += usize::from(d == Decision::Granted);
         let t = Instant::now();
         let _ = shared.acquire().await;
         full.push(t.elapsed());
@@ -178,22 +166,18 @@ async fn spacing(url: &str, seconds: u64) -> anyhow::Result<()> {
 
     let mut addrs = Vec::new();
     for _ in 0..REPLICAS {
-        let config = Config {
-            listen: "127.0.0.1:0".parse()?,
-            metrics_listen: "127.0.0.1:0".parse()?,
-            accounts: vec![AccountConfig::new(
-                Config::DEFAULT_ACCOUNT,
+        let key = ApiKey::new(KEY).map_err(anyhow::Error::msg)?;
+        let config = Config::builder()
+            .listen("127.0.0.1:0".parse()?)
+            .metrics_listen("127.0.0.1:0".parse()?)
+            .account(AccountConfig::new(
+                defaults::ACCOUNT_NAME,
                 endpoint_url(&format!("http://{mock_addr}"))?,
-                ApiKey::new(KEY).map_err(anyhow::Error::msg)?,
-            )],
-            default_account: Config::DEFAULT_ACCOUNT.to_owned(),
-            auth: Default::default(),
-            budget: budget(1, Duration::from_millis(10)),
-            backend: BackendConfig::Redis(redis_config(url, REPLICAS as u32)?),
-            upstream_timeout: Duration::from_secs(10),
-            shutdown_grace: Duration::from_secs(5),
-            log_format: None,
-        };
+                KeySource::Fixed(key),
+            ))
+            .redis(redis_config(url, REPLICAS as u32)?)
+            .shutdown_grace(Duration::from_secs(5))
+            .build()?;
         let app = App::build(config).await?;
         addrs.push(app.grpc_addr());
         tokio::spawn(app.run_until_stopped(stop.clone().cancelled_owned()));

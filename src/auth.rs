@@ -1,8 +1,13 @@
-//! Who is calling: the caller's identity from its mTLS client certificate
-//! (URI SAN, SPIFFE style, else DNS SAN) or from a bearer token (stored only
-//! as SHA-256, compared in constant time). With neither configured, callers
-//! are anonymous and may name themselves with `x-caller` for fair shares only.
+//! Who is calling, and whether it may use an account: the caller's identity
+//! from its mTLS client certificate (URI SAN, SPIFFE style, else DNS SAN) or
+//! from a bearer token (stored only as SHA-256, compared in constant time);
+//! the account's `allowed_callers`; and the caller as a bounded metric label.
+//! With neither configured, callers are anonymous and may name themselves
+//! with `x-caller` for fair shares only.
+//!
+//! A mechanism: imports `config` and `domain` only.
 
+use std::collections::HashSet;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 
@@ -12,28 +17,11 @@ use tonic::metadata::MetadataMap;
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use crate::budget::Caller;
-use crate::config::AuthConfig;
+use crate::config::{AccountConfig, AuthConfig, TokenCaller};
+use crate::domain::Caller;
 
 /// Longest `x-caller` name kept for fairness.
 const MAX_CALLER_NAME: usize = 128;
-
-/// A bearer-token caller from the accounts file.
-#[derive(Clone)]
-pub struct TokenCaller {
-    pub name: Arc<str>,
-    pub token_sha256: [u8; 32],
-    pub weight: NonZeroU32,
-}
-
-impl std::fmt::Debug for TokenCaller {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TokenCaller")
-            .field("name", &self.name)
-            .field("weight", &self.weight)
-            .finish_non_exhaustive()
-    }
-}
 
 /// Why a call was not let in.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -44,45 +32,80 @@ pub enum AuthError {
     NotAllowed(String),
 }
 
-/// How callers are identified.
+/// How callers are identified and which may use what.
 #[derive(Debug, Clone, Default)]
-pub struct Authenticator {
+pub(crate) struct Authenticator {
     /// Client certificates are required and verified by the TLS layer.
-    pub mtls: bool,
-    pub tokens: Vec<TokenCaller>,
-    /// Weights of callers known by name (mTLS identities, token callers).
-    pub weights: Vec<(Arc<str>, NonZeroU32)>,
+    mtls: bool,
+    tokens: Vec<TokenCaller>,
+    /// Caller names that may appear as metric labels (configured ones).
+    known_callers: HashSet<String>,
 }
 
 /// An identified caller: its fairness key, and whether it was authenticated.
 #[derive(Debug, Clone)]
-pub struct Identity {
-    pub caller: Caller,
-    pub authenticated: bool,
+pub(crate) struct Identity {
+    pub(crate) caller: Caller,
+    pub(crate) authenticated: bool,
 }
 
 impl Authenticator {
     /// From the checked configuration: mTLS when a client CA is set, tokens
-    /// from the accounts file.
-    pub fn new(config: &AuthConfig) -> Self {
+    /// from the accounts file; the callers the accounts name are known labels.
+    pub(crate) fn new(config: &AuthConfig, accounts: &[AccountConfig]) -> Self {
+        let known_callers = config
+            .callers
+            .iter()
+            .map(|t| t.name.to_string())
+            .chain(
+                accounts
+                    .iter()
+                    .flat_map(|a| a.allowed_callers.iter().flatten().cloned()),
+            )
+            .collect();
         Self {
-            mtls: config.tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
+            mtls: config.mtls(),
             tokens: config.callers.clone(),
-            weights: config
-                .callers
-                .iter()
-                .map(|c| (Arc::clone(&c.name), c.weight))
-                .collect(),
+            known_callers,
         }
     }
 
     /// True when calls must prove who they are.
-    pub fn required(&self) -> bool {
+    fn required(&self) -> bool {
         self.mtls || !self.tokens.is_empty()
     }
 
+    /// Whether `identity` may use an account open to `allowed` (`None`: any
+    /// caller); the refusal names the caller by its label.
+    pub(crate) fn authorize(
+        &self,
+        identity: &Identity,
+        allowed: Option<&[String]>,
+    ) -> Result<(), AuthError> {
+        match allowed {
+            Some(allowed)
+                if !(identity.authenticated
+                    && allowed.iter().any(|c| **c == *identity.caller.id)) =>
+            {
+                Err(AuthError::NotAllowed(self.label(identity).to_owned()))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The caller as a bounded label: configured names, `anonymous`, or `unlisted`.
+    pub(crate) fn label<'a>(&self, identity: &'a Identity) -> &'a str {
+        if !identity.authenticated {
+            "anonymous"
+        } else if self.known_callers.contains(&*identity.caller.id) {
+            &identity.caller.id
+        } else {
+            "unlisted"
+        }
+    }
+
     /// Identifies the caller of a call from its metadata and TLS peer chain.
-    pub fn identify(
+    pub(crate) fn identify(
         &self,
         metadata: &MetadataMap,
         peer_certs: Option<&[impl AsRef<[u8]>]>,
@@ -106,10 +129,10 @@ impl Authenticator {
             .or(from_cert.map(Arc::from))
             .ok_or(AuthError::Unauthenticated)?;
         let weight = self
-            .weights
+            .tokens
             .iter()
-            .find(|(n, _)| *n == name)
-            .map_or(NonZeroU32::MIN, |(_, w)| *w);
+            .find(|t| t.name == name)
+            .map_or(NonZeroU32::MIN, |t| t.weight);
         Ok(Identity {
             caller: Caller::new(name, weight),
             authenticated: true,
@@ -157,7 +180,7 @@ fn anonymous(metadata: &MetadataMap) -> Caller {
 
 /// The identity a client certificate names: its first URI SAN (SPIFFE ID),
 /// else its first DNS SAN.
-pub fn cert_identity(der: &[u8]) -> Option<String> {
+fn cert_identity(der: &[u8]) -> Option<String> {
     let (_, cert) = X509Certificate::from_der(der).ok()?;
     let san = cert.subject_alternative_name().ok()??;
     let names = &san.value.general_names;
@@ -175,14 +198,6 @@ pub fn cert_identity(der: &[u8]) -> Option<String> {
         })
 }
 
-/// SHA-256 of a token, as the accounts file stores it (hex).
-pub fn token_sha256_hex(token: &str) -> String {
-    Sha256::digest(token.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,16 +211,13 @@ mod tests {
     }
 
     fn tokens() -> Authenticator {
-        let hash = Sha256::digest(b"billing-token").into();
-        Authenticator {
-            mtls: false,
-            tokens: vec![TokenCaller {
-                name: "billing".into(),
-                token_sha256: hash,
-                weight: NonZeroU32::new(3).unwrap(),
-            }],
-            weights: vec![("billing".into(), NonZeroU32::new(3).unwrap())],
-        }
+        let billing =
+            TokenCaller::with_token("billing", "billing-token", NonZeroU32::new(3).unwrap());
+        let config = AuthConfig {
+            tls: None,
+            callers: vec![billing],
+        };
+        Authenticator::new(&config, &[])
     }
 
     const NO_CERTS: Option<&[Vec<u8>]> = None;
@@ -240,13 +252,5 @@ mod tests {
                 AuthError::Unauthenticated
             );
         }
-    }
-
-    #[test]
-    fn token_hashes_are_hex_sha256() {
-        assert_eq!(
-            token_sha256_hex("abc"),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
     }
 }

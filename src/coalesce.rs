@@ -238,7 +238,8 @@ where
     }
 
     /// Flights in progress.
-    pub fn in_flight(&self) -> usize {
+    #[cfg(test)]
+    fn in_flight(&self) -> usize {
         self.lock().len()
     }
 

@@ -1,12 +1,16 @@
 //! `demo`: the emulator and the gateway in one process on loopback, with the
-//! grpcurl commands to try printed on stdout.
+//! grpcurl commands to try printed on stdout. The gateway runs with the
+//! production defaults except where a demo needs otherwise.
+
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::{BudgetArgs, DemoArgs, LogFormat};
-use crate::config::{AccountConfig, ApiKey, BackendConfig, BudgetConfig, Config, endpoint_url};
+use crate::cli::DemoArgs;
+use crate::config::{AccountConfig, Config, LogFormat, defaults, endpoint_url};
+use crate::keys::{ApiKey, KeySource};
 use crate::mock::{Mock, MockConfig};
 use crate::startup::{App, shutdown_signal};
 
@@ -19,34 +23,23 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     let mock = Mock::new(MockConfig {
         api_key: Some(DEMO_KEY.into()),
-        rate_per_second: 1,
+        rate_per_second: defaults::RATE_PER_SECOND,
     });
     tokio::spawn(mock.serve(mock_listener, stop.clone().cancelled_owned()));
 
-    let budget_args = BudgetArgs {
-        rate_per_second: 1,
-        burst: 1,
-        safety_margin: std::time::Duration::from_millis(10),
-        max_wait: std::time::Duration::from_secs(30),
-        max_queue: 1000,
-        upstream_reserve: std::time::Duration::from_millis(200),
-    };
-    let config = Config {
-        listen: args.listen,
-        metrics_listen: args.metrics_listen,
-        accounts: vec![AccountConfig::new(
-            Config::DEFAULT_ACCOUNT,
+    let key = ApiKey::new(DEMO_KEY).expect("the demo key is a valid key");
+    let config = Config::builder()
+        .listen(args.listen)
+        .metrics_listen(args.metrics_listen)
+        .account(AccountConfig::new(
+            defaults::ACCOUNT_NAME,
             endpoint_url(&format!("http://{mock_addr}"))?,
-            ApiKey::new(DEMO_KEY).expect("the demo key is a valid key"),
-        )],
-        default_account: Config::DEFAULT_ACCOUNT.into(),
-        auth: Default::default(),
-        budget: BudgetConfig::from_args(&budget_args)?,
-        backend: BackendConfig::Memory,
-        upstream_timeout: std::time::Duration::from_secs(10),
-        shutdown_grace: std::time::Duration::from_secs(5),
-        log_format: Some(LogFormat::Text),
-    };
+            KeySource::Fixed(key),
+        ))
+        // A demo stops at Ctrl-C without a drain worth waiting 20 s for.
+        .shutdown_grace(Duration::from_secs(5))
+        .log_format(Some(LogFormat::Text))
+        .build()?;
     let app = App::build(config)
         .await
         .context("cannot start the demo gateway")?;
@@ -59,7 +52,6 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     stop.cancel();
     Ok(())
 }
-
 fn instructions(addr: &str, mock: &str) -> String {
     format!(
         r#"provisioning-gateway demo: gateway on {addr}, Infobip emulator on http://{mock}

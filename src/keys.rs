@@ -1,44 +1,112 @@
-//! API keys that change without a restart. Kubernetes updates a mounted
-//! Secret in place (an atomic symlink swap), so file-sourced keys are re-read
-//! every few seconds and on SIGHUP; a call reads the key once, when it sends,
-//! so calls in flight finish with the key they started with.
+//! API keys: the secret type, where a key comes from, and the cell that holds
+//! an account's current key while the process runs.
+//!
+//! Kubernetes updates a mounted Secret in place (an atomic symlink swap), so
+//! file-sourced keys are re-read every few seconds and on SIGHUP ([`watch`]);
+//! an attempt reads the key once, when it sends, so calls in flight finish
+//! with the key they started with. A leaf: imports nothing of the crate.
 
+use std::fmt;
+use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use crate::accounts::KeySource;
-use crate::config::ApiKey;
-
 /// How often key files are re-read.
-pub const RELOAD_EVERY: Duration = Duration::from_secs(2);
+pub(crate) const RELOAD_EVERY: Duration = Duration::from_secs(2);
+
+/// An API key. Never printed: `Debug` and `Display` are redacted.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiKey(String);
+
+impl ApiKey {
+    /// Wraps a key, refusing an empty one or one that cannot go in a header.
+    pub fn new(key: impl Into<String>) -> Result<Self, &'static str> {
+        let key = key.into().trim().to_owned();
+        if key.is_empty() {
+            return Err("is empty");
+        }
+        if !key.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
+            return Err("contains characters that cannot be sent in an HTTP header");
+        }
+        Ok(Self(key))
+    }
+
+    /// The secret itself, for the `Authorization` header only.
+    pub(crate) fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ApiKey(<redacted>)")
+    }
+}
+
+impl fmt::Display for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// Where an account's API key comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// A key given once (`INFOBIP_API_KEY`, the demo, tests): never reloaded.
+    Fixed(ApiKey),
+    /// An environment variable, by name (accounts file `api_key_env`).
+    Env(String),
+    /// A file, re-read on reload (a mounted Secret).
+    File(PathBuf),
+}
+
+impl KeySource {
+    /// Reads the key; the error names the source, never the key.
+    pub fn read(&self) -> Result<ApiKey, String> {
+        match self {
+            Self::Fixed(key) => Ok(key.clone()),
+            Self::Env(name) => {
+                let value = std::env::var(name)
+                    .map_err(|_| format!("environment variable {name} is not set"))?;
+                ApiKey::new(value).map_err(|p| format!("environment variable {name} {p}"))
+            }
+            Self::File(path) => {
+                let value = std::fs::read_to_string(path)
+                    .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+                ApiKey::new(value).map_err(|p| format!("{}: {p}", path.display()))
+            }
+        }
+    }
+
+    /// Where the key comes from, for logs (never the key).
+    fn describe(&self) -> String {
+        match self {
+            Self::Fixed(_) => "a fixed key".into(),
+            Self::Env(v) => format!("environment variable {v}"),
+            Self::File(p) => format!("file {}", p.display()),
+        }
+    }
+}
 
 /// One account's current key and where it comes from.
 #[derive(Debug)]
-pub struct KeyCell {
+pub(crate) struct KeyCell {
     source: KeySource,
     current: RwLock<ApiKey>,
 }
 
 impl KeyCell {
     /// Reads the key for the first time; the error names the source.
-    pub fn load(source: KeySource) -> Result<Self, String> {
-        let key = read(&source)?;
+    pub(crate) fn load(source: KeySource) -> Result<Self, String> {
+        let key = source.read()?;
         Ok(Self {
             source,
             current: RwLock::new(key),
         })
     }
 
-    /// A cell holding a fixed key (demo, tests).
-    pub fn fixed(key: ApiKey) -> Self {
-        Self {
-            source: KeySource::Env(String::new()),
-            current: RwLock::new(key),
-        }
-    }
-
     /// The key to send now.
-    pub fn current(&self) -> ApiKey {
+    pub(crate) fn current(&self) -> ApiKey {
         self.current
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -47,11 +115,11 @@ impl KeyCell {
 
     /// Re-reads the source; `Ok(true)` when the key changed. A source that
     /// became unreadable or empty keeps the old key (and says why).
-    pub fn reload(&self) -> Result<bool, String> {
-        if matches!(&self.source, KeySource::Env(name) if name.is_empty()) {
+    pub(crate) fn reload(&self) -> Result<bool, String> {
+        if matches!(self.source, KeySource::Fixed(_)) {
             return Ok(false);
         }
-        let key = read(&self.source)?;
+        let key = self.source.read()?;
         let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
         if *current == key {
             return Ok(false);
@@ -59,33 +127,10 @@ impl KeyCell {
         *current = key;
         Ok(true)
     }
-
-    /// Where the key comes from, for logs (never the key).
-    pub fn describe(&self) -> String {
-        match &self.source {
-            KeySource::Env(v) => format!("environment variable {v}"),
-            KeySource::File(p) => format!("file {}", p.display()),
-        }
-    }
-}
-
-fn read(source: &KeySource) -> Result<ApiKey, String> {
-    match source {
-        KeySource::Env(name) => {
-            let value = std::env::var(name)
-                .map_err(|_| format!("environment variable {name} is not set"))?;
-            ApiKey::new(value).map_err(|p| format!("environment variable {name} {p}"))
-        }
-        KeySource::File(path) => {
-            let value = std::fs::read_to_string(path)
-                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-            ApiKey::new(value).map_err(|p| format!("{}: {p}", path.display()))
-        }
-    }
 }
 
 /// Reloads every key every [`RELOAD_EVERY`] and on SIGHUP, until dropped.
-pub async fn watch(cells: Vec<(String, Arc<KeyCell>)>) {
+pub(crate) async fn watch(cells: Vec<(String, Arc<KeyCell>)>) {
     #[cfg(unix)]
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     let mut tick = tokio::time::interval(RELOAD_EVERY);
@@ -108,7 +153,9 @@ pub async fn watch(cells: Vec<(String, Arc<KeyCell>)>) {
         };
         for (account, cell) in &cells {
             match cell.reload() {
-                Ok(true) => tracing::info!(account, source = %cell.describe(), "API key reloaded"),
+                Ok(true) => {
+                    tracing::info!(account, source = %cell.source.describe(), "API key reloaded")
+                }
                 Ok(false) if by_signal => tracing::info!(account, "SIGHUP: API key unchanged"),
                 Ok(false) => {}
                 Err(problem) => {
@@ -122,6 +169,14 @@ pub async fn watch(cells: Vec<(String, Arc<KeyCell>)>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn api_key_never_prints() {
+        let key = ApiKey::new("s3cr3t-key").unwrap();
+        assert!(!format!("{key:?} {key}").contains("s3cr3t"));
+        let source = KeySource::Fixed(key);
+        assert!(!format!("{source:?} {}", source.describe()).contains("s3cr3t"));
+    }
 
     #[test]
     fn a_changed_file_is_picked_up_and_a_broken_one_keeps_the_old_key() {

@@ -2,27 +2,38 @@
 //! `DELETE /provisioning/1/associations` that holds the vendor's budget
 //! (1 request per second per account) centrally for every internal caller.
 //!
-//! The request path, top to bottom, is in [`grpc`]; [`startup`] builds and runs
-//! the server; [`mock`] is the Infobip emulator used by `demo`, `mock-upstream`
-//! and the tests.
+//! Layers, lowest first (a module imports only modules of lower layers):
+//! - leaves: [`domain`] (what a call is about), [`config`] (checked, inert
+//!   settings), `keys` (API keys), `coalesce` (generic single flight);
+//! - mechanisms: `telemetry`, `budget` (the line and the limiter), `upstream`
+//!   (the Infobip client), `auth` (who calls, may it);
+//! - the request path: `grpc`;
+//! - wiring: [`startup`] (build, serve, drain), [`cli`], [`demo`].
+//!
+//! [`mock`] is the Infobip emulator used by `demo`, `mock-upstream` and the
+//! tests. The public surface is what the binary, tests and benchmarks need;
+//! [`testing`] holds the hooks only they use.
 #![forbid(unsafe_code)]
 
-pub mod accounts;
-pub mod auth;
-pub mod budget;
+mod auth;
+mod budget;
 pub mod cli;
-pub mod coalesce;
+mod coalesce;
 pub mod config;
 pub mod demo;
 pub mod domain;
-pub mod grpc;
-pub mod keys;
+mod grpc;
+mod keys;
 pub mod mock;
-pub mod send_clock;
 pub mod startup;
-pub mod status;
 pub mod telemetry;
-pub mod upstream;
+#[doc(hidden)]
+pub mod testing;
+mod upstream;
+
+pub use config::Config;
+pub use keys::{ApiKey, KeySource};
+pub use startup::App;
 
 /// Code generated from `proto/infobip/provisioning/v1/associations.proto`.
 pub mod pb {

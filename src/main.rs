@@ -2,7 +2,7 @@
 //! Bad configuration exits 2 with one line naming the setting.
 
 use clap::Parser;
-use provisioning_gateway::cli::{Cli, Command};
+use provisioning_gateway::cli::{Cli, Command, LogFormat};
 use provisioning_gateway::config::Config;
 use provisioning_gateway::mock::{Mock, MockConfig};
 use provisioning_gateway::startup::{App, shutdown_signal};
@@ -14,7 +14,7 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => {
-            let config = match Config::from_args(&args, std::env::var("INFOBIP_API_KEY").ok()) {
+            let config = match args.config(std::env::var("INFOBIP_API_KEY").ok()) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("provisioning-gateway: {e}");
@@ -40,7 +40,7 @@ async fn main() -> ExitCode {
             mock_upstream(args).await
         }
         Command::Demo(args) => {
-            let format = Some(provisioning_gateway::cli::LogFormat::Text);
+            let format = Some(LogFormat::Text);
             let telemetry = tokio::task::spawn_blocking(move || telemetry::init(format)).await;
             let result = demo::run(args).await;
             if let Ok(t) = telemetry {

@@ -3,7 +3,9 @@
 //! parsed (and size-capped) for the status mapping.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use opentelemetry_http::HeaderInjector;
 use tracing::Instrument;
@@ -13,7 +15,9 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER};
 use serde::Deserialize;
 
-use crate::config::AccountConfig;
+use url::Url;
+
+use crate::keys::KeyCell;
 use crate::telemetry::metrics;
 
 /// Most of an error body the gateway reads; Infobip's are a few hundred bytes.
@@ -91,6 +95,15 @@ pub enum TransportError {
     Timeout,
 }
 
+/// Where one attempt goes: the account's name (for spans and metrics), its
+/// endpoint, and its key as of the moment the attempt sends.
+#[derive(Clone, Copy)]
+pub(crate) struct Target<'a> {
+    pub account: &'a str,
+    pub url: &'a Url,
+    pub key: &'a KeyCell,
+}
+
 /// The Infobip client, shared by all calls (its connection pool is the point).
 #[derive(Clone)]
 pub struct Upstream {
@@ -110,17 +123,17 @@ impl Upstream {
         Ok(Self { client })
     }
 
-    /// Sends one DELETE with `body` for `account`, giving up after `timeout`.
+    /// Sends one DELETE with `body` to `target`, giving up after `timeout`.
     /// `attempt` counts from 1; each attempt is its own HTTP client span, whose
     /// `traceparent` goes upstream.
-    pub async fn delete(
+    pub(crate) async fn delete(
         &self,
-        account: &AccountConfig,
+        target: Target<'_>,
         body: reqwest::Body,
         timeout: Duration,
         attempt: u32,
     ) -> Result<Reply, TransportError> {
-        let url = &account.endpoint;
+        let url = target.url;
         let span = tracing::info_span!(
             "http.client",
             otel.name = "DELETE",
@@ -134,14 +147,14 @@ impl Upstream {
             http.request.resend_count = attempt.saturating_sub(1),
             http.response.status_code = Empty,
             error.type = Empty,
-            account = %account.name,
+            account = target.account,
             trace_id = Empty,
             span_id = Empty,
         );
         crate::telemetry::record_ids(&span);
         let started = Instant::now();
         let result = self
-            .send(account, body, timeout, &span)
+            .send(&target, body, timeout, &span)
             .instrument(span.clone())
             .await;
         let (status_label, error_type) = match &result {
@@ -158,19 +171,19 @@ impl Upstream {
             span.record("error.type", error_type);
             span.record("otel.status_code", "ERROR");
         }
-        metrics::upstream(&account.name, status_label, started.elapsed());
+        metrics::upstream(target.account, status_label, started.elapsed());
         result
     }
 
     async fn send(
         &self,
-        account: &AccountConfig,
+        target: &Target<'_>,
         body: reqwest::Body,
         timeout: Duration,
         span: &tracing::Span,
     ) -> Result<Reply, TransportError> {
         // Read once per attempt: a reloaded key applies from the next attempt on.
-        let key = account.api_key.current();
+        let key = target.key.current();
         let mut auth = HeaderValue::from_str(&format!("App {}", key.expose()))
             .map_err(|_| TransportError::Connect)?;
         auth.set_sensitive(true);
@@ -183,7 +196,7 @@ impl Upstream {
         });
         let send = self
             .client
-            .delete(account.endpoint.clone())
+            .delete(target.url.clone())
             .header(AUTHORIZATION, auth)
             .header(CONTENT_TYPE, json.clone())
             .header(ACCEPT, json)
@@ -265,7 +278,7 @@ mod tests {
             }
             let reply = Reply::new(status, &headers, &body);
             proptest::prop_assert!(reply.retry_after.is_none_or(|d| d <= MAX_RETRY_AFTER));
-            let s = crate::status::CallError::Upstream(reply).to_status("acct");
+            let s = crate::grpc::status::CallError::Upstream(reply).to_status("acct");
             use tonic_types::StatusExt;
             let details = s.get_error_details();
             proptest::prop_assert!(details.error_info().is_some());

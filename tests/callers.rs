@@ -5,19 +5,18 @@
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
-use provisioning_gateway::accounts::KeySource;
-use provisioning_gateway::auth::TokenCaller;
-use provisioning_gateway::config::{AccountConfig, ApiKey, TlsConfig, endpoint_url};
-use provisioning_gateway::keys::KeyCell;
+use provisioning_gateway::KeySource;
+use provisioning_gateway::config::{TlsConfig, TokenCaller};
 use provisioning_gateway::pb::association_service_client::AssociationServiceClient;
-use sha2::Digest;
 use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use tonic_types::StatusExt;
 
 use crate::support::pki::{Ca, Leaf};
 use crate::support::process::GatewayProcess;
-use crate::support::{Opts, TestApp, config, request, spawn_config, spawn_open_mock};
+use crate::support::{
+    Opts, TestApp, account as upstream_account, config, request, spawn_config, spawn_open_mock,
+};
 
 const ORDERS: &str = "spiffe://cluster.test/ns/orders/sa/orders";
 const BILLING: &str = "spiffe://cluster.test/ns/billing/sa/billing";
@@ -26,21 +25,18 @@ const BILLING: &str = "spiffe://cluster.test/ns/billing/sa/billing";
 /// `restricted` (only ORDERS and the token caller `reports`).
 async fn two_accounts(tls: Option<TlsConfig>, tokens: Vec<TokenCaller>) -> TestApp {
     let (mock, addr, stop) = spawn_open_mock(20).await;
-    let mut c = config(&Opts::default(), &format!("http://{addr}"));
-    let endpoint = endpoint_url(&format!("http://{addr}")).unwrap();
-    let mut restricted = AccountConfig::new(
-        "restricted",
-        endpoint.clone(),
-        ApiKey::new("key-restricted").unwrap(),
-    );
-    restricted.allowed_callers = Some(vec![ORDERS.into(), "reports".into()]);
-    c.accounts = vec![
-        AccountConfig::new("main", endpoint, ApiKey::new("key-main").unwrap()),
-        restricted,
-    ];
-    c.default_account = "main".into();
-    c.auth.tls = tls;
-    c.auth.callers = tokens;
+    let upstream = format!("http://{addr}");
+    let restricted = upstream_account("restricted", &upstream, "key-restricted")
+        .allowed_callers(vec![ORDERS.into(), "reports".into()]);
+    let c = provisioning_gateway::Config::builder()
+        .listen("127.0.0.1:0".parse().unwrap())
+        .metrics_listen("127.0.0.1:0".parse().unwrap())
+        .rate_per_second(Opts::default().rate_per_second)
+        .safety_margin(Opts::default().safety_margin)
+        .account(upstream_account("main", &upstream, "key-main"))
+        .account(restricted)
+        .tls(tls)
+        .callers(tokens);
     spawn_config(c, mock, stop).await
 }
 
@@ -128,11 +124,8 @@ async fn mtls_identifies_callers_and_accounts_restrict_them() {
 
 #[tokio::test]
 async fn bearer_tokens_identify_callers() {
-    let token = |name: &str, secret: &str| TokenCaller {
-        name: name.into(),
-        token_sha256: sha2::Sha256::digest(secret.as_bytes()).into(),
-        weight: std::num::NonZeroU32::MIN,
-    };
+    let token =
+        |name: &str, secret: &str| TokenCaller::with_token(name, secret, std::num::NonZeroU32::MIN);
     let app = two_accounts(
         None,
         vec![
@@ -173,19 +166,14 @@ async fn bearer_tokens_identify_callers() {
 #[tokio::test]
 async fn accounts_keep_separate_budgets_and_unknown_ones_are_refused() {
     let (mock, addr, stop) = spawn_open_mock(1).await;
-    let mut c = config(
-        &Opts {
-            rate_per_second: 1,
-            ..Opts::default()
-        },
-        &format!("http://{addr}"),
-    );
-    let endpoint = endpoint_url(&format!("http://{addr}")).unwrap();
-    c.accounts = vec![
-        AccountConfig::new("a", endpoint.clone(), ApiKey::new("key-a").unwrap()),
-        AccountConfig::new("b", endpoint, ApiKey::new("key-b").unwrap()),
-    ];
-    c.default_account = "a".into();
+    let upstream = format!("http://{addr}");
+    let c = provisioning_gateway::Config::builder()
+        .listen("127.0.0.1:0".parse().unwrap())
+        .metrics_listen("127.0.0.1:0".parse().unwrap())
+        .rate_per_second(1)
+        .safety_margin(Opts::default().safety_margin)
+        .account(upstream_account("a", &upstream, "key-a"))
+        .account(upstream_account("b", &upstream, "key-b"));
     let app = spawn_config(c, mock, stop).await;
     let client = app.client().await;
     let calls = ["a", "b", "a", "b"]
@@ -314,9 +302,12 @@ async fn a_changed_key_file_is_used_without_restart() {
 }
 
 #[test]
-fn key_cells_read_env_sources_by_name() {
+fn key_sources_read_env_variables_by_name() {
     // The accounts file's api_key_env names a variable; PATH always exists.
-    let cell = KeyCell::load(KeySource::Env("PATH".into())).unwrap();
-    assert!(!cell.current().expose().is_empty());
-    assert!(KeyCell::load(KeySource::Env("PG_SURELY_UNSET_VARIABLE".into())).is_err());
+    assert!(KeySource::Env("PATH".into()).read().is_ok());
+    assert!(
+        KeySource::Env("PG_SURELY_UNSET_VARIABLE".into())
+            .read()
+            .is_err()
+    );
 }

@@ -8,11 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
-use provisioning_gateway::budget::Decision;
-use provisioning_gateway::budget::redis::{RedisLimiter, RedisStore, TIMEOUT};
-use provisioning_gateway::cli::RedisFallback;
-use provisioning_gateway::config::RedisUrl;
+use provisioning_gateway::config::{RedisFallback, RedisUrl};
 use provisioning_gateway::mock::{Arrival, Mock, Scripted};
+use provisioning_gateway::testing::{Decision, RedisLimiter, RedisStore, TIMEOUT};
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
 use tonic_health::pb::HealthCheckRequest;
@@ -660,9 +658,7 @@ async fn rediss_with_a_password_and_a_private_ca() {
     let trusted = {
         let mut o = opts_20().redis(&url, RedisFallback::Deny, 1);
         if let provisioning_gateway::config::BackendConfig::Redis(r) = &mut o.backend {
-            r.ca = Some(provisioning_gateway::config::CaPem(
-                std::fs::read(&ca).unwrap(),
-            ));
+            r.ca = Some(provisioning_gateway::config::CaPem::read(&ca).unwrap());
         }
         o
     };

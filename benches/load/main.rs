@@ -23,6 +23,9 @@
 //!   --only NAME          overhead: run only the system named NAME (for profiling)
 //! ```
 //! Results: a table on stdout and `target/bench-results/<scenario>.json`.
+// Measures wall time on the real clock, outside any paused runtime: the
+// library's tokio-clock rule (clippy.toml) does not apply here.
+#![allow(clippy::disallowed_types)]
 
 use std::path::PathBuf;
 use std::time::Duration;

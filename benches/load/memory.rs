@@ -4,15 +4,15 @@
 //!
 //! Budget state for 10,000 accounts: the binary with an `--accounts-file` of
 //! 10,000 accounts against one of a single account, both idle after one call;
-//! and, in this process, the RSS growth from `Budget::memory` over 10,000
-//! accounts (a queue, a GCRA limiter and a parked dispatcher task each),
+//! and, in this process, the RSS growth from 10,000 in-process lines (a
+//! line, a GCRA limiter and a parked dispatcher task each),
 //! measured first thing in the process.
 
 use std::time::{Duration, Instant};
 
-use provisioning_gateway::budget::Budget;
 use provisioning_gateway::pb::DeleteAssociationResponse;
 use provisioning_gateway::pb::association_service_client::AssociationServiceClient;
+use provisioning_gateway::testing::MemoryLines;
 use serde_json::json;
 use tonic::transport::Endpoint;
 
@@ -76,21 +76,19 @@ fn call_all(
 
 /// Budget state for 10,000 accounts: the release binary with an accounts
 /// file of 10,000 accounts against the same binary with one, and the growth
-/// from `Budget::memory` over 10,000 accounts in this process.
+/// from 10,000 in-process lines in this process.
 async fn accounts() -> anyhow::Result<serde_json::Value> {
     let budget_config = config("127.0.0.1:9".parse()?, &[])?.budget;
-    let names: Vec<(String, _)> = (0..ACCOUNTS)
-        .map(|i| (format!("account-{i:05}"), budget_config.clone()))
-        .collect();
+    let names: Vec<String> = (0..ACCOUNTS).map(|i| format!("account-{i:05}")).collect();
     let (before, _) = rss(0);
-    let budget = Budget::memory(&names);
+    let lines = MemoryLines::new(names.iter().map(String::as_str), &budget_config);
     // Let every dispatcher run once and park on its queue.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let (after, _) = rss(0);
-    budget.close();
+    drop(lines);
     let in_process = after.saturating_sub(before);
     println!(
-        "  budget state for {ACCOUNTS} accounts (Budget::memory, in process): +{:.1} MiB RSS, {:.0} bytes per account",
+        "  budget state for {ACCOUNTS} accounts (in-process lines): +{:.1} MiB RSS, {:.0} bytes per account",
         mib(in_process),
         in_process as f64 / ACCOUNTS as f64
     );

@@ -141,7 +141,7 @@ pub fn config(upstream: SocketAddr, flags: &[&str]) -> anyhow::Result<Config> {
     let Command::Serve(args) = Cli::try_parse_from(argv)?.command else {
         unreachable!("the argv names the serve subcommand")
     };
-    Ok(Config::from_args(&args, Some(API_KEY.into()))?)
+    Ok(args.config(Some(API_KEY.into()))?)
 }
 
 /// The gateway in this process, as the tests run it; returns its gRPC address.

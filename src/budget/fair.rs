@@ -4,30 +4,9 @@
 //! of weight w is served up to w calls in a row per round.
 
 use std::collections::{HashMap, VecDeque};
-use std::num::NonZeroU32;
 use std::sync::Arc;
 
-/// Who is waiting: the fairness key and its weight.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Caller {
-    /// Authenticated identity, `x-caller` for anonymous callers, or `anonymous`.
-    pub id: Arc<str>,
-    pub weight: NonZeroU32,
-}
-
-impl Caller {
-    pub fn new(id: impl Into<Arc<str>>, weight: NonZeroU32) -> Self {
-        Self {
-            id: id.into(),
-            weight,
-        }
-    }
-
-    /// The caller of calls that say nothing about themselves.
-    pub fn anonymous() -> Self {
-        Self::new("anonymous", NonZeroU32::MIN)
-    }
-}
+use crate::domain::Caller;
 
 struct Lane<T> {
     items: VecDeque<T>,
@@ -37,7 +16,7 @@ struct Lane<T> {
 }
 
 /// Items queued per caller, popped in weighted round-robin order.
-pub struct FairQueue<T> {
+pub(super) struct FairQueue<T> {
     lanes: HashMap<Arc<str>, Lane<T>>,
     /// Callers with items, in service order; the front one is being served.
     ring: VecDeque<Arc<str>>,
@@ -53,7 +32,7 @@ impl<T> Default for FairQueue<T> {
 }
 
 impl<T> FairQueue<T> {
-    pub fn push(&mut self, caller: &Caller, item: T) {
+    pub(super) fn push(&mut self, caller: &Caller, item: T) {
         let lane = self.lanes.entry(Arc::clone(&caller.id)).or_insert_with(|| {
             self.ring.push_back(Arc::clone(&caller.id));
             Lane {
@@ -66,7 +45,7 @@ impl<T> FairQueue<T> {
     }
 
     /// The next item in round-robin order.
-    pub fn pop(&mut self) -> Option<T> {
+    pub(super) fn pop(&mut self) -> Option<T> {
         loop {
             let id = self.ring.front()?;
             let lane = self.lanes.get_mut(id)?;
@@ -91,7 +70,7 @@ impl<T> FairQueue<T> {
     }
 
     /// Removes everything, in no particular order.
-    pub fn drain(&mut self) -> impl Iterator<Item = T> + '_ {
+    pub(super) fn drain(&mut self) -> impl Iterator<Item = T> + '_ {
         self.ring.clear();
         self.lanes.drain().flat_map(|(_, lane)| lane.items)
     }
@@ -101,7 +80,7 @@ impl<T> FairQueue<T> {
 /// still waiting per caller (`waiting`: id → (count, weight)). Round r of the
 /// new call is ceil((own + 1) / w); every other caller j gets at most r × w_j
 /// turns before it.
-pub fn ahead<'a>(
+pub(super) fn ahead<'a>(
     caller: &Caller,
     waiting: impl IntoIterator<Item = (&'a Arc<str>, (usize, u32))>,
 ) -> usize {
@@ -124,6 +103,7 @@ pub fn ahead<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::num::NonZeroU32;
 
     fn caller(id: &str, weight: u32) -> Caller {
         Caller::new(id, NonZeroU32::new(weight).unwrap())

@@ -22,7 +22,9 @@ use futures::future::BoxFuture;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Script};
 
-use super::{BackendUnavailable, Decision, Limiter, WallClock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use super::limiter::{BackendUnavailable, Decision, Limiter};
 use crate::config::{CaPem, RedisUrl};
 
 /// Longest a command may take. Loopback or in-cluster Redis answers in well
@@ -168,7 +170,7 @@ async fn time(conn: &mut MultiplexedConnection) -> redis::RedisResult<i64> {
 }
 
 /// One account's GCRA in Redis. On its own it has no fallback: an
-/// unreachable Redis is [`BackendUnavailable`] (see [`super::shared`]).
+/// unreachable Redis is `BackendUnavailable` (the fallback is in `shared`).
 pub struct RedisLimiter {
     store: std::sync::Arc<RedisStore>,
     key: String,
@@ -253,6 +255,32 @@ impl Limiter for RedisLimiter {
             let _ = self.push_back(wait).await;
         }
         .boxed()
+    }
+}
+
+/// This process' wall clock, as the Redis backend reads it. Budget decisions
+/// never do (they use Redis `TIME`, and tokio's monotonic clock for sleeping);
+/// it only measures the skew reported on `/healthz`. The offset lets tests run
+/// replicas whose clocks disagree.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WallClock {
+    offset_us: i64,
+}
+
+impl WallClock {
+    /// The system clock shifted by `offset_us` microseconds (negative: behind).
+    pub fn offset_by_micros(offset_us: i64) -> Self {
+        Self { offset_us }
+    }
+
+    /// Microseconds since the Unix epoch, as this clock reads.
+    fn now_micros(&self) -> i64 {
+        let since = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        i64::try_from(since.as_micros())
+            .unwrap_or(i64::MAX)
+            .saturating_add(self.offset_us)
     }
 }
 

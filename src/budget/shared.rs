@@ -30,11 +30,12 @@ use futures::future::BoxFuture;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::BackendReport;
+use super::limiter::{BackendUnavailable, Decision, Limiter};
 use super::local::LocalLimiter;
+use super::redis::WallClock;
 use super::redis::{RedisLimiter, RedisStore, StoreError, TIMEOUT, measure_skew};
-use super::{BackendReport, BackendUnavailable, Decision, Limiter, WallClock};
-use crate::cli::RedisFallback;
-use crate::config::{BudgetConfig, RedisConfig};
+use crate::config::{BudgetConfig, RedisConfig, RedisFallback};
 use crate::telemetry::metrics::{BACKEND_ERRORS, CLOCK_SKEW, DEGRADED};
 
 /// Reconnect attempts while degraded.
@@ -62,7 +63,7 @@ pub struct RedisBackend {
 impl RedisBackend {
     /// Connects (bounded) and starts the probe. Redis being down is no error:
     /// the backend starts degraded and the probe keeps trying.
-    pub async fn start(config: &RedisConfig) -> Result<Arc<Self>, StoreError> {
+    pub async fn start(config: &RedisConfig, clock: WallClock) -> Result<Arc<Self>, StoreError> {
         let store = Arc::new(RedisStore::new(&config.url, config.ca.as_ref(), TIMEOUT)?);
         let backend = Arc::new(Self {
             store,
@@ -70,7 +71,7 @@ impl RedisBackend {
             key_prefix: config.key_prefix.clone(),
             fallback: config.fallback,
             expected_replicas: config.expected_replicas.get(),
-            clock: config.clock,
+            clock,
             degraded: watch::Sender::new(false),
             skew_us: AtomicI64::new(i64::MIN),
         });
@@ -89,19 +90,28 @@ impl RedisBackend {
     }
 
     /// The limiter of one account, keyed `<prefix><account>`.
-    pub fn limiter(self: &Arc<Self>, account: &str, config: &BudgetConfig) -> SharedLimiter {
-        let interval = config.interval();
+    pub(crate) fn limiter(self: &Arc<Self>, account: &str, config: &BudgetConfig) -> SharedLimiter {
+        self.limiter_with(account, config.interval(), config.burst)
+    }
+
+    /// The limiter of one account with this interval and burst.
+    pub fn limiter_with(
+        self: &Arc<Self>,
+        account: &str,
+        interval: Duration,
+        burst: std::num::NonZeroU32,
+    ) -> SharedLimiter {
         SharedLimiter {
             backend: Arc::clone(self),
             redis: RedisLimiter::new(
                 Arc::clone(&self.store),
                 format!("{}{account}", self.key_prefix),
                 interval,
-                config.burst,
+                burst,
             ),
             local: LocalLimiter::with_interval(
                 interval.saturating_mul(self.expected_replicas),
-                config.burst,
+                burst,
             ),
             interval,
             handover: Mutex::new(Handover::default()),
@@ -118,7 +128,7 @@ impl RedisBackend {
     }
 
     /// State for `/healthz`.
-    pub fn report(&self) -> BackendReport {
+    pub(crate) fn report(&self) -> BackendReport {
         let skew = self.skew_us.load(Ordering::Relaxed);
         BackendReport {
             budget_backend: "redis",
@@ -129,10 +139,7 @@ impl RedisBackend {
     }
 
     fn fallback_name(&self) -> &'static str {
-        match self.fallback {
-            RedisFallback::Local => "local",
-            RedisFallback::Deny => "deny",
-        }
+        self.fallback.as_str()
     }
 
     /// Redis failed: switch to the fallback (once per outage: one warn).
@@ -206,8 +213,6 @@ async fn probe(backend: Weak<RedisBackend>) {
             Err(e) if degraded => tracing::debug!(error = %e, "Redis still unreachable"),
             Err(e) => b.degrade(&e),
         }
-        // Re-stated every round: the recorder may be installed after start.
-        metrics::gauge!(DEGRADED).set(if b.is_degraded() { 1.0 } else { 0.0 });
         let pause = if b.is_degraded() {
             PROBE_DEGRADED
         } else {

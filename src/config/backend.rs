@@ -7,9 +7,7 @@ use std::path::Path;
 
 use url::Url;
 
-use super::ConfigError;
-use crate::budget::WallClock;
-use crate::cli::{BackendArgs, BackendKind, RedisFallback};
+use super::{ConfigError, defaults};
 
 /// A Redis URL. It may carry a password, so `Debug` and `Display` show it
 /// with the password replaced.
@@ -35,7 +33,7 @@ impl RedisUrl {
     }
 
     /// The URL with its password, for the Redis client only.
-    pub fn expose(&self) -> &str {
+    pub(crate) fn expose(&self) -> &str {
         &self.0
     }
 
@@ -74,6 +72,25 @@ impl fmt::Debug for CaPem {
     }
 }
 
+/// What a replica does while Redis is unreachable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RedisFallback {
+    /// Serve from a per-replica budget of rate / expected replicas.
+    Local,
+    /// Refuse calls with UNAVAILABLE (BUDGET_BACKEND_UNAVAILABLE).
+    Deny,
+}
+
+impl RedisFallback {
+    /// The label used in logs and `/healthz`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Local => "local",
+            Self::Deny => "deny",
+        }
+    }
+}
+
 /// Where the budget lives.
 #[derive(Debug, Clone)]
 pub enum BackendConfig {
@@ -83,65 +100,9 @@ pub enum BackendConfig {
     Redis(RedisConfig),
 }
 
-impl BackendConfig {
-    /// The label used in metrics, logs and `/healthz`.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Self::Memory => "memory",
-            Self::Redis(_) => "redis",
-        }
-    }
-
-    /// Checks the backend flags.
-    pub fn from_args(args: &BackendArgs) -> Result<Self, ConfigError> {
-        const URL: &str = "--redis-url (GATEWAY_REDIS_URL)";
-        let replicas = NonZeroU32::new(args.expected_replicas).ok_or_else(|| {
-            ConfigError::new(
-                "--expected-replicas (GATEWAY_EXPECTED_REPLICAS)",
-                "must be at least 1",
-            )
-        })?;
-        let url = args.redis_url.as_deref().filter(|u| !u.trim().is_empty());
-        match (args.budget_backend, url) {
-            (BackendKind::Memory, None) => Ok(Self::Memory),
-            // A URL without the backend is most likely a forgotten setting; running
-            // on per-replica budgets instead would multiply the vendor's rate.
-            (BackendKind::Memory, Some(_)) => Err(ConfigError::new(
-                URL,
-                "is set but --budget-backend (GATEWAY_BUDGET_BACKEND) is memory: set it to redis, or unset the URL",
-            )),
-            (BackendKind::Redis, None) => Err(ConfigError::new(
-                URL,
-                "is required with --budget-backend redis",
-            )),
-            (BackendKind::Redis, Some(url)) => {
-                let url = RedisUrl::new(url).map_err(|p| ConfigError::new(URL, p))?;
-                let key_prefix = args.redis_key_prefix.clone();
-                if key_prefix.is_empty() || key_prefix.len() > 200 {
-                    return Err(ConfigError::new(
-                        "--redis-key-prefix (GATEWAY_REDIS_KEY_PREFIX)",
-                        "must be 1 to 200 bytes long",
-                    ));
-                }
-                let ca = match &args.redis_ca_file {
-                    None => None,
-                    Some(path) => Some(ca_file(path, &url)?),
-                };
-                Ok(Self::Redis(RedisConfig {
-                    url,
-                    ca,
-                    key_prefix,
-                    fallback: args.redis_fallback,
-                    expected_replicas: replicas,
-                    clock: WallClock::system(),
-                }))
-            }
-        }
-    }
-}
-
 /// The Redis backend, checked.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct RedisConfig {
     pub url: RedisUrl,
     /// Trust these CAs for `rediss://` instead of the Mozilla root store.
@@ -151,29 +112,56 @@ pub struct RedisConfig {
     pub fallback: RedisFallback,
     /// Replicas sharing the budget; the `local` fallback runs each at rate / this.
     pub expected_replicas: NonZeroU32,
-    /// This process' wall clock. Budget decisions never read it (they use Redis
-    /// `TIME`); it only measures the skew reported in `/healthz`. Tests skew it.
-    pub clock: WallClock,
 }
 
-/// Reads the Redis CA file; it only makes sense with TLS.
-fn ca_file(path: &Path, url: &RedisUrl) -> Result<CaPem, ConfigError> {
-    const SETTING: &str = "--redis-ca-file (GATEWAY_REDIS_CA_FILE)";
-    if !url.expose().starts_with("rediss://") {
-        return Err(ConfigError::new(
-            SETTING,
-            "needs a rediss:// (TLS) --redis-url",
-        ));
+impl RedisConfig {
+    /// Redis at `url` with the documented defaults (one replica, `local` fallback).
+    pub fn new(url: RedisUrl) -> Self {
+        Self {
+            url,
+            ca: None,
+            key_prefix: defaults::REDIS_KEY_PREFIX.into(),
+            fallback: RedisFallback::Local,
+            expected_replicas: NonZeroU32::new(defaults::EXPECTED_REPLICAS)
+                .unwrap_or(NonZeroU32::MIN),
+        }
     }
-    let pem = std::fs::read(path)
-        .map_err(|e| ConfigError::new(SETTING, format!("cannot read {}: {e}", path.display())))?;
-    if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
-        return Err(ConfigError::new(
-            SETTING,
-            format!("{} holds no PEM certificate", path.display()),
-        ));
+
+    /// Checks what the types cannot.
+    pub(super) fn check(&self) -> Result<(), ConfigError> {
+        if self.key_prefix.is_empty() || self.key_prefix.len() > 200 {
+            return Err(ConfigError::new(
+                "--redis-key-prefix (GATEWAY_REDIS_KEY_PREFIX)",
+                "must be 1 to 200 bytes long",
+            ));
+        }
+        if self.ca.is_some() && !self.url.expose().starts_with("rediss://") {
+            return Err(ConfigError::new(
+                CA_FILE,
+                "needs a rediss:// (TLS) --redis-url",
+            ));
+        }
+        Ok(())
     }
-    Ok(CaPem(pem))
+}
+
+const CA_FILE: &str = "--redis-ca-file (GATEWAY_REDIS_CA_FILE)";
+
+impl CaPem {
+    /// Reads the Redis CA file (`--redis-ca-file`).
+    pub fn read(path: &Path) -> Result<Self, ConfigError> {
+        const SETTING: &str = CA_FILE;
+        let pem = std::fs::read(path).map_err(|e| {
+            ConfigError::new(SETTING, format!("cannot read {}: {e}", path.display()))
+        })?;
+        if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
+            return Err(ConfigError::new(
+                SETTING,
+                format!("{} holds no PEM certificate", path.display()),
+            ));
+        }
+        Ok(Self(pem))
+    }
 }
 
 #[cfg(test)]

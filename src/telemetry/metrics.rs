@@ -5,13 +5,8 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use axum::routing::get;
-use axum::{Json, Router};
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use serde::Serialize;
-
-use crate::budget::{BackendHealth, BackendReport};
 
 pub const REQUESTS: &str = "provisioning_gateway_requests_total";
 pub const REQUEST_DURATION: &str = "provisioning_gateway_request_duration_seconds";
@@ -33,8 +28,9 @@ const BUCKETS: &[f64] = &[
 ];
 
 /// The process-wide Prometheus recorder, installed on first use (several
-/// gateways in one test process share it).
-pub fn handle() -> PrometheusHandle {
+/// gateways in one test process share it). `App::build` calls it before it
+/// builds anything that emits, so no early value is lost.
+pub(crate) fn handle() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
@@ -103,46 +99,6 @@ fn describe() {
         COALESCED,
         "Calls that shared an identical call's upstream call, by account"
     );
-}
-
-/// `/healthz` and `/metrics` for the metrics listener. `/healthz` is process
-/// liveness with the budget backend's state (`{"status":"ok",
-/// "budget_backend":"redis","degraded":false,…}`); always 200: a replica on
-/// its fallback budget is alive and serving, the detail is for people and
-/// dashboards.
-pub fn router(handle: PrometheusHandle, budget: BackendHealth) -> Router {
-    Router::new()
-        .route(
-            "/healthz",
-            get(move || {
-                let report = budget.report();
-                async move {
-                    Json(Healthz {
-                        status: "ok",
-                        report,
-                    })
-                }
-            }),
-        )
-        .route(
-            "/metrics",
-            get(move || {
-                let handle = handle.clone();
-                async move {
-                    (
-                        [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
-                        handle.render(),
-                    )
-                }
-            }),
-        )
-}
-
-#[derive(Serialize)]
-struct Healthz {
-    status: &'static str,
-    #[serde(flatten)]
-    report: BackendReport,
 }
 
 /// A call that shared an identical call's upstream call.

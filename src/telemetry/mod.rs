@@ -18,7 +18,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
-use crate::cli::LogFormat;
+use crate::config::LogFormat;
 
 pub mod metrics;
 pub mod trace_layer;
@@ -89,7 +89,7 @@ pub fn init(format: Option<LogFormat>) -> Telemetry {
     let _ = tracing_subscriber::registry()
         .with(filter)
         .with(
-            // Lean spans: the attributes DESIGN.md names, not the layer's
+            // Lean spans: the attributes the README lists, not the layer's
             // extras (source location, thread, target, busy/idle time), and no
             // OpenTelemetry context switch on every enter (the upstream
             // traceparent comes from the client span explicitly). A call waits
@@ -113,7 +113,7 @@ pub fn init(format: Option<LogFormat>) -> Telemetry {
     }
 }
 
-/// Logs only, no tracing export: for `mock-upstream` and `demo`.
+/// Logs only, no spans: for `mock-upstream`, the emulator on its own.
 pub fn init_logs(format: Option<LogFormat>) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let format = format.unwrap_or(if std::io::stderr().is_terminal() {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use provisioning_gateway::cli::RedisFallback;
+use provisioning_gateway::config::RedisFallback;
 use tokio_util::sync::CancellationToken;
 
 use super::{Outcome, assert_definite, call, gaps, tally};

@@ -10,18 +10,17 @@ pub mod process;
 pub mod redis;
 
 use std::net::SocketAddr;
-use std::num::{NonZeroU32, NonZeroUsize};
+use std::num::NonZeroU32;
 use std::time::Duration;
 
-use provisioning_gateway::budget::WallClock;
-use provisioning_gateway::cli::RedisFallback;
 use provisioning_gateway::config::{
-    AccountConfig, ApiKey, BackendConfig, BudgetConfig, Config, RedisConfig, RedisUrl, endpoint_url,
+    AccountConfig, BackendConfig, Config, ConfigBuilder, RedisConfig, RedisFallback, RedisUrl,
+    defaults, endpoint_url,
 };
 use provisioning_gateway::mock::{Mock, MockConfig};
 use provisioning_gateway::pb::association_service_client::AssociationServiceClient;
 use provisioning_gateway::pb::{Channel as PbChannel, DeleteAssociationRequest, ResourceType};
-use provisioning_gateway::startup::App;
+use provisioning_gateway::{ApiKey, KeySource, testing};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -45,30 +44,29 @@ pub struct Opts {
     pub backend: BackendConfig,
     pub account_name: String,
     pub api_key: String,
+    /// This replica's wall clock, off the system's by this much.
+    pub clock_offset_ms: i64,
 }
 
 impl Opts {
     /// These options on the Redis backend at `url`.
     pub fn redis(self, url: &str, fallback: RedisFallback, expected_replicas: u32) -> Self {
+        let mut redis = RedisConfig::new(RedisUrl::new(url).unwrap());
+        redis.key_prefix = "provisioning-gateway:test:".into();
+        redis.fallback = fallback;
+        redis.expected_replicas = NonZeroU32::new(expected_replicas).unwrap();
         Self {
-            backend: BackendConfig::Redis(RedisConfig {
-                url: RedisUrl::new(url).unwrap(),
-                ca: None,
-                key_prefix: "provisioning-gateway:test:".into(),
-                fallback,
-                expected_replicas: NonZeroU32::new(expected_replicas).unwrap(),
-                clock: WallClock::system(),
-            }),
+            backend: BackendConfig::Redis(redis),
             ..self
         }
     }
 
     /// The same, with this replica's wall clock shifted by `offset_ms`.
-    pub fn clock_offset_ms(mut self, offset_ms: i64) -> Self {
-        if let BackendConfig::Redis(r) = &mut self.backend {
-            r.clock = WallClock::offset_by_micros(offset_ms * 1000);
+    pub fn clock_offset_ms(self, offset_ms: i64) -> Self {
+        Self {
+            clock_offset_ms: offset_ms,
+            ..self
         }
-        self
     }
 }
 
@@ -87,8 +85,9 @@ impl Default for Opts {
             shutdown_grace: Duration::from_secs(5),
             upstream_url: None,
             backend: BackendConfig::Memory,
-            account_name: Config::DEFAULT_ACCOUNT.into(),
+            account_name: defaults::ACCOUNT_NAME.into(),
             api_key: API_KEY.into(),
+            clock_offset_ms: 0,
         }
     }
 }
@@ -126,30 +125,29 @@ impl TestApp {
     }
 }
 
-pub fn config(opts: &Opts, upstream: &str) -> Config {
-    Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        metrics_listen: "127.0.0.1:0".parse().unwrap(),
-        accounts: vec![AccountConfig::new(
-            opts.account_name.clone(),
-            endpoint_url(upstream).unwrap(),
-            ApiKey::new(opts.api_key.clone()).unwrap(),
-        )],
-        default_account: opts.account_name.clone(),
-        auth: Default::default(),
-        budget: BudgetConfig {
-            rate_per_second: NonZeroU32::new(opts.rate_per_second).unwrap(),
-            burst: NonZeroU32::MIN,
-            safety_margin: opts.safety_margin,
-            max_wait: opts.max_wait,
-            max_queue: NonZeroUsize::new(opts.max_queue).unwrap(),
-            upstream_reserve: opts.upstream_reserve,
-        },
-        backend: opts.backend.clone(),
-        upstream_timeout: opts.upstream_timeout,
-        shutdown_grace: opts.shutdown_grace,
-        log_format: None,
-    }
+/// The configuration of a test gateway in front of `upstream`, to build on.
+pub fn config(opts: &Opts, upstream: &str) -> ConfigBuilder {
+    Config::builder()
+        .listen("127.0.0.1:0".parse().unwrap())
+        .metrics_listen("127.0.0.1:0".parse().unwrap())
+        .account(account(&opts.account_name, upstream, &opts.api_key))
+        .rate_per_second(opts.rate_per_second)
+        .safety_margin(opts.safety_margin)
+        .max_wait(opts.max_wait)
+        .max_queue(opts.max_queue)
+        .upstream_reserve(opts.upstream_reserve)
+        .backend(opts.backend.clone())
+        .upstream_timeout(opts.upstream_timeout)
+        .shutdown_grace(opts.shutdown_grace)
+}
+
+/// An account at `upstream` with a fixed key.
+pub fn account(name: &str, upstream: &str, key: &str) -> AccountConfig {
+    AccountConfig::new(
+        name,
+        endpoint_url(upstream).unwrap(),
+        KeySource::Fixed(ApiKey::new(key).unwrap()),
+    )
 }
 
 /// The emulator on a free loopback port, enforcing the same rate as the gateway.
@@ -195,12 +193,26 @@ pub async fn spawn_gateway(
         .upstream_url
         .clone()
         .unwrap_or_else(|| format!("http://{mock_addr}"));
-    spawn_config(config(&opts, &upstream), mock, mock_stop).await
+    let config = config(&opts, &upstream).build().unwrap();
+    let app = testing::build_with_clock_offset(config, opts.clock_offset_ms)
+        .await
+        .unwrap();
+    serve(app, mock, mock_stop)
 }
 
 /// A gateway built from an explicit configuration (several accounts, TLS, callers).
-pub async fn spawn_config(config: Config, mock: Mock, mock_stop: CancellationToken) -> TestApp {
-    let app = App::build(config).await.unwrap();
+pub async fn spawn_config(
+    config: ConfigBuilder,
+    mock: Mock,
+    mock_stop: CancellationToken,
+) -> TestApp {
+    let app = provisioning_gateway::App::build(config.build().unwrap())
+        .await
+        .unwrap();
+    serve(app, mock, mock_stop)
+}
+
+fn serve(app: provisioning_gateway::App, mock: Mock, mock_stop: CancellationToken) -> TestApp {
     let addr = app.grpc_addr();
     let metrics_addr = app.metrics_addr();
     let stop = CancellationToken::new();

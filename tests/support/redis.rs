@@ -90,6 +90,8 @@ impl RedisServer {
     }
 
     /// Starts it again, empty, on the same port.
+    // A child process is polled for a few ms: blocking is what is wanted.
+    #[allow(clippy::disallowed_methods)]
     pub fn restart(&mut self) {
         self.kill();
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -105,6 +107,7 @@ impl RedisServer {
         }
     }
 
+    #[allow(clippy::disallowed_methods)] // polls a child process, as `restart`
     fn spawn(&mut self) -> Result<(), String> {
         let mut cmd = Command::new("redis-server");
         cmd.args(["--port", &self.port.to_string()])

@@ -1,7 +1,10 @@
 //! Build, then run: [`App::build`] checks nothing more (config is already
-//! valid), binds every listener (port 0 allowed) and exposes the bound
-//! addresses; [`App::run_until_stopped`] serves until the shutdown future
-//! completes, then drains within the grace period.
+//! valid), installs the metrics recorder before anything can emit, binds
+//! every listener (port 0 allowed), wires the accounts, the budget backend
+//! and the service, and exposes the bound addresses;
+//! [`App::run_until_stopped`] serves until the shutdown future completes,
+//! then drains within the grace period. Imports everything; nothing imports it
+//! but `main`, `demo` and `testing`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,13 +18,14 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
 use crate::auth::Authenticator;
-use crate::budget::Budget;
+use crate::budget::{Backend, WallClock};
 use crate::config::{Config, TlsConfig};
-use crate::grpc::{CallLimits, Gateway};
-use crate::keys::KeyCell;
+use crate::grpc::{Accounts, CallLimits, Gateway};
 use crate::pb::association_service_server::AssociationServiceServer;
 use crate::telemetry::{GrpcTraceLayer, metrics};
 use crate::upstream::Upstream;
+
+mod http;
 
 /// Largest request message accepted; a valid request is well under 2 KiB.
 const MAX_MESSAGE_BYTES: usize = 4 * 1024;
@@ -31,36 +35,40 @@ pub struct App {
     grpc: TcpListener,
     metrics: TcpListener,
     gateway: Gateway,
-    budget: Arc<Budget>,
+    accounts: Arc<Accounts>,
+    backend: Backend,
     tls: Option<TlsConfig>,
-    keys: Vec<(String, Arc<KeyCell>)>,
     shutdown_grace: Duration,
 }
 
 impl App {
     /// Binds the gRPC and metrics listeners and wires the service.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
+        Self::build_with(config, WallClock::default()).await
+    }
+
+    /// [`Self::build`], with this replica's wall clock as `clock` reads it
+    /// (tests skew it; only `/healthz`'s skew figure uses it).
+    pub(crate) async fn build_with(config: Config, clock: WallClock) -> anyhow::Result<Self> {
+        // Before anything that emits (the Redis backend sets its gauges).
+        metrics::handle();
         let grpc = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot bind --listen {}", config.listen))?;
         let metrics = TcpListener::bind(config.metrics_listen)
             .await
             .with_context(|| format!("cannot bind --metrics-listen {}", config.metrics_listen))?;
-        let budgets: Vec<_> = config
-            .accounts
-            .iter()
-            .map(|a| (a.name.clone(), a.budget(&config.budget)))
-            .collect();
-        let budget = Budget::build(&config.backend, &budgets)
+        let backend = Backend::start(&config.backend, clock)
             .await
             .context("cannot set up the budget backend")?;
-        let budget = Arc::new(budget);
+        let accounts = Accounts::build(&config, &backend).map_err(anyhow::Error::msg)?;
+        let accounts = Arc::new(accounts);
         let upstream =
             Upstream::new(config.upstream_timeout).context("cannot build the HTTP client")?;
         let limits = CallLimits {
             upstream_timeout: config.upstream_timeout,
             upstream_reserve: config.budget.upstream_reserve,
-            default_deadline: config.budget.max_wait + config.upstream_timeout,
+            default_deadline: config.default_deadline(),
         };
         if !config.auth.required() {
             tracing::warn!(
@@ -68,26 +76,15 @@ impl App {
                  every caller is anonymous"
             );
         }
-        let keys = config
-            .accounts
-            .iter()
-            .map(|a| (a.name.clone(), Arc::clone(&a.api_key)))
-            .collect();
-        let gateway = Gateway::new(
-            config.accounts,
-            config.default_account,
-            Authenticator::new(&config.auth),
-            Arc::clone(&budget),
-            upstream,
-            limits,
-        );
+        let auth = Authenticator::new(&config.auth, &config.accounts);
+        let gateway = Gateway::new(Arc::clone(&accounts), auth, upstream, limits);
         Ok(Self {
             grpc,
             metrics,
             gateway,
-            budget,
+            accounts,
+            backend,
             tls: config.auth.tls,
-            keys,
             shutdown_grace: config.shutdown_grace,
         })
     }
@@ -146,7 +143,12 @@ impl App {
                 .tls_config(config)
                 .context("invalid --tls-cert/--tls-key/--client-ca")?;
         }
-        let reload = tokio::spawn(crate::keys::watch(self.keys));
+        let keys = self
+            .accounts
+            .iter()
+            .map(|a| (a.name().to_owned(), Arc::clone(&a.key)))
+            .collect();
+        let reload = tokio::spawn(crate::keys::watch(keys));
         let grpc = server
             // The server span wraps everything of a call, including tonic's
             // decoding and size limits, so refusals there are traced too.
@@ -181,11 +183,8 @@ impl App {
                 }
             }
         });
-        let metrics = axum::serve(
-            self.metrics,
-            metrics::router(prometheus, self.budget.health()),
-        )
-        .with_graceful_shutdown(stop.clone().cancelled_owned());
+        let metrics = axum::serve(self.metrics, http::router(prometheus, self.backend))
+            .with_graceful_shutdown(stop.clone().cancelled_owned());
         let metrics = tokio::spawn(metrics.into_future());
         tracing::info!(%grpc_addr, %metrics_addr, "serving");
 
@@ -200,7 +199,7 @@ impl App {
         tracing::info!(grace = ?self.shutdown_grace, "shutting down: NOT_SERVING, draining");
         // Queued and new calls get SHUTTING_DOWN from here on; then probes
         // see NOT_SERVING while in-flight calls finish.
-        self.budget.close();
+        self.accounts.iter().for_each(|a| a.line.close());
         health
             .set_service_status("", ServingStatus::NotServing)
             .await;

@@ -25,10 +25,9 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 use toml::Spanned;
-use url::Url;
 
-use crate::auth::TokenCaller;
-use crate::config::endpoint_url;
+use super::{AccountConfig, TokenCaller, check_label, endpoint_url};
+use crate::keys::KeySource;
 
 /// A refusal naming the file, the line and the key.
 #[derive(Debug, thiserror::Error)]
@@ -70,34 +69,15 @@ struct CallerEntry {
     weight: Option<Spanned<u32>>,
 }
 
-/// Where an account's API key comes from; re-read on reload.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum KeySource {
-    Env(String),
-    File(PathBuf),
-}
-
-/// One account as the file describes it.
-#[derive(Debug, Clone)]
-pub struct AccountSpec {
-    pub name: String,
-    pub endpoint: Url,
-    pub key: KeySource,
-    pub rate_per_second: Option<NonZeroU32>,
-    pub burst: Option<NonZeroU32>,
-    /// `None`: any caller.
-    pub allowed_callers: Option<Vec<String>>,
-}
-
 /// The whole file, checked.
 #[derive(Debug, Clone)]
-pub struct Accounts {
+pub struct AccountsFile {
     pub default_account: String,
-    pub accounts: Vec<AccountSpec>,
+    pub accounts: Vec<AccountConfig>,
     pub callers: Vec<TokenCaller>,
 }
 
-impl Accounts {
+impl AccountsFile {
     /// Reads and checks the file.
     pub fn load(path: &Path) -> Result<Self, AccountsError> {
         let text = std::fs::read_to_string(path).map_err(|e| AccountsError {
@@ -158,7 +138,7 @@ impl Accounts {
             });
         }
 
-        let mut accounts: Vec<AccountSpec> = Vec::new();
+        let mut accounts: Vec<AccountConfig> = Vec::new();
         for entry in &parsed.accounts {
             let a = entry.get_ref();
             let name = label(&a.name).map_err(|p| at(a.name.span(), "accounts.name", p))?;
@@ -211,7 +191,7 @@ impl Accounts {
                     "caller names must not be empty".into(),
                 ));
             }
-            accounts.push(AccountSpec {
+            accounts.push(AccountConfig {
                 name,
                 endpoint,
                 key,
@@ -257,18 +237,11 @@ impl Accounts {
     }
 }
 
-/// A bounded label: 1–63 of A-Z a-z 0-9 - _ . (metrics, logs, Redis keys).
-/// Caller names may also hold SPIFFE IDs, so `:` and `/` are allowed there.
+/// A bounded name (see [`check_label`]).
 fn label(name: &Spanned<String>) -> Result<String, String> {
-    let n = name.get_ref();
-    let ok = (1..=63).contains(&n.len())
-        && n.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-    if ok {
-        Ok(n.clone())
-    } else {
-        Err("must be 1 to 63 characters of A-Z, a-z, 0-9, '-', '_', '.'".into())
-    }
+    check_label(name.get_ref())
+        .map(|()| name.get_ref().clone())
+        .map_err(str::to_owned)
 }
 
 fn positive(
@@ -323,7 +296,7 @@ weight = 2
 
     #[test]
     fn parses_the_documented_shape() {
-        let a = Accounts::parse("accounts.toml", GOOD).unwrap();
+        let a = AccountsFile::parse("accounts.toml", GOOD).unwrap();
         assert_eq!(a.default_account, "main");
         assert_eq!(a.accounts.len(), 2);
         assert_eq!(
@@ -374,7 +347,7 @@ weight = 2
             ),
         ];
         for (text, line, key) in cases {
-            let e = Accounts::parse("accounts.toml", &text).unwrap_err();
+            let e = AccountsFile::parse("accounts.toml", &text).unwrap_err();
             assert_eq!((e.line, e.key.as_str()), (line, key), "{e}");
             assert!(
                 e.to_string().starts_with(&format!(

@@ -1,4 +1,4 @@
-//! The request as the gateway understands it. A [`DeleteAssociationRequest`]
+//! The request as the gateway understands it. A [`pb::DeleteAssociationRequest`]
 //! becomes an [`Association`] through `TryFrom`, which checks every rule at
 //! once; past that point nothing checks lengths or enums again.
 

@@ -17,9 +17,13 @@ use tokio::sync::{Notify, oneshot};
 use tokio::time::{Instant, sleep, timeout_at};
 use tokio_util::sync::CancellationToken;
 
-use super::fair::{Caller, FairQueue, ahead};
-use super::{BudgetError, Decision, Limiter, Rejection};
+use super::fair::{FairQueue, ahead};
+use super::limiter::{Decision, Limiter};
+use super::pace::Pace;
+use super::transit::{Departure, Transit};
+use super::{BudgetError, Rejection};
 use crate::config::BudgetConfig;
+use crate::domain::Caller;
 use crate::telemetry::metrics;
 
 /// Longest pushback applied when Infobip answers 429 without Retry-After.
@@ -61,7 +65,7 @@ struct State {
 }
 
 /// The waiters and dispatcher of one account.
-pub struct AccountQueue {
+pub struct Line {
     name: String,
     limiter: Arc<dyn Limiter>,
     interval: Duration,
@@ -75,7 +79,7 @@ pub struct AccountQueue {
     closing: CancellationToken,
 }
 
-impl AccountQueue {
+impl Line {
     /// Creates the queue and spawns its dispatcher on the current runtime.
     pub fn spawn(name: &str, limiter: Arc<dyn Limiter>, config: &BudgetConfig) -> Arc<Self> {
         let spacing = config.burst.get() == 1 && !config.safety_margin.is_zero();
@@ -104,13 +108,9 @@ impl AccountQueue {
         queue
     }
 
-    /// The emission interval T.
-    pub fn interval(&self) -> Duration {
-        self.interval
-    }
-
     /// Callers waiting now.
-    pub fn depth(&self) -> usize {
+    #[cfg(test)]
+    fn depth(&self) -> usize {
         self.lock().live
     }
 
@@ -274,10 +274,9 @@ impl AccountQueue {
 
     /// A granted request on its way out, holding back the next grant.
     fn departure(&self) -> Departure {
-        Departure(self.transit.as_ref().map(|t| {
-            t.lock().unsent += 1;
-            Arc::clone(t)
-        }))
+        self.transit
+            .as_ref()
+            .map_or_else(Departure::default, Transit::depart)
     }
 
     /// Upstream accepted a call: 429 backoff starts over.
@@ -400,186 +399,8 @@ impl AccountQueue {
     }
 }
 
-/// Granted requests that have not gone out yet, and the earliest next grant
-/// after one that left late. Where spacing is promised this replica never
-/// grants while a granted request may still leave: a request held up for
-/// longer than a whole interval (a connect retried by the kernel, a stalled
-/// handshake) cannot then arrive close to one granted meanwhile.
-struct Transit {
-    state: Mutex<TransitState>,
-    /// Wakes the dispatcher when a request leaves or gives up.
-    changed: Notify,
-    interval: Duration,
-    /// How late after its grant a request may leave before the next slot moves.
-    slack: Duration,
-}
-
-#[derive(Default)]
-struct TransitState {
-    unsent: usize,
-    /// One interval after the last late departure.
-    not_before: Option<Instant>,
-}
-
-impl Transit {
-    fn new(interval: Duration, slack: Duration) -> Self {
-        Self {
-            state: Mutex::default(),
-            changed: Notify::new(),
-            interval,
-            slack,
-        }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, TransitState> {
-        // Counter updates only: a poisoned lock is still consistent.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Nothing on its way out and no late departure's interval running.
-    fn is_clear(&self, now: Instant) -> bool {
-        let st = self.lock();
-        st.unsent == 0 && st.not_before.is_none_or(|t| t <= now)
-    }
-
-    /// Completes once [`Self::is_clear`].
-    async fn clear(&self) {
-        loop {
-            // Notify keeps a permit when nobody waits: no wake-up is lost
-            // between the check and the await.
-            let changed = self.changed.notified();
-            let until = {
-                let st = self.lock();
-                if st.unsent > 0 {
-                    None
-                } else {
-                    match st.not_before {
-                        Some(t) if t > Instant::now() => Some(t),
-                        _ => return,
-                    }
-                }
-            };
-            match until {
-                Some(t) => {
-                    tokio::select! {
-                        () = tokio::time::sleep_until(t) => {}
-                        () = changed => {}
-                    }
-                }
-                None => changed.await,
-            }
-        }
-    }
-
-    fn done(&self, left_late_at: Option<Instant>) {
-        {
-            let mut st = self.lock();
-            st.unsent = st.unsent.saturating_sub(1);
-            if let Some(at) = left_late_at {
-                let next = at + self.interval;
-                st.not_before = Some(st.not_before.map_or(next, |t| t.max(next)));
-            }
-        }
-        self.changed.notify_one();
-    }
-}
-
-/// A granted request on its way upstream. [`Self::left`] says when it went
-/// out; dropped without that, it never will (no connection, cancelled).
-/// Either lets this replica grant again.
-#[derive(Default)]
-pub struct Departure(Option<Arc<Transit>>);
-
-impl Departure {
-    /// The request went out at `at`, late if `late`: then this replica's
-    /// next grant comes one interval after `at` at the earliest.
-    pub fn left(mut self, at: Instant, late: bool) {
-        if let Some(transit) = self.0.take() {
-            transit.done(late.then_some(at));
-        }
-    }
-}
-
-impl Drop for Departure {
-    fn drop(&mut self) {
-        if let Some(transit) = self.0.take() {
-            transit.done(None);
-        }
-    }
-}
-
-impl std::fmt::Debug for Departure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_some() {
-            "Departure(pending)"
-        } else {
-            "Departure(none)"
-        })
-    }
-}
-
-/// How fast this replica's line moves: the time between consecutive grants
-/// while callers were waiting, smoothed. Alone on its budget it is the
-/// interval; with other replicas drawing on the same Redis budget it is
-/// longer (about the interval times the busy replicas), and admission must
-/// use it, or calls are admitted that then time out in line.
-#[derive(Debug, Clone, Copy)]
-struct Pace {
-    interval: Duration,
-    smoothed: Duration,
-    last_grant: Option<Instant>,
-}
-
-impl Pace {
-    /// Weight of the newest gap, out of 8.
-    const NEW_IN_8: u32 = 2;
-    /// A gap counts up to this many intervals (a 429 pushback is not a pace).
-    const MAX_INTERVALS: u32 = 8;
-    /// After this many intervals without a grant the line has been idle:
-    /// start again from the interval.
-    const STALE_INTERVALS: u32 = 16;
-
-    fn new(interval: Duration) -> Self {
-        Self {
-            interval,
-            smoothed: interval,
-            last_grant: None,
-        }
-    }
-
-    /// The pace to expect now: at least as long as the line has already
-    /// waited since the last grant (a replica the others outrun learns it
-    /// at once, not a few grants later).
-    fn get(&self, now: Instant) -> Duration {
-        match self.last_grant {
-            Some(last) if now.saturating_duration_since(last) < self.stale() => {
-                self.smoothed.max(now - last)
-            }
-            _ => self.interval,
-        }
-    }
-
-    /// A slot was granted at `now` to a call that joined at `joined`: if it
-    /// was already waiting at the previous grant, the gap is a sample.
-    fn granted(&mut self, now: Instant, joined: Instant) {
-        if let Some(last) = self.last_grant {
-            if now.saturating_duration_since(last) >= self.stale() {
-                self.smoothed = self.interval;
-            } else if joined <= last {
-                let gap = (now - last).clamp(self.interval, self.interval * Self::MAX_INTERVALS);
-                self.smoothed = (self.smoothed * (8 - Self::NEW_IN_8) + gap * Self::NEW_IN_8) / 8;
-            }
-        }
-        self.last_grant = Some(now);
-    }
-
-    fn stale(&self) -> Duration {
-        self.interval * Self::STALE_INTERVALS
-    }
-}
-
 /// Counts a call out of `live` however `wait_turn` ends, cancellation included.
-struct LiveGuard<'a>(&'a AccountQueue, &'a Arc<str>);
+struct LiveGuard<'a>(&'a Line, &'a Arc<str>);
 
 impl Drop for LiveGuard<'_> {
     fn drop(&mut self) {
@@ -612,9 +433,9 @@ mod tests {
         }
     }
 
-    fn queue(max_queue: usize) -> Arc<AccountQueue> {
+    fn queue(max_queue: usize) -> Arc<Line> {
         let c = config(max_queue);
-        AccountQueue::spawn("test", Arc::new(LocalLimiter::new(&c)), &c)
+        Line::spawn("test", Arc::new(LocalLimiter::new(&c)), &c)
     }
 
     fn anon() -> Caller {
@@ -624,7 +445,7 @@ mod tests {
     const T: Duration = Duration::from_millis(1010);
 
     /// A caller waiting for its turn in a task of its own; yields when it was served.
-    fn served_at(q: &Arc<AccountQueue>) -> tokio::task::JoinHandle<Instant> {
+    fn served_at(q: &Arc<Line>) -> tokio::task::JoinHandle<Instant> {
         let q = Arc::clone(q);
         tokio::spawn(async move {
             q.wait_turn(&anon(), Instant::now() + FAR).await.unwrap();
@@ -713,37 +534,12 @@ mod tests {
     async fn sends_are_never_late_where_spacing_is_not_promised() {
         let mut c = config(100);
         c.burst = std::num::NonZeroU32::new(5).unwrap();
-        let q = AccountQueue::spawn("burst", Arc::new(LocalLimiter::new(&c)), &c);
+        let q = Line::spawn("burst", Arc::new(LocalLimiter::new(&c)), &c);
         assert_eq!(q.late_after(Instant::now()), None);
         let mut c = config(100);
         c.safety_margin = Duration::ZERO;
-        let q = AccountQueue::spawn("no-margin", Arc::new(LocalLimiter::new(&c)), &c);
+        let q = Line::spawn("no-margin", Arc::new(LocalLimiter::new(&c)), &c);
         assert_eq!(q.late_after(Instant::now()), None);
-    }
-
-    #[test]
-    fn pace_follows_gaps_under_a_line_and_forgets_them_after_idle() {
-        let t0 = Instant::now();
-        let mut pace = Pace::new(T);
-        pace.granted(t0, t0);
-        assert_eq!(pace.get(t0), T);
-        // The next caller was waiting already, and its slot came 3 T later.
-        pace.granted(t0 + T * 3, t0);
-        assert_eq!(pace.get(t0 + T * 3), T * 3 / 2, "6/8 T + 2/8 of 3 T");
-        // A caller that arrived to an empty line says nothing about the pace.
-        pace.granted(t0 + T * 9, t0 + T * 8);
-        assert_eq!(pace.get(t0 + T * 9), T * 3 / 2);
-        // A pushback-long gap (12 T) counts as 8 T at most.
-        pace.granted(t0 + T * 21, t0 + T * 9);
-        assert_eq!(
-            pace.get(t0 + T * 21),
-            T * 25 / 8,
-            "6/8 of 1.5 T + 2/8 of 8 T"
-        );
-        // Idle for 16 T: back to the interval.
-        assert_eq!(pace.get(t0 + T * 37), T);
-        pace.granted(t0 + T * 40, t0 + T * 20);
-        assert_eq!(pace.get(t0 + T * 40), T, "a stale gap is no sample");
     }
 
     #[tokio::test(start_paused = true)]
@@ -755,7 +551,7 @@ mod tests {
             T * 3,
             std::num::NonZeroU32::MIN,
         ));
-        let q = AccountQueue::spawn("shared", limiter, &c);
+        let q = Line::spawn("shared", limiter, &c);
         let mut held = Vec::new();
         for _ in 0..8 {
             let q = Arc::clone(&q);

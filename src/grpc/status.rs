@@ -1,5 +1,5 @@
 //! The one place where a call's failure becomes a `tonic::Status`: the
-//! mapping table of DESIGN.md, with exactly one `google.rpc.ErrorInfo` on
+//! mapping table of the README, with exactly one `google.rpc.ErrorInfo` on
 //! every error (AIP-193), `BadRequest` for field problems and `RetryInfo`
 //! whenever coming back later can help.
 //!

@@ -1,14 +1,20 @@
 //! The command line: three subcommands, every `serve` flag also read from its
 //! environment variable (Kubernetes passes settings as env from a ConfigMap).
 //!
-//! Values are parsed here only as far as clap does it cheaply; [`crate::config`]
-//! turns them into a checked [`crate::config::Config`] before anything binds.
+//! Values are parsed here only as far as clap does it cheaply; `serve.rs` hands
+//! them to [`crate::config::Config::builder`], which checks them before
+//! anything binds. The defaults shown in `--help` are [`defaults`]'.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use humantime::Duration;
+
+use crate::config::defaults;
+pub use crate::config::{LogFormat, RedisFallback};
+
+mod serve;
 
 /// gRPC gateway for Infobip's DELETE /provisioning/1/associations, holding its
 /// 1 request/second budget per account for every caller.
@@ -34,10 +40,10 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// gRPC listen address.
-    #[arg(long, env = "GATEWAY_LISTEN", default_value = "0.0.0.0:50051")]
+    #[arg(long, env = "GATEWAY_LISTEN", default_value_t = defaults::LISTEN)]
     pub listen: SocketAddr,
     /// Metrics and liveness HTTP listen address (/metrics, /healthz).
-    #[arg(long, env = "GATEWAY_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
+    #[arg(long, env = "GATEWAY_METRICS_LISTEN", default_value_t = defaults::METRICS_LISTEN)]
     pub metrics_listen: SocketAddr,
     /// The Infobip account's base URL; /provisioning/1/associations is appended.
     #[arg(long, env = "INFOBIP_BASE_URL")]
@@ -47,7 +53,7 @@ pub struct ServeArgs {
     pub api_key_file: Option<PathBuf>,
     /// Name of the account in metrics, logs, error details and its Redis key
     /// (two gateways for different Infobip accounts may share one Redis).
-    #[arg(long, env = "GATEWAY_ACCOUNT_NAME", default_value = "default")]
+    #[arg(long, env = "GATEWAY_ACCOUNT_NAME", default_value = defaults::ACCOUNT_NAME)]
     pub account_name: String,
     /// TOML file of several accounts and bearer-token callers (replaces the
     /// single-account flags).
@@ -68,10 +74,10 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub backend: BackendArgs,
     /// Longest time one upstream attempt may take (capped by the caller's deadline).
-    #[arg(long, env = "GATEWAY_UPSTREAM_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "GATEWAY_UPSTREAM_TIMEOUT", default_value_t = defaults::UPSTREAM_TIMEOUT.into(), value_parser = parse_duration)]
     pub upstream_timeout: Duration,
     /// How long in-flight calls may take to finish after SIGTERM/SIGINT.
-    #[arg(long, env = "GATEWAY_SHUTDOWN_GRACE", default_value = "20s", value_parser = parse_duration)]
+    #[arg(long, env = "GATEWAY_SHUTDOWN_GRACE", default_value_t = defaults::SHUTDOWN_GRACE.into(), value_parser = parse_duration)]
     pub shutdown_grace: Duration,
     /// Log format; default json unless stderr is a terminal.
     #[arg(long, env = "GATEWAY_LOG_FORMAT", value_enum)]
@@ -82,22 +88,22 @@ pub struct ServeArgs {
 #[derive(Debug, Args, Clone)]
 pub struct BudgetArgs {
     /// Upstream requests per second allowed per account (Infobip: 1).
-    #[arg(long, env = "GATEWAY_RATE_PER_SECOND", default_value_t = 1)]
+    #[arg(long, env = "GATEWAY_RATE_PER_SECOND", default_value_t = defaults::RATE_PER_SECOND)]
     pub rate_per_second: u32,
     /// Requests that may go at once after an idle period.
-    #[arg(long, env = "GATEWAY_BURST", default_value_t = 1)]
+    #[arg(long, env = "GATEWAY_BURST", default_value_t = defaults::BURST)]
     pub burst: u32,
     /// Added to the interval 1/rate so arrivals at Infobip, not departures, keep the spacing.
-    #[arg(long, env = "GATEWAY_SAFETY_MARGIN", default_value = "10ms", value_parser = parse_duration)]
+    #[arg(long, env = "GATEWAY_SAFETY_MARGIN", default_value_t = defaults::SAFETY_MARGIN.into(), value_parser = parse_duration)]
     pub safety_margin: Duration,
     /// Longest a call may wait for its turn before it is refused.
-    #[arg(long, env = "GATEWAY_MAX_WAIT", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "GATEWAY_MAX_WAIT", default_value_t = defaults::MAX_WAIT.into(), value_parser = parse_duration)]
     pub max_wait: Duration,
     /// Most calls that may wait per account; more are refused at once.
-    #[arg(long, env = "GATEWAY_MAX_QUEUE", default_value_t = 1000)]
+    #[arg(long, env = "GATEWAY_MAX_QUEUE", default_value_t = defaults::MAX_QUEUE)]
     pub max_queue: usize,
     /// Least time a call must have left when its slot comes (for the upstream round trip).
-    #[arg(long, env = "GATEWAY_UPSTREAM_RESERVE", default_value = "200ms", value_parser = parse_duration)]
+    #[arg(long, env = "GATEWAY_UPSTREAM_RESERVE", default_value_t = defaults::UPSTREAM_RESERVE.into(), value_parser = parse_duration)]
     pub upstream_reserve: Duration,
 }
 
@@ -122,7 +128,7 @@ pub struct BackendArgs {
     #[arg(
         long,
         env = "GATEWAY_REDIS_KEY_PREFIX",
-        default_value = "provisioning-gateway:budget:"
+        default_value = defaults::REDIS_KEY_PREFIX
     )]
     pub redis_key_prefix: String,
     /// While Redis is unreachable: `local` serves from a budget of rate / --expected-replicas per replica; `deny` answers UNAVAILABLE.
@@ -134,7 +140,7 @@ pub struct BackendArgs {
     )]
     pub redis_fallback: RedisFallback,
     /// Replicas sharing the budget (the Deployment's replicas); divides the rate for the `local` fallback.
-    #[arg(long, env = "GATEWAY_EXPECTED_REPLICAS", default_value_t = 1)]
+    #[arg(long, env = "GATEWAY_EXPECTED_REPLICAS", default_value_t = defaults::EXPECTED_REPLICAS)]
     pub expected_replicas: u32,
 }
 
@@ -143,15 +149,6 @@ pub struct BackendArgs {
 pub enum BackendKind {
     Memory,
     Redis,
-}
-
-/// What a replica does while Redis is unreachable.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum RedisFallback {
-    /// Serve from a per-replica budget of rate / expected replicas.
-    Local,
-    /// Refuse calls with UNAVAILABLE (BUDGET_BACKEND_UNAVAILABLE).
-    Deny,
 }
 
 /// Flags of `mock-upstream`.
@@ -179,14 +176,9 @@ pub struct DemoArgs {
     pub metrics_listen: SocketAddr,
 }
 
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Json,
-    Text,
-}
-
 /// Parses `10ms`, `1s`, `2m 30s`, … (humantime).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{e} (expected e.g. 250ms, 10s, 1m)"))
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s)
+        .map(Duration::from)
+        .map_err(|e| format!("{e} (expected e.g. 250ms, 10s, 1m)"))
 }

@@ -8,7 +8,7 @@
 //! connection, a starved thread) would arrive closer than the interval to the
 //! next one, sent on time. [`SendClock::late`] says so while the request is
 //! still in flight, early enough to move the next slot (see
-//! [`crate::budget::AccountQueue::sent_late`]); and the turn's
+//! [`Line::sent_late`]); and the turn's
 //! [`Departure`] learns the moment, so the replica grants no other slot while
 //! the request has not left.
 
@@ -22,11 +22,12 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::budget::Departure;
+use super::line::{Line, Turn};
+use super::transit::Departure;
 
 /// The sending time of one upstream attempt.
 #[derive(Clone)]
-pub struct SendClock(Arc<Inner>);
+pub(crate) struct SendClock(Arc<Inner>);
 
 struct Inner {
     /// A send after this instant is late; `None`: never late.
@@ -40,7 +41,7 @@ struct Inner {
 impl SendClock {
     /// A clock for an attempt that is late if it leaves after `late_after`;
     /// `departure` learns when it leaves.
-    pub fn new(late_after: Option<Instant>, departure: Departure) -> Self {
+    fn new(late_after: Option<Instant>, departure: Departure) -> Self {
         Self(Arc::new(Inner {
             late_after,
             sent_at: OnceLock::new(),
@@ -50,7 +51,7 @@ impl SendClock {
     }
 
     /// The request body, stamping this clock when the connection first asks for it.
-    pub fn body(&self, bytes: Bytes) -> reqwest::Body {
+    pub(crate) fn body(&self, bytes: Bytes) -> reqwest::Body {
         reqwest::Body::wrap(ClockedBody {
             bytes: Some(bytes),
             clock: self.clone(),
@@ -58,13 +59,13 @@ impl SendClock {
     }
 
     /// When the request left, once it has.
-    pub fn sent_at(&self) -> Option<Instant> {
+    fn sent_at(&self) -> Option<Instant> {
         self.0.sent_at.get().copied()
     }
 
     /// Completes with the sending time if the request left late; never
     /// completes otherwise. Costs no wake-up for a request sent on time.
-    pub async fn late(&self) -> Instant {
+    async fn late(&self) -> Instant {
         loop {
             let notified = self.0.late.notified();
             if let Some(at) = self.sent_at().filter(|at| self.is_late(*at)) {
@@ -89,6 +90,29 @@ impl SendClock {
             if late {
                 self.0.late.notify_one();
             }
+        }
+    }
+}
+
+impl Line {
+    /// The send clock of the attempt `turn` was granted for.
+    pub(crate) fn send_clock(&self, turn: Turn) -> SendClock {
+        SendClock::new(self.late_after(turn.granted_at), turn.departure)
+    }
+
+    /// Runs one upstream `attempt`; if its request leaves late (a cold
+    /// connection, a starved thread), moves the account's next slot
+    /// meanwhile, while the request is still in flight.
+    pub(crate) async fn keep_spacing<T>(
+        &self,
+        attempt: impl Future<Output = T>,
+        clock: &SendClock,
+    ) -> T {
+        let mut attempt = std::pin::pin!(attempt);
+        tokio::select! {
+            biased;
+            outcome = &mut attempt => outcome,
+            sent_at = clock.late() => tokio::join!(attempt, self.sent_late(sent_at)).0,
         }
     }
 }

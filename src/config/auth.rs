@@ -1,0 +1,101 @@
+//! How callers are identified: TLS on the listener (mTLS with a client CA)
+//! and bearer-token callers.
+
+use std::fmt;
+use std::num::NonZeroU32;
+use std::path::Path;
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+
+use super::ConfigError;
+
+/// TLS on the gRPC listener, read from PEM files at startup.
+#[derive(Clone)]
+pub struct TlsConfig {
+    pub cert: Vec<u8>,
+    pub key: Vec<u8>,
+    /// Require client certificates signed by this CA (mTLS).
+    pub client_ca: Option<Vec<u8>>,
+}
+
+impl fmt::Debug for TlsConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsConfig")
+            .field("mtls", &self.client_ca.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl TlsConfig {
+    /// Reads the PEM files of `--tls-cert`, `--tls-key` and `--client-ca`.
+    pub fn read(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<Self, ConfigError> {
+        Ok(Self {
+            cert: read_pem("--tls-cert (GATEWAY_TLS_CERT)", cert)?,
+            key: read_pem("--tls-key (GATEWAY_TLS_KEY)", key)?,
+            client_ca: client_ca
+                .map(|ca| read_pem("--client-ca (GATEWAY_CLIENT_CA)", ca))
+                .transpose()?,
+        })
+    }
+}
+
+fn read_pem(setting: &'static str, path: &Path) -> Result<Vec<u8>, ConfigError> {
+    let pem = std::fs::read(path)
+        .map_err(|e| ConfigError::new(setting, format!("cannot read {}: {e}", path.display())))?;
+    if !pem.windows(10).any(|w| w == b"-----BEGIN") {
+        return Err(ConfigError::new(
+            setting,
+            format!("{} holds no PEM block", path.display()),
+        ));
+    }
+    Ok(pem)
+}
+
+/// A bearer-token caller from the accounts file.
+#[derive(Clone)]
+pub struct TokenCaller {
+    pub name: Arc<str>,
+    pub token_sha256: [u8; 32],
+    pub weight: NonZeroU32,
+}
+
+impl TokenCaller {
+    /// A caller whose token is `token` (tests; the file holds only hashes).
+    pub fn with_token(name: &str, token: &str, weight: NonZeroU32) -> Self {
+        Self {
+            name: name.into(),
+            token_sha256: Sha256::digest(token.as_bytes()).into(),
+            weight,
+        }
+    }
+}
+
+impl fmt::Debug for TokenCaller {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenCaller")
+            .field("name", &self.name)
+            .field("weight", &self.weight)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How callers are identified.
+#[derive(Debug, Clone, Default)]
+pub struct AuthConfig {
+    pub tls: Option<TlsConfig>,
+    /// Bearer-token callers from the accounts file.
+    pub callers: Vec<TokenCaller>,
+}
+
+impl AuthConfig {
+    /// Client certificates are required (and verified by the TLS layer).
+    pub fn mtls(&self) -> bool {
+        self.tls.as_ref().is_some_and(|t| t.client_ca.is_some())
+    }
+
+    /// True when calls must prove who they are.
+    pub fn required(&self) -> bool {
+        self.mtls() || !self.callers.is_empty()
+    }
+}

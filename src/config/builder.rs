@@ -1,0 +1,232 @@
+//! The one way to make a [`Config`]: the command line, the demo, tests,
+//! benchmarks and examples all set what differs from the defaults and call
+//! [`ConfigBuilder::build`], which checks everything.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use super::budget::BudgetSettings;
+use super::{
+    AccountConfig, AuthConfig, BackendConfig, BudgetConfig, Config, ConfigError, LogFormat,
+    RedisConfig, TlsConfig, TokenCaller, check_label, defaults,
+};
+
+/// Settings on their way to a [`Config`]; starts from [`defaults`].
+#[derive(Debug, Clone)]
+pub struct ConfigBuilder {
+    listen: SocketAddr,
+    metrics_listen: SocketAddr,
+    accounts: Vec<AccountConfig>,
+    default_account: Option<String>,
+    auth: AuthConfig,
+    budget: BudgetSettings,
+    backend: BackendConfig,
+    upstream_timeout: Duration,
+    shutdown_grace: Duration,
+    log_format: Option<LogFormat>,
+}
+
+impl Default for ConfigBuilder {
+    fn default() -> Self {
+        Self {
+            listen: defaults::LISTEN,
+            metrics_listen: defaults::METRICS_LISTEN,
+            accounts: Vec::new(),
+            default_account: None,
+            auth: AuthConfig::default(),
+            budget: BudgetSettings {
+                rate_per_second: defaults::RATE_PER_SECOND,
+                burst: defaults::BURST,
+                safety_margin: defaults::SAFETY_MARGIN,
+                max_wait: defaults::MAX_WAIT,
+                max_queue: defaults::MAX_QUEUE,
+                upstream_reserve: defaults::UPSTREAM_RESERVE,
+            },
+            backend: BackendConfig::Memory,
+            upstream_timeout: defaults::UPSTREAM_TIMEOUT,
+            shutdown_grace: defaults::SHUTDOWN_GRACE,
+            log_format: None,
+        }
+    }
+}
+
+macro_rules! setters {
+    ($($(#[$doc:meta])* $name:ident: $ty:ty => $($field:ident).+;)*) => {$(
+        $(#[$doc])*
+        pub fn $name(mut self, value: $ty) -> Self {
+            self.$($field).+ = value;
+            self
+        }
+    )*};
+}
+
+impl ConfigBuilder {
+    setters! {
+        /// gRPC listen address (port 0: any free port).
+        listen: SocketAddr => listen;
+        /// `/metrics` and `/healthz` listen address.
+        metrics_listen: SocketAddr => metrics_listen;
+        /// TLS on the gRPC listener (mTLS with a client CA).
+        tls: Option<TlsConfig> => auth.tls;
+        /// Bearer-token callers.
+        callers: Vec<TokenCaller> => auth.callers;
+        /// Upstream requests per second per account.
+        rate_per_second: u32 => budget.rate_per_second;
+        /// Requests that may go at once after idling.
+        burst: u32 => budget.burst;
+        /// Added to 1/rate.
+        safety_margin: Duration => budget.safety_margin;
+        /// Longest wait for a turn.
+        max_wait: Duration => budget.max_wait;
+        /// Waiting callers per account.
+        max_queue: usize => budget.max_queue;
+        /// Least time a call must have left when its slot comes.
+        upstream_reserve: Duration => budget.upstream_reserve;
+        /// Where the budget lives.
+        backend: BackendConfig => backend;
+        /// Longest upstream attempt.
+        upstream_timeout: Duration => upstream_timeout;
+        /// Drain time after SIGTERM/SIGINT.
+        shutdown_grace: Duration => shutdown_grace;
+        /// Log format; `None`: json, or text on a terminal.
+        log_format: Option<LogFormat> => log_format;
+    }
+
+    /// Adds an account; the first one is the default unless
+    /// [`Self::default_account`] names another.
+    pub fn account(mut self, account: AccountConfig) -> Self {
+        self.accounts.push(account);
+        self
+    }
+
+    /// The account of calls without `x-infobip-account` metadata.
+    pub fn default_account(mut self, name: impl Into<String>) -> Self {
+        self.default_account = Some(name.into());
+        self
+    }
+
+    /// The budget on Redis, shared by every replica.
+    pub fn redis(self, redis: RedisConfig) -> Self {
+        self.backend(BackendConfig::Redis(redis))
+    }
+
+    /// Checks every setting; the first problem found is named.
+    pub fn build(self) -> Result<Config, ConfigError> {
+        const ACCOUNTS: &str = "--accounts-file (GATEWAY_ACCOUNTS_FILE)";
+        if self.upstream_timeout.is_zero() {
+            return Err(ConfigError::new(
+                "--upstream-timeout (GATEWAY_UPSTREAM_TIMEOUT)",
+                "must be greater than zero",
+            ));
+        }
+        let budget = BudgetConfig::check(&self.budget)?;
+        if let BackendConfig::Redis(redis) = &self.backend {
+            redis.check()?;
+        }
+        let Some(first) = self.accounts.first() else {
+            return Err(ConfigError::new(
+                "--upstream-url (INFOBIP_BASE_URL)",
+                "is required (or --accounts-file)",
+            ));
+        };
+        let names_setting = if self.accounts.len() == 1 {
+            "--account-name (GATEWAY_ACCOUNT_NAME)"
+        } else {
+            ACCOUNTS
+        };
+        for (i, account) in self.accounts.iter().enumerate() {
+            check_label(&account.name).map_err(|p| ConfigError::new(names_setting, p))?;
+            if self.accounts[..i].iter().any(|a| a.name == account.name) {
+                return Err(ConfigError::new(
+                    ACCOUNTS,
+                    format!("duplicate account {:?}", account.name),
+                ));
+            }
+        }
+        let default_account = self.default_account.unwrap_or_else(|| first.name.clone());
+        if !self.accounts.iter().any(|a| a.name == default_account) {
+            return Err(ConfigError::new(
+                ACCOUNTS,
+                format!("default_account names no account: {default_account:?}"),
+            ));
+        }
+        if !self.auth.required() && self.accounts.iter().any(|a| a.allowed_callers.is_some()) {
+            return Err(ConfigError::new(
+                ACCOUNTS,
+                "allowed_callers needs caller authentication: --client-ca (mTLS) or [[callers]] tokens",
+            ));
+        }
+        Ok(Config {
+            listen: self.listen,
+            metrics_listen: self.metrics_listen,
+            accounts: self.accounts,
+            default_account,
+            auth: self.auth,
+            budget,
+            backend: self.backend,
+            upstream_timeout: self.upstream_timeout,
+            shutdown_grace: self.shutdown_grace,
+            log_format: self.log_format,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::endpoint_url;
+    use crate::keys::{ApiKey, KeySource};
+
+    fn account(name: &str) -> AccountConfig {
+        let key = KeySource::Fixed(ApiKey::new("k").unwrap());
+        AccountConfig::new(name, endpoint_url("https://x.example").unwrap(), key)
+    }
+
+    #[test]
+    fn the_first_account_is_the_default_and_defaults_apply() {
+        let c = Config::builder()
+            .account(account("a"))
+            .account(account("b"))
+            .build()
+            .unwrap();
+        assert_eq!(c.default_account, "a");
+        assert_eq!(c.budget.max_wait, defaults::MAX_WAIT);
+        assert_eq!(c.budget.interval(), Duration::from_millis(1010));
+        assert_eq!(
+            c.default_deadline(),
+            defaults::MAX_WAIT + defaults::UPSTREAM_TIMEOUT
+        );
+    }
+
+    #[test]
+    fn each_refusal_names_its_setting() {
+        let cases: [(ConfigBuilder, &str); 6] = [
+            (Config::builder(), "--upstream-url"),
+            (Config::builder().account(account("a b")), "--account-name"),
+            (
+                Config::builder()
+                    .account(account("a"))
+                    .account(account("a")),
+                "--accounts-file",
+            ),
+            (
+                Config::builder().account(account("a")).default_account("z"),
+                "--accounts-file",
+            ),
+            (
+                Config::builder().account(account("a").allowed_callers(vec!["x".into()])),
+                "--accounts-file",
+            ),
+            (
+                Config::builder()
+                    .account(account("a"))
+                    .upstream_timeout(Duration::ZERO),
+                "--upstream-timeout",
+            ),
+        ];
+        for (builder, setting) in cases {
+            let e = builder.build().unwrap_err();
+            assert!(e.setting.starts_with(setting), "{e}");
+        }
+    }
+}

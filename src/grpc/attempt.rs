@@ -1,0 +1,202 @@
+//! The upstream attempts of one flight: each waits for a budget slot, sends
+//! one DELETE bounded by the caller's deadline, and [`next_step`] decides
+//! from its outcome whether to answer or to try again. Only what provably
+//! did not take effect is retried (no connection, 429, 503), each retry
+//! paying a slot, never past the deadline.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::time::Instant;
+use tracing::Instrument;
+use tracing::field::Empty;
+
+use super::accounts::Account;
+use super::report::Report;
+use super::status::CallError;
+use crate::budget::{BudgetError, Turn};
+use crate::coalesce::Mark;
+use crate::domain::{Association, Caller};
+use crate::telemetry::{self, metrics};
+use crate::upstream::{Reply, TransportError, Upstream};
+
+/// Attempts per call at most: the first and two retries of what provably did
+/// not take effect (no connection, 429, 503).
+const MAX_ATTEMPTS: u32 = 3;
+/// Left between the end of an upstream attempt and the caller's deadline, so
+/// the caller gets our answer (a precise status) rather than the transport's
+/// bare timeout, even on a busy node.
+pub(super) const ANSWER_MARGIN: Duration = Duration::from_millis(50);
+
+/// What to do after one attempt.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Step {
+    /// The association is gone.
+    Done,
+    /// Answer this error.
+    Fail,
+    /// It provably did not take effect: try again if attempts and time allow.
+    Retry,
+}
+
+/// The retry decision, per the README: retry only what did not take effect.
+pub(super) fn next_step(outcome: &Result<Reply, TransportError>) -> Step {
+    match outcome {
+        Ok(reply) if reply.is_success() => Step::Done,
+        Ok(reply) if matches!(reply.status, 429 | 503) => Step::Retry,
+        Ok(_) => Step::Fail,
+        Err(TransportError::Connect) => Step::Retry,
+        Err(_) => Step::Fail,
+    }
+}
+
+/// One flight's work: attempts for `association` on `account` in `caller`'s
+/// turn, under `deadline`; `mark` is set once a request goes upstream.
+pub(super) struct Attempts<'a> {
+    pub(super) account: &'a Account,
+    pub(super) caller: &'a Caller,
+    pub(super) upstream: &'a Upstream,
+    pub(super) upstream_timeout: Duration,
+    /// The latest instant a budget slot is still useful.
+    pub(super) ready_by: Instant,
+    pub(super) deadline: Instant,
+}
+
+impl Attempts<'_> {
+    pub(super) async fn run(
+        &self,
+        association: &Association,
+        mark: Mark,
+        report: &mut Report,
+    ) -> Result<(), CallError> {
+        let body = Bytes::from(association.to_json());
+        let line = &self.account.line;
+        let mut last: Option<CallError> = None;
+        loop {
+            // Every attempt pays a slot. A retry that cannot get one in time
+            // answers with the last upstream outcome instead.
+            let turn = match wait_turn(self.account, self.caller, self.ready_by).await {
+                Ok(turn) => turn,
+                Err(e) => return Err(last.unwrap_or(CallError::Budget(e))),
+            };
+            report.waited += turn.waited;
+            report.attempts += 1;
+
+            let remaining = self.deadline.saturating_duration_since(Instant::now());
+            let timeout = self
+                .upstream_timeout
+                .min(remaining.saturating_sub(ANSWER_MARGIN));
+            mark.set();
+            let clock = line.send_clock(turn);
+            // Boxed: a call still waiting in line holds no room for it.
+            let attempt = Box::pin(self.upstream.delete(
+                self.account.target(),
+                clock.body(body.clone()),
+                timeout,
+                report.attempts,
+            ));
+            let outcome = line.keep_spacing(attempt, &clock).await;
+            report.http_status = outcome.as_ref().ok().map(|r| r.status);
+
+            let step = next_step(&outcome);
+            let error = match outcome {
+                Ok(reply) => {
+                    // Infobip's answer says how its budget stands: a 429
+                    // holds back the account, anything else ends a backoff.
+                    if reply.status == 429 {
+                        line.pushback(reply.retry_after).await;
+                    } else {
+                        line.reset_pushback();
+                    }
+                    if step == Step::Done {
+                        return Ok(());
+                    }
+                    CallError::Upstream(reply)
+                }
+                Err(e) => e.into(),
+            };
+            if step != Step::Retry || report.attempts >= MAX_ATTEMPTS {
+                return Err(error);
+            }
+            last = Some(error);
+        }
+    }
+}
+
+/// One budget wait, as its own `budget.wait` span with its metrics.
+async fn wait_turn(
+    account: &Account,
+    caller: &Caller,
+    ready_by: Instant,
+) -> Result<Turn, BudgetError> {
+    let span = wait_span(account.name());
+    let result = account
+        .line
+        .wait_turn(caller, ready_by)
+        .instrument(span.clone())
+        .await;
+    record_wait(&span, account.name(), &result);
+    result
+}
+
+/// The `budget.wait` span of one call.
+pub(super) fn wait_span(account: &str) -> tracing::Span {
+    let span = tracing::info_span!(
+        "budget.wait",
+        account,
+        budget.queue_position = Empty,
+        budget.waited_ms = Empty,
+        budget.outcome = Empty,
+        otel.status_code = Empty,
+        trace_id = Empty,
+        span_id = Empty,
+    );
+    telemetry::record_ids(&span);
+    span
+}
+
+/// A budget wait's outcome, on its span and in the metrics.
+pub(super) fn record_wait(span: &tracing::Span, account: &str, result: &Result<Turn, BudgetError>) {
+    match result {
+        Ok(turn) => {
+            span.record("budget.queue_position", turn.position);
+            span.record("budget.waited_ms", turn.waited.as_millis() as u64);
+            span.record("budget.outcome", "granted");
+            metrics::budget_wait(account, turn.waited);
+        }
+        Err(e) => {
+            span.record("budget.outcome", e.as_str());
+            span.record("otel.status_code", "ERROR");
+            metrics::rejection(account, e.as_str());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(status: u16) -> Result<Reply, TransportError> {
+        Ok(Reply::new(status, &Default::default(), b""))
+    }
+
+    #[test]
+    fn only_what_provably_did_not_take_effect_is_retried() {
+        let table = [
+            (reply(204), Step::Done),
+            (reply(200), Step::Done),
+            (reply(429), Step::Retry),
+            (reply(503), Step::Retry),
+            (reply(400), Step::Fail),
+            (reply(404), Step::Fail),
+            (reply(500), Step::Fail),
+            (reply(502), Step::Fail),
+            (reply(504), Step::Fail),
+            (Err(TransportError::Connect), Step::Retry),
+            (Err(TransportError::Timeout), Step::Fail),
+        ];
+        for (outcome, step) in table {
+            assert_eq!(next_step(&outcome), step, "{outcome:?}");
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! Single flight for the gateway: identical calls waiting or in flight at
+//! the same time on this replica (same account, same five fields) share one
+//! run of the attempts, so a retry storm costs one slot. Each caller still
+//! answers by its own deadline; a call the budget would refuse at once is
+//! refused before any flight is set up.
+
+use std::sync::Arc;
+
+use tokio::time::Instant;
+
+use super::accounts::Account;
+use super::attempt::{ANSWER_MARGIN, Attempts, record_wait, wait_span};
+use super::report::Report;
+use super::service::Gateway;
+use super::status::CallError;
+use crate::budget::{BudgetError, Rejection};
+use crate::coalesce::{Coalescer, Expired, Role};
+use crate::domain::{Association, Caller};
+use crate::telemetry::metrics;
+use crate::upstream::TransportError;
+
+/// Identical calls in flight at the same time share one outcome: the account
+/// and the five fields (shared, so the flight's copies cost no allocation).
+type FlightKey = Arc<(String, Association)>;
+/// What every caller of a flight receives.
+type Flown = (Result<(), CallError>, Report);
+
+/// The flights in progress on this replica.
+pub(super) type Flights = Coalescer<FlightKey, Flown>;
+
+/// How often a follower refused under its leader's shorter deadline tries
+/// again on its own.
+const MAX_JOINS: u32 = 3;
+
+impl Gateway {
+    /// Runs the attempts once for all identical calls waiting or in flight
+    /// at the same time; each caller still answers by its own deadline.
+    pub(super) async fn fly(
+        &self,
+        account: &Arc<Account>,
+        caller: &Caller,
+        association: Association,
+        deadline: Instant,
+        report: &mut Report,
+    ) -> Result<(), CallError> {
+        let key: FlightKey = Arc::new((account.name().to_owned(), association));
+        // A call that would lead a new flight and that the budget refuses at
+        // once is refused before any flight is set up (load shedding is cheap).
+        if !self.flights.is_flying(&key)
+            && let Err(e) = account.line.check(caller, self.ready_by(deadline))
+        {
+            record_wait(&wait_span(account.name()), account.name(), &Err(e));
+            return Err(CallError::Budget(e));
+        }
+        let patience = deadline.checked_sub(ANSWER_MARGIN).unwrap_or(deadline);
+        let mut joins = 0;
+        loop {
+            // The work owns what it needs: it may move to a task of its own
+            // if its leader leaves. It takes its turn in the leader's share.
+            let (leader, lane, flight) = (Arc::clone(account), caller.clone(), Arc::clone(&key));
+            let (upstream, upstream_timeout) =
+                (self.upstream.clone(), self.limits.upstream_timeout);
+            let ready_by = self.ready_by(deadline);
+            let work = move |mark| async move {
+                let mut report = Report::default();
+                let attempts = Attempts {
+                    account: &leader,
+                    caller: &lane,
+                    upstream: &upstream,
+                    upstream_timeout,
+                    ready_by,
+                    deadline,
+                };
+                let result = attempts.run(&flight.1, mark, &mut report).await;
+                (result, report)
+            };
+            let joined = self
+                .flights
+                .run(key.clone(), deadline, patience, work)
+                .await;
+            joins += 1;
+            let follower = joined.role == Role::Follower;
+            if follower {
+                metrics::coalesced(account.name());
+            }
+            let (result, shared) = match joined.outcome {
+                Ok(outcome) => outcome,
+                // Gave up at its own deadline (the work may still be running
+                // for others): what a lone call would have met.
+                Err(Expired { marked }) => {
+                    report.coalesced = true;
+                    return Err(if marked {
+                        CallError::Transport(TransportError::Timeout)
+                    } else {
+                        CallError::Budget(BudgetError::Exhausted {
+                            reason: Rejection::TimedOut,
+                            retry_after: account.line.retry_after(),
+                        })
+                    });
+                }
+            };
+            *report = Report {
+                coalesced: follower,
+                ..shared
+            };
+            // Refused for lack of time under the leader's shorter deadline: not
+            // this caller's answer while it has more time. Nothing was sent, so
+            // it tries on its own (leading, or joining a newer flight).
+            let leaders_deadline = matches!(
+                result,
+                Err(CallError::Budget(BudgetError::Exhausted {
+                    reason: Rejection::Deadline | Rejection::TimedOut,
+                    ..
+                }))
+            );
+            if follower
+                && leaders_deadline
+                && deadline > joined.flight_deadline
+                && joins < MAX_JOINS
+            {
+                continue;
+            }
+            return result;
+        }
+    }
+}

@@ -1,0 +1,18 @@
+//! The request path: [`service`] is the tonic handler and reads top to bottom
+//! (admit → parse → flight → attempts → answer); [`flight`] shares one run
+//! among identical calls; [`attempt`] waits for a slot, sends, and decides on
+//! retries; [`report`] writes the call's one log event and metrics;
+//! [`status`] is the mapping table; [`accounts`] the per-account registry.
+//!
+//! Imports the mechanisms (`auth`, `budget`, `coalesce`, `upstream`,
+//! `telemetry`) and the leaves; nothing imports it but `startup`.
+
+mod accounts;
+mod attempt;
+mod flight;
+mod report;
+mod service;
+pub(crate) mod status;
+
+pub(crate) use accounts::Accounts;
+pub(crate) use service::{CallLimits, Gateway};

@@ -1,0 +1,70 @@
+//! What happened to one call, and its one trace of it: span fields, the
+//! request metrics and a single log event, all written in [`Report::answer`].
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tonic::{Response, Status};
+
+use super::status::CallError;
+use crate::pb::DeleteAssociationResponse;
+use crate::telemetry::metrics;
+
+/// Label of calls refused before an account or caller is known.
+pub(super) const UNKNOWN: &str = "unknown";
+
+/// What happened to one call, for its log event.
+#[derive(Debug, Default, Clone)]
+pub(super) struct Report {
+    pub(super) attempts: u32,
+    pub(super) waited: Duration,
+    pub(super) http_status: Option<u16>,
+    /// The call shared another identical call's upstream call.
+    pub(super) coalesced: bool,
+}
+
+impl Report {
+    /// Records the call on its span, in the metrics and in one log event, and
+    /// turns its result into the answer.
+    pub(super) fn answer(
+        &self,
+        account: &str,
+        caller: &str,
+        started: Instant,
+        result: Result<(), CallError>,
+    ) -> Result<Response<DeleteAssociationResponse>, Status> {
+        let elapsed = started.elapsed();
+        let span = tracing::Span::current();
+        span.record("account", account);
+        span.record("caller", caller);
+        let code = result
+            .as_ref()
+            .map_or_else(CallError::code, |()| tonic::Code::Ok);
+        metrics::request(account, caller, code, elapsed);
+        let (answer, reason) = match result {
+            Ok(()) => (Ok(Response::new(DeleteAssociationResponse {})), None),
+            Err(error) => (Err(error.to_status(account)), Some(error.reason())),
+        };
+        macro_rules! event {
+            ($level:ident, $outcome:expr, $message:literal) => {
+                tracing::$level!(
+                    account,
+                    caller,
+                    outcome = $outcome,
+                    reason,
+                    coalesced = self.coalesced,
+                    attempts = self.attempts,
+                    http_status = self.http_status,
+                    budget_wait_ms = self.waited.as_millis() as u64,
+                    elapsed_ms = elapsed.as_millis() as u64,
+                    $message
+                )
+            };
+        }
+        match &answer {
+            Ok(_) => event!(info, "OK", "association deleted"),
+            Err(status) => event!(warn, tracing::field::debug(status.code()), "delete failed"),
+        }
+        answer
+    }
+}

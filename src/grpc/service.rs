@@ -1,0 +1,167 @@
+//! The tonic handler. A call reads top to bottom in
+//! [`Gateway::delete_association`]: admit (who, which account, allowed?) →
+//! parse → flight (identical calls share one) → attempts (budget slot, one
+//! DELETE, retry what did not take effect) → answer (status, span, metrics,
+//! one log event).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tonic::metadata::MetadataMap;
+use tonic::{Request, Response, Status};
+
+use super::accounts::{Account, Accounts};
+use super::flight::Flights;
+use super::report::{Report, UNKNOWN};
+use super::status::CallError;
+use crate::auth::{Authenticator, Identity};
+use crate::domain::Association;
+use crate::pb::association_service_server::AssociationService;
+use crate::pb::{DeleteAssociationRequest, DeleteAssociationResponse};
+use crate::upstream::Upstream;
+
+/// Per-call limits from the configuration.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CallLimits {
+    pub(crate) upstream_timeout: Duration,
+    pub(crate) upstream_reserve: Duration,
+    /// Deadline of a call that sets none: max-wait + upstream timeout.
+    pub(crate) default_deadline: Duration,
+}
+
+/// The `AssociationService` implementation. Cheap to clone.
+#[derive(Clone)]
+pub(crate) struct Gateway {
+    pub(super) accounts: Arc<Accounts>,
+    auth: Arc<Authenticator>,
+    pub(super) upstream: Upstream,
+    pub(super) limits: CallLimits,
+    pub(super) flights: Arc<Flights>,
+}
+
+#[tonic::async_trait]
+impl AssociationService for Gateway {
+    async fn delete_association(
+        &self,
+        request: Request<DeleteAssociationRequest>,
+    ) -> Result<Response<DeleteAssociationResponse>, Status> {
+        let started = Instant::now();
+        let deadline =
+            started + grpc_timeout(request.metadata()).unwrap_or(self.limits.default_deadline);
+        let mut report = Report::default();
+
+        // 1. Admit: decided before any budget is spent.
+        let peer_certs = request.peer_certs();
+        let peer_certs = peer_certs.as_deref().map(Vec::as_slice);
+        let (account, identity) = match self.admit(request.metadata(), peer_certs) {
+            Ok(admitted) => admitted,
+            Err((account, error)) => return report.answer(account, UNKNOWN, started, Err(error)),
+        };
+        let caller = self.auth.label(&identity);
+
+        // 2. Parse: a refusal here costs no budget and sends nothing.
+        let result = match Association::try_from(request.into_inner()) {
+            // 3-4. Flight and attempts: identical calls share one slot.
+            Ok(association) => {
+                self.fly(
+                    account,
+                    &identity.caller,
+                    association,
+                    deadline,
+                    &mut report,
+                )
+                .await
+            }
+            Err(invalid) => Err(invalid.into()),
+        };
+
+        // 5. Answer.
+        report.answer(account.name(), caller, started, result)
+    }
+}
+
+impl Gateway {
+    pub(crate) fn new(
+        accounts: Arc<Accounts>,
+        auth: Authenticator,
+        upstream: Upstream,
+        limits: CallLimits,
+    ) -> Self {
+        Self {
+            accounts,
+            auth: Arc::new(auth),
+            upstream,
+            limits,
+            flights: Arc::default(),
+        }
+    }
+
+    /// Who calls, on which account, and whether it may. On refusal, the
+    /// account name for labels comes along.
+    fn admit(
+        &self,
+        metadata: &MetadataMap,
+        peer_certs: Option<&[tonic::transport::CertificateDer<'static>]>,
+    ) -> Result<(&Arc<Account>, Identity), (&str, CallError)> {
+        let identity = self
+            .auth
+            .identify(metadata, peer_certs)
+            .map_err(|e| (UNKNOWN, e.into()))?;
+        let account = self.accounts.find(metadata).map_err(|e| (UNKNOWN, e))?;
+        self.auth
+            .authorize(&identity, account.config.allowed_callers.as_deref())
+            .map_err(|e| (account.name(), e.into()))?;
+        Ok((account, identity))
+    }
+
+    /// The latest instant a budget slot is still useful to a call with `deadline`.
+    pub(super) fn ready_by(&self, deadline: Instant) -> Instant {
+        deadline
+            .checked_sub(self.limits.upstream_reserve)
+            .unwrap_or(deadline)
+    }
+}
+
+/// The caller's `grpc-timeout` (gRPC over HTTP/2 spec: up to 8 digits and a
+/// unit H, M, S, m, u or n).
+fn grpc_timeout(metadata: &MetadataMap) -> Option<Duration> {
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    if value.len() < 2 || value.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_grpc_timeout_units() {
+        let mut m = MetadataMap::new();
+        for (v, d) in [
+            ("5S", Duration::from_secs(5)),
+            ("250m", Duration::from_millis(250)),
+            ("1H", Duration::from_secs(3600)),
+            ("99999999n", Duration::from_nanos(99_999_999)),
+        ] {
+            m.insert("grpc-timeout", v.parse().unwrap());
+            assert_eq!(grpc_timeout(&m), Some(d), "{v}");
+        }
+        for bad in ["", "S", "5x", "123456789S", "-1S"] {
+            m.insert("grpc-timeout", bad.parse().unwrap());
+            assert_eq!(grpc_timeout(&m), None, "{bad}");
+        }
+    }
+}

@@ -1,0 +1,38 @@
+//! Hooks for the crate's tests, benchmarks and examples only: internals they
+//! measure or drive directly. Not part of the supported surface.
+
+use std::sync::Arc;
+
+use crate::config::{BudgetConfig, Config};
+use crate::startup::App;
+
+pub use crate::budget::limiter::{Decision, Limiter};
+pub use crate::budget::local::LocalLimiter;
+pub use crate::budget::redis::{RedisLimiter, RedisStore, TIMEOUT, WallClock};
+pub use crate::budget::shared::RedisBackend;
+pub use crate::budget::{BudgetError, Rejection};
+pub use crate::grpc::status::{CallError, code_for_http};
+pub use crate::upstream::Reply;
+
+/// [`App::build`] with this replica's wall clock `offset_ms` off the
+/// system's (as a replica whose NTP is wrong sees it).
+pub async fn build_with_clock_offset(config: Config, offset_ms: i64) -> anyhow::Result<App> {
+    App::build_with(config, WallClock::offset_by_micros(offset_ms * 1000)).await
+}
+
+/// In-process lines for many accounts, each with its dispatcher parked (the
+/// memory benchmark's per-account state); closed when dropped.
+pub struct MemoryLines(Vec<Arc<crate::budget::Line>>);
+
+impl MemoryLines {
+    pub fn new<'a>(names: impl IntoIterator<Item = &'a str>, config: &BudgetConfig) -> Self {
+        let backend = crate::budget::Backend::memory();
+        Self(names.into_iter().map(|n| backend.line(n, config)).collect())
+    }
+}
+
+impl Drop for MemoryLines {
+    fn drop(&mut self) {
+        self.0.iter().for_each(|line| line.close());
+    }
+}
