@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use tonic::transport::{Channel, Endpoint};
 use tonic_types::StatusExt;
 
-use crate::systems::API_KEY;
+pub const API_KEY: &str = "bench-api-key-0123456789";
 
 /// Latencies are recorded in nanoseconds, from 1 ns to 10 minutes.
 pub fn histogram() -> Histogram<u64> {

@@ -109,7 +109,7 @@ async fn accounts() -> anyhow::Result<serde_json::Value> {
     for n in [1, ACCOUNTS] {
         let path = file(n)?;
         let path = path.to_string_lossy().into_owned();
-        let env = [("BENCH_API_KEY", crate::systems::API_KEY.to_owned())];
+        let env = [("BENCH_API_KEY", crate::harness::API_KEY.to_owned())];
         let flags = ["--accounts-file", path.as_str()];
         let gateway = GatewayBin::start(&format!("accounts-{n}"), upstream, &flags, &env).await?;
         let mut client =

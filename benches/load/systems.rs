@@ -13,6 +13,8 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use provisioning_gateway::cli::{Cli, Command};
 use provisioning_gateway::config::Config;
+
+use crate::harness::API_KEY;
 use provisioning_gateway::mock::{Mock, MockConfig};
 use provisioning_gateway::pb::association_service_server::{
     AssociationService, AssociationServiceServer,
@@ -22,8 +24,6 @@ use provisioning_gateway::startup::App;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
-
-pub const API_KEY: &str = "bench-api-key-0123456789";
 
 /// Budget flags under which the budget never refuses nor delays a call in a
 /// benchmark run: 1000/s (the highest allowed rate), no margin, a burst of a

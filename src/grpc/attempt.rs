@@ -50,19 +50,26 @@ pub(super) fn next_step(outcome: &Result<Reply, TransportError>) -> Step {
     }
 }
 
-/// One flight's work: attempts for `association` on `account` in `caller`'s
-/// turn, under `deadline`; `mark` is set once a request goes upstream.
+/// The Infobip client and the longest attempt: what every attempt shares.
+#[derive(Clone)]
+pub(super) struct Sender {
+    pub(super) upstream: Upstream,
+    pub(super) timeout: Duration,
+}
+
+/// One flight's work: attempts for an association on `account` in `caller`'s
+/// turn, under `deadline`.
 pub(super) struct Attempts<'a> {
+    pub(super) sender: &'a Sender,
     pub(super) account: &'a Account,
     pub(super) caller: &'a Caller,
-    pub(super) upstream: &'a Upstream,
-    pub(super) upstream_timeout: Duration,
     /// The latest instant a budget slot is still useful.
     pub(super) ready_by: Instant,
     pub(super) deadline: Instant,
 }
 
 impl Attempts<'_> {
+    /// Runs them; `mark` is set once a request goes upstream.
     pub(super) async fn run(
         &self,
         association: &Association,
@@ -84,12 +91,13 @@ impl Attempts<'_> {
 
             let remaining = self.deadline.saturating_duration_since(Instant::now());
             let timeout = self
-                .upstream_timeout
+                .sender
+                .timeout
                 .min(remaining.saturating_sub(ANSWER_MARGIN));
             mark.set();
             let clock = line.send_clock(turn);
             // Boxed: a call still waiting in line holds no room for it.
-            let attempt = Box::pin(self.upstream.delete(
+            let attempt = Box::pin(self.sender.upstream.delete(
                 self.account.target(),
                 clock.body(body.clone()),
                 timeout,

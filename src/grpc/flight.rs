@@ -9,9 +9,8 @@ use std::sync::Arc;
 use tokio::time::Instant;
 
 use super::accounts::Account;
-use super::attempt::{ANSWER_MARGIN, Attempts, record_wait, wait_span};
+use super::attempt::{ANSWER_MARGIN, Attempts, Sender, record_wait, wait_span};
 use super::report::Report;
-use super::service::Gateway;
 use super::status::CallError;
 use crate::budget::{BudgetError, Rejection};
 use crate::coalesce::{Coalescer, Expired, Role};
@@ -26,28 +25,43 @@ type FlightKey = Arc<(String, Association)>;
 type Flown = (Result<(), CallError>, Report);
 
 /// The flights in progress on this replica.
-pub(super) type Flights = Coalescer<FlightKey, Flown>;
+#[derive(Default)]
+pub(super) struct Flights(Coalescer<FlightKey, Flown>);
+
+/// One call as a flight sees it: for whom, on which account, by when.
+pub(super) struct Call<'a> {
+    pub(super) account: &'a Arc<Account>,
+    pub(super) caller: &'a Caller,
+    pub(super) deadline: Instant,
+    /// The latest instant a budget slot is still useful to it.
+    pub(super) ready_by: Instant,
+}
 
 /// How often a follower refused under its leader's shorter deadline tries
 /// again on its own.
 const MAX_JOINS: u32 = 3;
 
-impl Gateway {
+impl Flights {
     /// Runs the attempts once for all identical calls waiting or in flight
     /// at the same time; each caller still answers by its own deadline.
     pub(super) async fn fly(
         &self,
-        account: &Arc<Account>,
-        caller: &Caller,
+        sender: &Sender,
+        call: Call<'_>,
         association: Association,
-        deadline: Instant,
         report: &mut Report,
     ) -> Result<(), CallError> {
+        let Call {
+            account,
+            caller,
+            deadline,
+            ready_by,
+        } = call;
         let key: FlightKey = Arc::new((account.name().to_owned(), association));
         // A call that would lead a new flight and that the budget refuses at
         // once is refused before any flight is set up (load shedding is cheap).
-        if !self.flights.is_flying(&key)
-            && let Err(e) = account.line.check(caller, self.ready_by(deadline))
+        if !self.0.is_flying(&key)
+            && let Err(e) = account.line.check(caller, ready_by)
         {
             record_wait(&wait_span(account.name()), account.name(), &Err(e));
             return Err(CallError::Budget(e));
@@ -58,26 +72,20 @@ impl Gateway {
             // The work owns what it needs: it may move to a task of its own
             // if its leader leaves. It takes its turn in the leader's share.
             let (leader, lane, flight) = (Arc::clone(account), caller.clone(), Arc::clone(&key));
-            let (upstream, upstream_timeout) =
-                (self.upstream.clone(), self.limits.upstream_timeout);
-            let ready_by = self.ready_by(deadline);
+            let sender = sender.clone();
             let work = move |mark| async move {
                 let mut report = Report::default();
                 let attempts = Attempts {
+                    sender: &sender,
                     account: &leader,
                     caller: &lane,
-                    upstream: &upstream,
-                    upstream_timeout,
                     ready_by,
                     deadline,
                 };
                 let result = attempts.run(&flight.1, mark, &mut report).await;
                 (result, report)
             };
-            let joined = self
-                .flights
-                .run(key.clone(), deadline, patience, work)
-                .await;
+            let joined = self.0.run(key.clone(), deadline, patience, work).await;
             joins += 1;
             let follower = joined.role == Role::Follower;
             if follower {

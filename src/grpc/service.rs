@@ -12,7 +12,8 @@ use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
 use super::accounts::{Account, Accounts};
-use super::flight::Flights;
+use super::attempt::Sender;
+use super::flight::{Call, Flights};
 use super::report::{Report, UNKNOWN};
 use super::status::CallError;
 use crate::auth::{Authenticator, Identity};
@@ -33,11 +34,11 @@ pub(crate) struct CallLimits {
 /// The `AssociationService` implementation. Cheap to clone.
 #[derive(Clone)]
 pub(crate) struct Gateway {
-    pub(super) accounts: Arc<Accounts>,
+    accounts: Arc<Accounts>,
     auth: Arc<Authenticator>,
-    pub(super) upstream: Upstream,
-    pub(super) limits: CallLimits,
-    pub(super) flights: Arc<Flights>,
+    sender: Sender,
+    limits: CallLimits,
+    flights: Arc<Flights>,
 }
 
 #[tonic::async_trait]
@@ -64,14 +65,16 @@ impl AssociationService for Gateway {
         let result = match Association::try_from(request.into_inner()) {
             // 3-4. Flight and attempts: identical calls share one slot.
             Ok(association) => {
-                self.fly(
+                let call = Call {
                     account,
-                    &identity.caller,
-                    association,
+                    caller: &identity.caller,
                     deadline,
-                    &mut report,
-                )
-                .await
+                    ready_by: self.ready_by(deadline),
+                };
+                let flights = &self.flights;
+                flights
+                    .fly(&self.sender, call, association, &mut report)
+                    .await
             }
             Err(invalid) => Err(invalid.into()),
         };
@@ -91,7 +94,10 @@ impl Gateway {
         Self {
             accounts,
             auth: Arc::new(auth),
-            upstream,
+            sender: Sender {
+                upstream,
+                timeout: limits.upstream_timeout,
+            },
             limits,
             flights: Arc::default(),
         }
@@ -116,7 +122,7 @@ impl Gateway {
     }
 
     /// The latest instant a budget slot is still useful to a call with `deadline`.
-    pub(super) fn ready_by(&self, deadline: Instant) -> Instant {
+    fn ready_by(&self, deadline: Instant) -> Instant {
         deadline
             .checked_sub(self.limits.upstream_reserve)
             .unwrap_or(deadline)
