@@ -91,11 +91,7 @@ fn redis_config(url: &str, replicas: u32) -> anyhow::Result<RedisConfig> {
 /// (a) decision latency vs PING, interleaved.
 async fn latency(url: &str, n: usize) -> anyhow::Result<()> {
     println!("(a) budget decision latency, {n} decisions each, interleaved with PINGs");
-    let store = Arc::new(RedisStore::new(
-        &RedisUrl::new(url).map_err(anyhow::Error::msg)?,
-        None,
-        TIMEOUT,
-    )?);
+    let store = Arc::new(RedisStore::new(&redis_config(url, 1)?, TIMEOUT));
     store.connect().await?;
     // A 1 µs interval: every decision is a grant (the script's longer path).
     let script = RedisLimiter::new(

@@ -90,6 +90,57 @@ fn each_bad_setting_is_named_in_one_line() {
             ],
             "--redis-key-prefix",
         ),
+        (
+            &[url, key],
+            &[
+                "--budget-backend",
+                "redis",
+                "--redis-url",
+                "redis+sentinel://s1:26379,s2:26379",
+            ],
+            "--redis-url",
+        ),
+        (
+            &[url, key],
+            &[
+                "--budget-backend",
+                "redis",
+                "--redis-url",
+                "redis://:pw@r:6379",
+                "--redis-password-file",
+                "/etc/hostname",
+            ],
+            "--redis-password-file",
+        ),
+        (
+            &[url, key],
+            &[
+                "--budget-backend",
+                "redis",
+                "--redis-url",
+                "redis://r:6379",
+                "--redis-password-file",
+                "/nonexistent/redis-password",
+            ],
+            "--redis-password-file",
+        ),
+        (
+            &[url, key],
+            &[
+                "--budget-backend",
+                "redis",
+                "--redis-url",
+                "redis+cluster://n1:7000",
+                "--redis-sentinel-password-file",
+                "/etc/hostname",
+            ],
+            "--redis-sentinel-password-file",
+        ),
+        (
+            &[url, key],
+            &["--redis-username", "app"],
+            "--redis-username",
+        ),
     ];
     for (env, args, setting) in cases {
         let (code, stderr) = serve(env, args);
@@ -128,6 +179,10 @@ fn help_lists_every_serve_flag_with_its_variable() {
         "GATEWAY_REDIS_KEY_PREFIX",
         "GATEWAY_REDIS_FALLBACK",
         "GATEWAY_EXPECTED_REPLICAS",
+        "GATEWAY_REDIS_PASSWORD_FILE",
+        "GATEWAY_REDIS_USERNAME",
+        "GATEWAY_REDIS_SENTINEL_PASSWORD_FILE",
+        "GATEWAY_REDIS_CA_FILE",
     ] {
         assert!(help.contains(var), "{var} missing from serve --help");
     }

@@ -15,4 +15,6 @@ mod mapping;
 mod observability;
 mod redis;
 mod support;
+mod topologies;
+mod topology_harness;
 mod validation;

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
-use provisioning_gateway::config::{RedisFallback, RedisUrl};
+use provisioning_gateway::config::{RedisConfig, RedisFallback, RedisUrl};
 use provisioning_gateway::mock::{Arrival, Mock, Scripted};
 use provisioning_gateway::testing::{Decision, RedisLimiter, RedisStore, TIMEOUT};
 use tokio_util::sync::CancellationToken;
@@ -26,9 +26,9 @@ use crate::support::{
 /// The vendor's interval at the 20/s these tests run (the gateway adds a
 /// 70 ms margin, T = 120 ms: three replicas' sends may jitter by that much on
 /// a loaded 2-core machine).
-const VENDOR_T: Duration = Duration::from_millis(50);
+pub(crate) const VENDOR_T: Duration = Duration::from_millis(50);
 
-fn opts_20() -> Opts {
+pub(crate) fn opts_20() -> Opts {
     Opts {
         rate_per_second: 20,
         safety_margin: Duration::from_millis(70),
@@ -37,12 +37,13 @@ fn opts_20() -> Opts {
 }
 
 async fn store(redis: &RedisServer) -> Arc<RedisStore> {
-    let store = RedisStore::new(&RedisUrl::new(redis.url()).unwrap(), None, TIMEOUT).unwrap();
+    let config = RedisConfig::new(RedisUrl::new(redis.url()).unwrap());
+    let store = RedisStore::new(&config, TIMEOUT);
     store.connect().await.unwrap();
     Arc::new(store)
 }
 
-async fn raw(redis: &RedisServer) -> redis::aio::MultiplexedConnection {
+pub(crate) async fn raw(redis: &RedisServer) -> redis::aio::MultiplexedConnection {
     redis::Client::open(redis.url())
         .unwrap()
         .get_multiplexed_async_connection()
@@ -67,7 +68,7 @@ fn wait_of(d: Decision) -> Duration {
 }
 
 /// `n` replicas of the gateway in front of one emulator.
-async fn replicas(
+pub(crate) async fn replicas(
     n: usize,
     opts: &[Opts],
     mock: &Mock,
@@ -81,13 +82,13 @@ async fn replicas(
     apps
 }
 
-fn gaps(arrivals: &[Arrival]) -> Vec<Duration> {
+pub(crate) fn gaps(arrivals: &[Arrival]) -> Vec<Duration> {
     arrivals.windows(2).map(|w| w[1].at - w[0].at).collect()
 }
 
 /// Redis errors the process saw (all replicas of a test share the recorder):
 /// tells a spacing failure from jitter apart from one caused by a fallback.
-async fn backend_errors(app: &TestApp) -> String {
+pub(crate) async fn backend_errors(app: &TestApp) -> String {
     let text = reqwest::get(format!("http://{}/metrics", app.metrics_addr))
         .await
         .unwrap()
@@ -100,7 +101,7 @@ async fn backend_errors(app: &TestApp) -> String {
         .to_owned()
 }
 
-fn assert_spacing(arrivals: &[Arrival], what: &str) {
+pub(crate) fn assert_spacing(arrivals: &[Arrival], what: &str) {
     let seen: Vec<(u16, u128)> = arrivals
         .windows(2)
         .map(|w| (w[1].status, (w[1].at - w[0].at).as_millis()))
@@ -120,7 +121,7 @@ fn assert_spacing(arrivals: &[Arrival], what: &str) {
 /// One call through each replica, so every upstream connection is open
 /// before spacing is measured (a first connection can delay one arrival by
 /// tens of ms on a loaded machine). Returns how many arrivals to skip.
-async fn warm_up(apps: &[TestApp], mock: &Mock) -> usize {
+pub(crate) async fn warm_up(apps: &[TestApp], mock: &Mock) -> usize {
     for (i, app) in apps.iter().enumerate() {
         app.client()
             .await
@@ -133,7 +134,7 @@ async fn warm_up(apps: &[TestApp], mock: &Mock) -> usize {
 }
 
 /// Polls `/healthz` of every app until `degraded` is `want`; returns how long it took.
-async fn until_degraded_is(apps: &[TestApp], want: bool, within: Duration) -> Duration {
+pub(crate) async fn until_degraded_is(apps: &[TestApp], want: bool, within: Duration) -> Duration {
     let started = Instant::now();
     loop {
         let mut all = true;

@@ -19,6 +19,7 @@ use serde::Serialize;
 
 use crate::config::{BackendConfig, BudgetConfig};
 
+mod connect;
 mod fair;
 pub(crate) mod limiter;
 mod line;

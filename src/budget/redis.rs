@@ -19,13 +19,14 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Script};
+use redis::Script;
+
+use super::connect::{Conn, Connector};
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::limiter::{BackendUnavailable, Decision, Limiter};
-use crate::config::{CaPem, RedisUrl};
+use crate::config::RedisConfig;
 
 /// Longest a command may take. Loopback or in-cluster Redis answers in well
 /// under a millisecond; this only bounds a dead or stuck one.
@@ -55,34 +56,28 @@ pub enum StoreError {
 
 /// The connection to Redis, shared by every account of the process.
 pub struct RedisStore {
-    client: redis::Client,
+    connector: Connector,
     timeout: Duration,
     /// The live connection and its generation, so a failure drops only the
     /// connection it happened on, not a newer one.
-    conn: Mutex<Option<(u64, MultiplexedConnection)>>,
+    conn: Mutex<Option<(u64, Conn)>>,
     generation: AtomicU64,
 }
 
 impl RedisStore {
-    /// A store for `url` (TLS verified against `ca` when given, else the
-    /// Mozilla roots); does not connect yet.
-    pub fn new(url: &RedisUrl, ca: Option<&CaPem>, timeout: Duration) -> Result<Self, StoreError> {
-        let client = match ca {
-            None => redis::Client::open(url.expose())?,
-            Some(CaPem(pem)) => redis::Client::build_with_tls(
-                url.expose(),
-                redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(pem.clone()),
-                },
-            )?,
-        };
-        Ok(Self {
-            client,
+    /// A store for the configured Redis (any topology); does not connect yet.
+    pub fn new(config: &RedisConfig, timeout: Duration) -> Self {
+        Self {
+            connector: Connector::new(config, CONNECT_TIMEOUT, timeout),
             timeout,
             conn: Mutex::new(None),
             generation: AtomicU64::new(0),
-        })
+        }
+    }
+
+    /// The live connection's generation (one more at every connect).
+    pub(crate) fn generation(&self) -> Option<u64> {
+        self.lock().as_ref().map(|(g, _)| *g)
     }
 
     /// Whether a connection is up (as far as the last command knows).
@@ -94,14 +89,8 @@ impl RedisStore {
     /// one EVALSHA round trip, also right after a Redis restart (a NOSCRIPT
     /// answer would still reload it).
     pub async fn connect(&self) -> Result<(), StoreError> {
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(Some(self.timeout));
         let connect = async {
-            let mut conn = self
-                .client
-                .get_multiplexed_async_connection_with_config(&config)
-                .await?;
+            let mut conn = self.connector.open().await?;
             gcra_script().prepare_invoke().load_async(&mut conn).await?;
             Ok::<_, redis::RedisError>(conn)
         };
@@ -134,7 +123,7 @@ impl RedisStore {
     /// failure drops that connection: the probe reconnects, calls do not wait.
     async fn run<T, F, Fut>(&self, command: F) -> Result<T, StoreError>
     where
-        F: FnOnce(MultiplexedConnection) -> Fut,
+        F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         let (generation, conn) = self.lock().clone().ok_or(StoreError::NotConnected)?;
@@ -158,13 +147,13 @@ impl RedisStore {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(u64, MultiplexedConnection)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(u64, Conn)>> {
         // Every update is a single assignment: a poisoned lock is still consistent.
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
-async fn time(conn: &mut MultiplexedConnection) -> redis::RedisResult<i64> {
+async fn time(conn: &mut Conn) -> redis::RedisResult<i64> {
     let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(conn).await?;
     Ok(secs * 1_000_000 + micros)
 }

@@ -35,7 +35,7 @@ use super::limiter::{BackendUnavailable, Decision, Limiter};
 use super::local::LocalLimiter;
 use super::redis::WallClock;
 use super::redis::{RedisLimiter, RedisStore, StoreError, TIMEOUT, measure_skew};
-use crate::config::{BudgetConfig, RedisConfig, RedisFallback};
+use crate::config::{BudgetConfig, RedisConfig, RedisFallback, Topology};
 use crate::telemetry::metrics::{BACKEND_ERRORS, CLOCK_SKEW, DEGRADED};
 
 /// Reconnect attempts while degraded.
@@ -51,6 +51,8 @@ pub struct RedisBackend {
     /// The URL as logs may show it (password redacted).
     shown_url: String,
     key_prefix: String,
+    /// Closes the hash tag the prefix opens on a Cluster.
+    key_suffix: &'static str,
     fallback: RedisFallback,
     expected_replicas: u32,
     clock: WallClock,
@@ -64,11 +66,20 @@ impl RedisBackend {
     /// Connects (bounded) and starts the probe. Redis being down is no error:
     /// the backend starts degraded and the probe keeps trying.
     pub async fn start(config: &RedisConfig, clock: WallClock) -> Result<Arc<Self>, StoreError> {
-        let store = Arc::new(RedisStore::new(&config.url, config.ca.as_ref(), TIMEOUT)?);
+        let store = Arc::new(RedisStore::new(config, TIMEOUT));
         let backend = Arc::new(Self {
             store,
             shown_url: config.url.to_string(),
-            key_prefix: config.key_prefix.clone(),
+            key_prefix: match config.url.topology() {
+                // A hash tag: every key of one account on one slot, so a
+                // script that touches several of them runs on a Cluster.
+                Topology::Cluster => format!("{}{{", config.key_prefix),
+                _ => config.key_prefix.clone(),
+            },
+            key_suffix: match config.url.topology() {
+                Topology::Cluster => "}",
+                _ => "",
+            },
             fallback: config.fallback,
             expected_replicas: config.expected_replicas.get(),
             clock,
@@ -89,7 +100,7 @@ impl RedisBackend {
         Ok(backend)
     }
 
-    /// The limiter of one account, keyed `<prefix><account>`.
+    /// The limiter of one account, keyed `<prefix><account>` (`<prefix>{<account>}` on a Cluster).
     pub(crate) fn limiter(self: &Arc<Self>, account: &str, config: &BudgetConfig) -> SharedLimiter {
         self.limiter_with(account, config.interval(), config.burst)
     }
@@ -105,7 +116,7 @@ impl RedisBackend {
             backend: Arc::clone(self),
             redis: RedisLimiter::new(
                 Arc::clone(&self.store),
-                format!("{}{account}", self.key_prefix),
+                format!("{}{account}{}", self.key_prefix, self.key_suffix),
                 interval,
                 burst,
             ),
@@ -239,6 +250,8 @@ struct Handover {
     last_local_grant: Option<Instant>,
     /// Latest upstream pushback (429): no slot before this.
     pushed_until: Option<Instant>,
+    /// The connection (generation) of the last shared decision.
+    connection: Option<u64>,
 }
 
 /// One account's limiter on the Redis backend, with its fallback.
@@ -260,13 +273,22 @@ impl SharedLimiter {
     async fn shared(&self) -> Result<Decision, StoreError> {
         // Back from the fallback: the shared key may have expired, or Redis
         // restarted empty; keep the spacing after this replica's own grants,
-        // and any pushback it received meanwhile.
+        // and any pushback it received meanwhile. On a new connection (a
+        // restart, or a failover to a node that may lack the latest writes)
+        // no slot comes within one interval of it: whatever was granted on
+        // the old one was granted before this replica lost it.
+        let generation = self.backend.store.generation();
         let seed = {
             let h = self.lock();
             let after_grant = h.last_local_grant.map(|t| t + self.interval);
-            h.on_local
+            let from_local = h
+                .on_local
                 .then(|| after_grant.max(h.pushed_until))
-                .flatten()
+                .flatten();
+            let reconnected = h.connection.is_some() && h.connection != generation;
+            let from_reconnect = reconnected.then(|| Instant::now() + self.interval);
+            from_local
+                .max(from_reconnect)
                 .map(|t| t.saturating_duration_since(Instant::now()))
         };
         if let Some(wait) = seed.filter(|w| !w.is_zero()) {
@@ -275,6 +297,7 @@ impl SharedLimiter {
         let decision = self.redis.decide().await?;
         let mut h = self.lock();
         h.on_local = false;
+        h.connection = generation;
         h.shared_next = Some(
             Instant::now()
                 + match decision {

@@ -118,10 +118,26 @@ pub struct BackendArgs {
         default_value = "memory"
     )]
     pub budget_backend: BackendKind,
-    /// Redis URL (`redis://` or `rediss://` for TLS; `redis://:PASSWORD@HOST:6379/0`). Required with `--budget-backend redis`.
-    #[arg(long, env = "GATEWAY_REDIS_URL", hide_env_values = true)]
+    /// Redis URL, required with `--budget-backend redis`. One endpoint (standalone or managed primary):
+    /// `redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]`; Sentinel: `redis+sentinel://[[USER]:PASSWORD@]HOST:PORT[,HOST:PORT…]/MASTER[/DB]`;
+    /// Cluster: `redis+cluster://[[USER]:PASSWORD@]HOST:PORT[,HOST:PORT…]`. `rediss…` for TLS.
+    #[arg(
+        long,
+        env = "GATEWAY_REDIS_URL",
+        hide_env_values = true,
+        verbatim_doc_comment
+    )]
     pub redis_url: Option<String>,
-    /// PEM file of the CA(s) that sign the Redis server's certificate (`rediss://` with a private CA); default: the Mozilla root store.
+    /// File holding the Redis password (a mounted Secret), re-read at every reconnect; instead of a password in the URL.
+    #[arg(long, env = "GATEWAY_REDIS_PASSWORD_FILE")]
+    pub redis_password_file: Option<PathBuf>,
+    /// Redis ACL user name (instead of the URL's).
+    #[arg(long, env = "GATEWAY_REDIS_USERNAME")]
+    pub redis_username: Option<String>,
+    /// File holding the sentinels' own password, where it differs from the data nodes' (empty file: sentinels without auth).
+    #[arg(long, env = "GATEWAY_REDIS_SENTINEL_PASSWORD_FILE")]
+    pub redis_sentinel_password_file: Option<PathBuf>,
+    /// PEM file of the CA(s) that sign the Redis servers' certificates (`rediss…` with a private CA); default: the Mozilla root store.
     #[arg(long, env = "GATEWAY_REDIS_CA_FILE")]
     pub redis_ca_file: Option<PathBuf>,
     /// Prefix of the budget keys in Redis; the account name follows it.

@@ -149,7 +149,33 @@ impl BackendArgs {
             })?;
         let url = self.redis_url.as_deref().filter(|u| !u.trim().is_empty());
         match (self.budget_backend, url) {
-            (BackendKind::Memory, None) => Ok(BackendConfig::Memory),
+            (BackendKind::Memory, None) => {
+                let redis_only = [
+                    (
+                        self.redis_password_file.is_some(),
+                        "--redis-password-file (GATEWAY_REDIS_PASSWORD_FILE)",
+                    ),
+                    (
+                        self.redis_username.is_some(),
+                        "--redis-username (GATEWAY_REDIS_USERNAME)",
+                    ),
+                    (
+                        self.redis_sentinel_password_file.is_some(),
+                        "--redis-sentinel-password-file (GATEWAY_REDIS_SENTINEL_PASSWORD_FILE)",
+                    ),
+                    (
+                        self.redis_ca_file.is_some(),
+                        "--redis-ca-file (GATEWAY_REDIS_CA_FILE)",
+                    ),
+                ];
+                match redis_only.into_iter().find(|(set, _)| *set) {
+                    Some((_, setting)) => Err(ConfigError::new(
+                        setting,
+                        "is set but --budget-backend (GATEWAY_BUDGET_BACKEND) is memory",
+                    )),
+                    None => Ok(BackendConfig::Memory),
+                }
+            }
             // A URL without the backend is most likely a forgotten setting; running
             // on per-replica budgets instead would multiply the vendor's rate.
             (BackendKind::Memory, Some(_)) => Err(ConfigError::new(
@@ -167,7 +193,10 @@ impl BackendArgs {
                 redis.fallback = self.redis_fallback;
                 redis.expected_replicas = expected_replicas;
                 redis.ca = self.redis_ca_file.as_deref().map(CaPem::read).transpose()?;
-                Ok(BackendConfig::Redis(redis))
+                redis.username = self.redis_username.clone();
+                redis.password_file = self.redis_password_file.clone();
+                redis.sentinel_password_file = self.redis_sentinel_password_file.clone();
+                Ok(BackendConfig::Redis(Box::new(redis)))
             }
         }
     }

@@ -3,64 +3,10 @@
 
 use std::fmt;
 use std::num::NonZeroU32;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use url::Url;
-
+use super::redis_url::{RedisUrl, Topology};
 use super::{ConfigError, defaults};
-
-/// A Redis URL. It may carry a password, so `Debug` and `Display` show it
-/// with the password replaced.
-#[derive(Clone, PartialEq, Eq)]
-pub struct RedisUrl(String);
-
-impl RedisUrl {
-    /// Checks a `redis://` or `rediss://` URL. Problems are described without
-    /// echoing the URL, which may hold a password.
-    pub fn new(url: impl Into<String>) -> Result<Self, String> {
-        let url = url.into().trim().to_owned();
-        let parsed = Url::parse(&url).map_err(|e| format!("not a valid URL ({e})"))?;
-        if !matches!(parsed.scheme(), "redis" | "rediss") {
-            return Err("must start with redis:// or rediss:// (TLS)".into());
-        }
-        if parsed.host_str().is_none_or(str::is_empty) {
-            return Err("has no host".into());
-        }
-        if redis::Client::open(url.as_str()).is_err() {
-            return Err("is not a Redis URL the client accepts (redis[s]://[[USER]:PASSWORD@]HOST[:PORT][/DB])".into());
-        }
-        Ok(Self(url))
-    }
-
-    /// The URL with its password, for the Redis client only.
-    pub(crate) fn expose(&self) -> &str {
-        &self.0
-    }
-
-    fn redacted(&self) -> String {
-        match Url::parse(&self.0) {
-            Ok(mut url) => {
-                if url.password().is_some() {
-                    let _ = url.set_password(Some("***"));
-                }
-                url.to_string()
-            }
-            Err(_) => "<redacted>".into(),
-        }
-    }
-}
-
-impl fmt::Debug for RedisUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "RedisUrl({})", self.redacted())
-    }
-}
-
-impl fmt::Display for RedisUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.redacted())
-    }
-}
 
 /// CA certificates (PEM) that verify the Redis server, for a private CA.
 #[derive(Clone, PartialEq, Eq)]
@@ -97,7 +43,7 @@ pub enum BackendConfig {
     /// In this process: right for one replica.
     Memory,
     /// In Redis, shared by every replica.
-    Redis(RedisConfig),
+    Redis(Box<RedisConfig>),
 }
 
 /// The Redis backend, checked.
@@ -112,6 +58,14 @@ pub struct RedisConfig {
     pub fallback: RedisFallback,
     /// Replicas sharing the budget; the `local` fallback runs each at rate / this.
     pub expected_replicas: NonZeroU32,
+    /// ACL user, instead of the URL's.
+    pub username: Option<String>,
+    /// File holding the password, re-read at every (re)connect (a mounted
+    /// Secret that rotates); instead of a password in the URL.
+    pub password_file: Option<PathBuf>,
+    /// File holding the sentinels' own password, where it differs from the
+    /// data nodes' (an empty file: sentinels without authentication).
+    pub sentinel_password_file: Option<PathBuf>,
 }
 
 impl RedisConfig {
@@ -124,6 +78,9 @@ impl RedisConfig {
             fallback: RedisFallback::Local,
             expected_replicas: NonZeroU32::new(defaults::EXPECTED_REPLICAS)
                 .unwrap_or(NonZeroU32::MIN),
+            username: None,
+            password_file: None,
+            sentinel_password_file: None,
         }
     }
 
@@ -135,10 +92,34 @@ impl RedisConfig {
                 "must be 1 to 200 bytes long",
             ));
         }
-        if self.ca.is_some() && !self.url.expose().starts_with("rediss://") {
+        if self.ca.is_some() && !self.url.tls() {
             return Err(ConfigError::new(
                 CA_FILE,
-                "needs a rediss:// (TLS) --redis-url",
+                "needs a TLS --redis-url (rediss://, rediss+sentinel:// or rediss+cluster://)",
+            ));
+        }
+        if let Some(file) = &self.password_file {
+            if self.url.has_password() {
+                return Err(ConfigError::new(
+                    PASSWORD_FILE,
+                    "cannot be combined with a password in --redis-url (GATEWAY_REDIS_URL)",
+                ));
+            }
+            read_secret(file).map_err(|p| ConfigError::new(PASSWORD_FILE, p))?;
+        }
+        if let Some(file) = &self.sentinel_password_file {
+            if !matches!(self.url.topology(), Topology::Sentinel { .. }) {
+                return Err(ConfigError::new(
+                    SENTINEL_PASSWORD_FILE,
+                    "needs a redis+sentinel:// (or rediss+sentinel://) --redis-url",
+                ));
+            }
+            read_secret(file).map_err(|p| ConfigError::new(SENTINEL_PASSWORD_FILE, p))?;
+        }
+        if self.username.as_deref().is_some_and(str::is_empty) {
+            return Err(ConfigError::new(
+                "--redis-username (GATEWAY_REDIS_USERNAME)",
+                "must not be empty",
             ));
         }
         Ok(())
@@ -146,6 +127,18 @@ impl RedisConfig {
 }
 
 const CA_FILE: &str = "--redis-ca-file (GATEWAY_REDIS_CA_FILE)";
+const PASSWORD_FILE: &str = "--redis-password-file (GATEWAY_REDIS_PASSWORD_FILE)";
+const SENTINEL_PASSWORD_FILE: &str =
+    "--redis-sentinel-password-file (GATEWAY_REDIS_SENTINEL_PASSWORD_FILE)";
+
+/// A password file's content: one line, surrounding whitespace dropped (a
+/// Secret often ends in a newline). The error names the file, never the
+/// content.
+pub(crate) fn read_secret(path: &Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    Ok(text.trim().to_owned())
+}
 
 impl CaPem {
     /// Reads the Redis CA file (`--redis-ca-file`).
@@ -161,28 +154,5 @@ impl CaPem {
             ));
         }
         Ok(Self(pem))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn redis_url_never_prints_its_password() {
-        let url = RedisUrl::new("rediss://user:s3cr3t-pw@redis.example:6380/2").unwrap();
-        let shown = format!("{url:?} {url}");
-        assert!(!shown.contains("s3cr3t"), "{shown}");
-        assert!(shown.contains("redis.example:6380"), "{shown}");
-        assert_eq!(url.expose(), "rediss://user:s3cr3t-pw@redis.example:6380/2");
-        for bad in [
-            "http://x",
-            "redis://",
-            "redis://:s3cr3t@x:notaport",
-            "redis://:s3cr3t@x/notadb",
-        ] {
-            let problem = RedisUrl::new(bad).unwrap_err();
-            assert!(!problem.contains("s3cr3t"), "{problem}");
-        }
     }
 }

@@ -107,7 +107,7 @@ impl ConfigBuilder {
 
     /// The budget on Redis, shared by every replica.
     pub fn redis(self, redis: RedisConfig) -> Self {
-        self.backend(BackendConfig::Redis(redis))
+        self.backend(BackendConfig::Redis(Box::new(redis)))
     }
 
     /// Checks every setting; the first problem found is named.

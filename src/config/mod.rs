@@ -14,14 +14,17 @@ mod backend;
 mod budget;
 mod builder;
 pub mod defaults;
+mod redis_url;
 
 pub(crate) use account::check_label;
 pub use account::{AccountConfig, endpoint_url};
 pub use accounts_file::{AccountsError, AccountsFile};
 pub use auth::{AuthConfig, TlsConfig, TokenCaller};
-pub use backend::{BackendConfig, CaPem, RedisConfig, RedisFallback, RedisUrl};
+pub(crate) use backend::read_secret;
+pub use backend::{BackendConfig, CaPem, RedisConfig, RedisFallback};
 pub use budget::BudgetConfig;
 pub use builder::ConfigBuilder;
+pub use redis_url::{RedisUrl, Topology};
 
 /// A refused setting: `setting` names the flag or variable, `problem` says why.
 #[derive(Debug, thiserror::Error)]

@@ -8,6 +8,7 @@ pub mod otlp;
 pub mod pki;
 pub mod process;
 pub mod redis;
+pub mod topology;
 
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
@@ -56,7 +57,7 @@ impl Opts {
         redis.fallback = fallback;
         redis.expected_replicas = NonZeroU32::new(expected_replicas).unwrap();
         Self {
-            backend: BackendConfig::Redis(redis),
+            backend: BackendConfig::Redis(Box::new(redis)),
             ..self
         }
     }
