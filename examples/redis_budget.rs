@@ -1,13 +1,16 @@
 //! Figures for the Redis backend (a benchmark, not a test):
 //!
 //! (a) budget decision latency on the Redis backend against one Redis PING
-//!     round trip, interleaved in one run;
+//!     round trip, interleaved in one run, on each topology: one endpoint,
+//!     Sentinel (a primary, a replica, three sentinels) and Cluster (three
+//!     primaries; PING there goes to every node, the decision to one);
 //! (b) 3 gateway replicas × 50 concurrent callers for 30 s at the default
 //!     1 request/second: upstream calls per second ÷ the configured rate, the
 //!     smallest gap between arrivals at the (emulated) vendor, calls served.
 //!
 //! `cargo run --release --example redis_budget` (needs `redis-server` on PATH;
-//! everything runs on loopback). `-- --seconds N` shortens (b).
+//! everything runs on loopback). `-- --seconds N` shortens (b); `-- --latency`
+//! runs (a) alone.
 // Measures wall time on the real clock, outside any paused runtime: the
 // library's tokio-clock rule (clippy.toml) does not apply here.
 #![allow(clippy::disallowed_types, clippy::disallowed_methods)]
@@ -33,6 +36,14 @@ use tokio_util::sync::CancellationToken;
 use tonic_types::StatusExt;
 
 const KEY: &str = "bench-api-key";
+
+/// The test suite's Sentinel and Cluster fixtures (real processes on loopback).
+#[allow(dead_code)]
+#[path = "../tests/support"]
+mod support {
+    pub mod redis;
+    pub mod topology;
+}
 
 struct Redis(Child);
 
@@ -285,7 +296,19 @@ async fn main() -> anyhow::Result<()> {
         .transpose()?
         .unwrap_or(30);
     let (_redis, url) = start_redis()?;
+    println!("(a) one endpoint");
     latency(&url, 2000).await?;
+    let sentinels = support::topology::Sentinels::start_async(None, None).await;
+    println!("(a) Sentinel");
+    latency(&sentinels.url(), 2000).await?;
+    drop(sentinels);
+    let cluster = support::topology::Cluster::start_async(None).await;
+    println!("(a) Cluster");
+    latency(&cluster.url(), 2000).await?;
+    drop(cluster);
+    if std::env::args().any(|a| a == "--latency") {
+        return Ok(());
+    }
     spacing(&url, seconds).await?;
     Ok(())
 }

@@ -2,7 +2,7 @@
 //!
 //! Calls line up per caller and are served round-robin by caller
 //! ([`super::fair`]), FIFO within a caller; a single dispatcher task per
-//! account takes the next call still waiting, asks the limiter for a slot,
+//! account (`dispatch.rs`) takes the next call still waiting, asks the limiter for a slot,
 //! sleeps exactly as long as the limiter says (no polling), and hands the
 //! slot over. A caller that leaves (cancelled, deadline) simply drops its
 //! receiver: the dispatcher notices and moves on, so no slot is spent on
@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::{Notify, oneshot};
-use tokio::time::{Instant, sleep, timeout_at};
+use tokio::time::{Instant, timeout_at};
 use tokio_util::sync::CancellationToken;
 
 use super::fair::{FairQueue, ahead};
@@ -43,23 +43,23 @@ pub struct Turn {
     pub departure: Departure,
 }
 
-struct Waiter {
-    tx: oneshot::Sender<Result<(Instant, Departure), BudgetError>>,
-    ready_by: Instant,
-    joined: Instant,
+pub(super) struct Waiter {
+    pub(super) tx: oneshot::Sender<Result<(Instant, Departure), BudgetError>>,
+    pub(super) ready_by: Instant,
+    pub(super) joined: Instant,
 }
 
-struct State {
-    waiters: FairQueue<Waiter>,
+pub(super) struct State {
+    pub(super) waiters: FairQueue<Waiter>,
     /// Calls inside `wait_turn` (admitted, not yet served or gone).
     live: usize,
     /// The same, per caller, with the caller's weight.
     live_by_caller: HashMap<Arc<str>, (usize, u32)>,
     /// Best estimate of when the limiter grants its next slot.
-    next_slot: Instant,
+    pub(super) next_slot: Instant,
     /// This replica's time between grants while callers wait: the interval
     /// alone, or longer when other replicas share the budget (see [`Pace`]).
-    pace: Pace,
+    pub(super) pace: Pace,
     /// Consecutive upstream 429s without Retry-After, for backoff.
     pushback_streak: u32,
 }
@@ -67,16 +67,16 @@ struct State {
 /// The waiters and dispatcher of one account.
 pub struct Line {
     name: String,
-    limiter: Arc<dyn Limiter>,
+    pub(super) limiter: Arc<dyn Limiter>,
     interval: Duration,
     /// Granted requests not yet gone out, where spacing is promised (a
     /// burst of 1 and a margin to keep it); `None` where it is not.
-    transit: Option<Arc<Transit>>,
+    pub(super) transit: Option<Arc<Transit>>,
     max_wait: Duration,
     max_queue: usize,
     state: Mutex<State>,
-    wake: Notify,
-    closing: CancellationToken,
+    pub(super) wake: Notify,
+    pub(super) closing: CancellationToken,
 }
 
 impl Line {
@@ -273,7 +273,7 @@ impl Line {
     }
 
     /// A granted request on its way out, holding back the next grant.
-    fn departure(&self) -> Departure {
+    pub(super) fn departure(&self) -> Departure {
         self.transit
             .as_ref()
             .map_or_else(Departure::default, Transit::depart)
@@ -297,105 +297,10 @@ impl Line {
         st.next_slot.saturating_duration_since(now) + st.pace.get(now).saturating_mul(ahead)
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
+    pub(super) fn lock(&self) -> MutexGuard<'_, State> {
         // The state stays consistent across a panic elsewhere: every update is a
         // single assignment, so a poisoned lock is still safe to use.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    async fn dispatch(self: Arc<Self>) {
-        while let Some(waiter) = self.next_waiter().await {
-            self.serve(waiter).await;
-        }
-    }
-
-    /// The first caller still waiting, or `None` once closed (after answering
-    /// everyone still in line).
-    async fn next_waiter(&self) -> Option<Waiter> {
-        loop {
-            // Notify stores a permit when nobody waits, so a wake-up between the
-            // check and the await is not lost.
-            let woken = self.wake.notified();
-            {
-                let mut st = self.lock();
-                if self.closing.is_cancelled() {
-                    for w in st.waiters.drain() {
-                        let _ = w.tx.send(Err(BudgetError::ShuttingDown));
-                    }
-                    return None;
-                }
-                let now = Instant::now();
-                while let Some(w) = st.waiters.pop() {
-                    if !w.tx.is_closed() && w.ready_by > now {
-                        return Some(w);
-                    }
-                }
-            }
-            woken.await;
-        }
-    }
-
-    /// Gets a slot for `waiter`, sleeping as the limiter says, unless the
-    /// waiter leaves first or the gateway shuts down.
-    async fn serve(&self, mut waiter: Waiter) {
-        loop {
-            // No grant while a granted request may still leave.
-            if let Some(transit) = &self.transit {
-                tokio::select! {
-                    () = transit.clear() => {}
-                    () = waiter.tx.closed() => return,
-                    () = self.closing.cancelled() => {
-                        let _ = waiter.tx.send(Err(BudgetError::ShuttingDown));
-                        return;
-                    }
-                }
-            }
-            // The slot is taken somewhere between asking and the answer (a
-            // Redis round trip, which a busy node can stretch): the request
-            // is due from the asking, so lateness is counted from there.
-            let asked = Instant::now();
-            let decision = tokio::select! {
-                d = self.limiter.acquire() => d,
-                () = waiter.tx.closed() => return,
-                () = self.closing.cancelled() => {
-                    let _ = waiter.tx.send(Err(BudgetError::ShuttingDown));
-                    return;
-                }
-            };
-            match decision {
-                Ok(Decision::Granted) => {
-                    let now = Instant::now();
-                    {
-                        let mut st = self.lock();
-                        st.pace.granted(now, waiter.joined);
-                        // This replica's next grant, as far as it can tell.
-                        st.next_slot = now + st.pace.get(now);
-                    }
-                    // If the caller left in the instant since the check above,
-                    // this slot is lost; the window is a few instructions wide.
-                    let _ = waiter.tx.send(Ok((asked, self.departure())));
-                    return;
-                }
-                Ok(Decision::Wait(wait)) => {
-                    self.lock().next_slot = Instant::now() + wait;
-                    tokio::select! {
-                        () = sleep(wait) => {}
-                        // The limiter switched budgets (Redis lost or back):
-                        // this wait may no longer hold, ask again.
-                        () = self.limiter.changed() => {}
-                        () = waiter.tx.closed() => return,
-                        () = self.closing.cancelled() => {
-                            let _ = waiter.tx.send(Err(BudgetError::ShuttingDown));
-                            return;
-                        }
-                    }
-                }
-                Err(_) => {
-                    let _ = waiter.tx.send(Err(BudgetError::BackendUnavailable));
-                    return;
-                }
-            }
-        }
     }
 }
 
@@ -420,6 +325,7 @@ impl Drop for LiveGuard<'_> {
 mod tests {
     use super::*;
     use crate::budget::local::LocalLimiter;
+    use tokio::time::sleep;
     use std::num::{NonZeroU32, NonZeroUsize};
 
     fn config(max_queue: usize) -> BudgetConfig {

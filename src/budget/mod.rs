@@ -20,6 +20,7 @@ use serde::Serialize;
 use crate::config::{BackendConfig, BudgetConfig};
 
 mod connect;
+mod dispatch;
 mod fair;
 pub(crate) mod limiter;
 mod line;
