@@ -114,6 +114,20 @@ impl RedisStore {
             .await
     }
 
+    /// One keyed read (`EXISTS key`), routed as the script on `key` is: the
+    /// yardstick on a Cluster, where PING goes to every node.
+    pub async fn keyed_round_trip(&self, key: &str) -> Result<(), StoreError> {
+        let key = key.to_owned();
+        self.run(|mut c| async move {
+            redis::cmd("EXISTS")
+                .arg(key)
+                .query_async::<i64>(&mut c)
+                .await
+        })
+        .await
+        .map(drop)
+    }
+
     /// Drops the connection (tests use it to simulate a lost one).
     pub fn disconnect(&self) {
         *self.lock() = None;
