@@ -398,3 +398,31 @@ async fn a_new_primary_that_lost_the_latest_write_gives_no_slot_early() {
     );
     drop(redis);
 }
+
+#[tokio::test]
+async fn sentinels_without_a_password_in_front_of_a_primary_with_one() {
+    let sentinels = Sentinels::start_async(Some("data-s3cr3t"), None).await;
+    let dir = tempfile::tempdir().unwrap();
+    // An empty file: the sentinels take no password; the data nodes take
+    // the URL's.
+    let none = secret_file(dir.path(), "sentinel-password", "");
+    let (mock, addr, _stop) = spawn_mock(20).await;
+    let mut opts = opts_20().redis(&sentinels.url(), RedisFallback::Deny, 1);
+    if let BackendConfig::Redis(r) = &mut opts.backend {
+        r.sentinel_password_file = Some(none);
+    }
+    let apps = replicas(1, &[opts], &mock, addr).await;
+    until_degraded_is(&apps, false, Duration::from_secs(5)).await;
+    apps[0]
+        .client()
+        .await
+        .delete_association(request(0))
+        .await
+        .unwrap();
+    let served: Vec<u16> = mock.arrivals().iter().map(|a| a.status).collect();
+    assert_eq!(
+        served,
+        [204],
+        "served on the shared budget (deny: no fallback)"
+    );
+}
