@@ -51,8 +51,8 @@ pub struct RedisBackend {
     /// The URL as logs may show it (password redacted).
     shown_url: String,
     key_prefix: String,
-    /// Closes the hash tag the prefix opens on a Cluster.
-    key_suffix: &'static str,
+    /// Keys carry a hash tag (Redis Cluster).
+    tagged_keys: bool,
     fallback: RedisFallback,
     expected_replicas: u32,
     clock: WallClock,
@@ -70,16 +70,8 @@ impl RedisBackend {
         let backend = Arc::new(Self {
             store,
             shown_url: config.url.to_string(),
-            key_prefix: match config.url.topology() {
-                // A hash tag: every key of one account on one slot, so a
-                // script that touches several of them runs on a Cluster.
-                Topology::Cluster => format!("{}{{", config.key_prefix),
-                _ => config.key_prefix.clone(),
-            },
-            key_suffix: match config.url.topology() {
-                Topology::Cluster => "}",
-                _ => "",
-            },
+            key_prefix: config.key_prefix.clone(),
+            tagged_keys: *config.url.topology() == Topology::Cluster,
             fallback: config.fallback,
             expected_replicas: config.expected_replicas.get(),
             clock,
@@ -114,18 +106,24 @@ impl RedisBackend {
     ) -> SharedLimiter {
         SharedLimiter {
             backend: Arc::clone(self),
-            redis: RedisLimiter::new(
-                Arc::clone(&self.store),
-                format!("{}{account}{}", self.key_prefix, self.key_suffix),
-                interval,
-                burst,
-            ),
+            redis: RedisLimiter::new(Arc::clone(&self.store), self.key(account), interval, burst),
             local: LocalLimiter::with_interval(
                 interval.saturating_mul(self.expected_replicas),
                 burst,
             ),
             interval,
             handover: Mutex::new(Handover::default()),
+        }
+    }
+
+    /// The key of an account: `<prefix><account>`, or `<prefix>{<account>}`
+    /// on a Cluster, where the hash tag keeps every key of one account on one
+    /// slot (a script touching several of them runs only there).
+    fn key(&self, account: &str) -> String {
+        if self.tagged_keys {
+            format!("{}{{{account}}}", self.key_prefix)
+        } else {
+            format!("{}{account}", self.key_prefix)
         }
     }
 
