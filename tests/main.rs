@@ -13,6 +13,7 @@ mod contract;
 mod lifecycle;
 mod mapping;
 mod observability;
+mod promises;
 mod redis;
 mod support;
 mod topologies;

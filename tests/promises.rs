@@ -1,0 +1,187 @@
+//! Promises the README makes that nothing else pins down: bounded caller
+//! labels, the shutdown grace cut short, and a key rotation under a call in
+//! flight.
+
+use std::time::{Duration, Instant};
+
+use provisioning_gateway::config::TlsConfig;
+use provisioning_gateway::mock::Scripted;
+use provisioning_gateway::pb::association_service_client::AssociationServiceClient;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+use crate::support::pki::Ca;
+use crate::support::process::GatewayProcess;
+use crate::support::{Opts, config, request, spawn_app, spawn_config, spawn_open_mock};
+
+/// The `caller` label values of this account's request counter.
+async fn caller_labels(metrics: std::net::SocketAddr, account: &str) -> Vec<String> {
+    let page = reqwest::get(format!("http://{metrics}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let mut labels: Vec<String> = page
+        .lines()
+        .filter(|l| l.starts_with("provisioning_gateway_requests_total{"))
+        .filter(|l| l.contains(&format!("account=\"{account}\"")))
+        .filter_map(|l| l.split("caller=\"").nth(1))
+        .filter_map(|rest| rest.split('"').next())
+        .map(str::to_owned)
+        .collect();
+    labels.sort();
+    labels.dedup();
+    labels
+}
+
+#[tokio::test]
+async fn names_callers_give_themselves_never_become_metric_labels() {
+    let app = spawn_app(Opts {
+        account_name: "labels-anonymous".into(),
+        ..Opts::default()
+    })
+    .await;
+    let mut client = app.client().await;
+    for (n, name) in ["who-1", "who-2", "who-3"].into_iter().enumerate() {
+        let mut r = tonic::Request::new(request(n));
+        r.metadata_mut().insert("x-caller", name.parse().unwrap());
+        client.delete_association(r).await.unwrap();
+    }
+    assert_eq!(
+        caller_labels(app.metrics_addr, "labels-anonymous").await,
+        ["anonymous"]
+    );
+}
+
+#[tokio::test]
+async fn an_authenticated_caller_no_account_names_is_labelled_unlisted() {
+    let ca = Ca::new("labels-ca");
+    let server = ca.server();
+    let tls = TlsConfig {
+        cert: server.cert.clone().into(),
+        key: server.key.clone().into(),
+        client_ca: Some(ca.pem().into()),
+    };
+    let (mock, addr, stop) = spawn_open_mock(20).await;
+    let opts = Opts {
+        account_name: "labels-mtls".into(),
+        ..Opts::default()
+    };
+    let app = spawn_config(
+        config(&opts, &format!("http://{addr}")).tls(Some(tls)),
+        mock,
+        stop,
+    )
+    .await;
+    let leaf = ca.client("spiffe://cluster.test/ns/x/sa/nobody-listed");
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca.pem()))
+        .domain_name("localhost")
+        .identity(Identity::from_pem(&leaf.cert, &leaf.key));
+    let channel = Channel::from_shared(format!("https://localhost:{}", app.addr.port()))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    AssociationServiceClient::new(channel)
+        .delete_association(request(0))
+        .await
+        .unwrap();
+    assert_eq!(
+        caller_labels(app.metrics_addr, "labels-mtls").await,
+        ["unlisted"]
+    );
+}
+
+#[tokio::test]
+async fn a_drain_longer_than_the_grace_is_cut_short() {
+    let app = spawn_app(Opts {
+        shutdown_grace: Duration::from_millis(300),
+        ..Opts::default()
+    })
+    .await;
+    let mut hanging = Scripted::new(204, "");
+    hanging.delay = Duration::from_secs(30);
+    app.mock.script([hanging]);
+    let mut client = app.client().await;
+    let in_flight = tokio::spawn(async move { client.delete_association(request(0)).await });
+    app.mock.wait_for_requests(1).await;
+    let started = Instant::now();
+    app.stop.cancel();
+    let stopped = tokio::time::timeout(Duration::from_secs(5), app.server)
+        .await
+        .expect("run_until_stopped returns once the grace is over")
+        .unwrap();
+    let took = started.elapsed();
+    stopped.expect("a cut-short drain is still a clean stop");
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_secs(2),
+        "stopped after {took:?} with a 300 ms grace"
+    );
+    // In the binary, returning ends the process and the call with it.
+    assert!(!in_flight.is_finished(), "the call was still upstream");
+    in_flight.abort();
+}
+
+#[tokio::test]
+async fn a_call_in_flight_keeps_its_key_across_a_rotation() {
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("api-key");
+    std::fs::write(&key_file, "first-key").unwrap();
+    let (mock, mock_addr, _stop) = spawn_open_mock(20).await;
+    let accounts = dir.path().join("accounts.toml");
+    std::fs::write(
+        &accounts,
+        format!(
+            "[[accounts]]\nname = \"main\"\nbase_url = \"http://{mock_addr}\"\napi_key_file = {key_file:?}\n"
+        ),
+    )
+    .unwrap();
+    let gateway =
+        GatewayProcess::start_with(&[("GATEWAY_ACCOUNTS_FILE", accounts.to_str().unwrap())]).await;
+    let mut client = AssociationServiceClient::connect(format!("http://{}", gateway.addr))
+        .await
+        .unwrap();
+    // The first call is upstream, its answer held back, while the key turns.
+    let mut slow = Scripted::new(204, "");
+    slow.delay = Duration::from_millis(1500);
+    mock.script([slow]);
+    let mut first = client.clone();
+    let in_flight = tokio::spawn(async move { first.delete_association(request(0)).await });
+    mock.wait_for_requests(1).await;
+    std::fs::write(&key_file, "second-key").unwrap();
+    let pid = gateway.child.id().unwrap().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    gateway
+        .wait_for_log("API key reloaded", Duration::from_secs(10))
+        .await;
+    assert!(
+        !in_flight.is_finished(),
+        "rotated while the call was upstream"
+    );
+    in_flight
+        .await
+        .unwrap()
+        .expect("the call in flight finishes");
+    client.delete_association(request(1)).await.unwrap();
+    let keys: Vec<_> = mock
+        .arrivals()
+        .iter()
+        .map(|a| a.headers["authorization"].to_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        keys,
+        ["App first-key", "App second-key"],
+        "one request each, the first with the key it was sent with"
+    );
+    let (status, _) = gateway.terminate().await;
+    assert!(status.success());
+}
