@@ -120,6 +120,11 @@ async fn the_call_goes_on_for_a_follower_when_its_leader_leaves() {
     let mut follower = client.clone();
     let following = tokio::spawn(async move { follower.delete_association(request(1)).await });
     until_metric(app.metrics_addr, &coalesced, 1.0).await; // the follower joined its flight
+    assert_eq!(
+        app.mock.arrivals().len(),
+        1,
+        "the flight waits for its slot"
+    );
     leading.abort(); // the leader's caller goes away
     following.await.unwrap().unwrap();
     let arrivals = app.mock.arrivals();
