@@ -16,7 +16,7 @@ use clap::{Arg, Command, CommandFactory};
 
 use super::Cli;
 
-/// What `main` does with an error of [`Cli::try_parse`]: `None` where
+/// What `main` does with an error of `Cli::try_parse`: `None` where
 /// clap's own output is the answer (`--help`, `--version`, or no
 /// subcommand: print it as clap does and exit with clap's status), else the
 /// one line (without a newline) to print on stderr before exiting with
