@@ -156,7 +156,7 @@ pub struct Expired {
     pub marked: bool,
 }
 
-/// What a caller gets from [`Coalescer::run`].
+/// What a caller gets from [`Joining::wait`].
 #[derive(Debug)]
 pub struct Joined<T> {
     pub outcome: Result<T, Expired>,
@@ -174,32 +174,28 @@ impl<K: Hash + Eq, T> Default for Coalescer<K, T> {
     }
 }
 
-/// How a caller takes part in a flight.
-enum Join<K: Hash + Eq + Clone + Send + Sync + 'static, T: Send + Sync + 'static> {
-    Leader(Lead<K, T>),
-    Follower(Arc<Flight<K, T>>),
-}
+/// A caller that has started or joined a flight and not yet waited for it.
+/// Dropped unawaited, it leaves like a caller that gives up.
+pub struct Joining<K: Hash + Eq + Clone + Send + Sync + 'static, T: Send + Sync + 'static>(
+    Join<K, T>,
+);
 
-impl<K, T> Coalescer<K, T>
+impl<K, T> Joining<K, T>
 where
     K: Hash + Eq + Clone + Send + Sync + 'static,
     T: Clone + Send + Sync + 'static,
 {
-    /// Runs `work` for `key`, or joins the flight already running it.
-    /// `deadline` is the work's deadline if this caller leads; either way the
-    /// caller waits until `patience` at most.
-    pub async fn run<F, Fut>(
-        &self,
-        key: K,
-        deadline: Instant,
-        patience: Instant,
-        work: F,
-    ) -> Joined<T>
-    where
-        F: FnOnce(Mark) -> Fut,
-        Fut: Future<Output = T> + Send + 'static,
-    {
-        match self.join(key, deadline, work) {
+    /// Whether this caller started the flight or joined one.
+    pub fn role(&self) -> Role {
+        match self.0 {
+            Join::Leader(_) => Role::Leader,
+            Join::Follower(_) => Role::Follower,
+        }
+    }
+
+    /// The flight's outcome, waiting until `patience` at most.
+    pub async fn wait(self, patience: Instant) -> Joined<T> {
+        match self.0 {
             Join::Leader(mut lead) => {
                 let outcome = timeout_at(patience, lead.finish()).await;
                 Joined {
@@ -228,6 +224,46 @@ where
                 }
             }
         }
+    }
+}
+
+/// How a caller takes part in a flight.
+enum Join<K: Hash + Eq + Clone + Send + Sync + 'static, T: Send + Sync + 'static> {
+    Leader(Lead<K, T>),
+    Follower(Arc<Flight<K, T>>),
+}
+
+impl<K, T> Coalescer<K, T>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    T: Clone + Send + Sync + 'static,
+{
+    /// [`Self::start`] and [`Joining::wait`] in one (for the tests).
+    #[cfg(test)]
+    pub async fn run<F, Fut>(
+        &self,
+        key: K,
+        deadline: Instant,
+        patience: Instant,
+        work: F,
+    ) -> Joined<T>
+    where
+        F: FnOnce(Mark) -> Fut,
+        Fut: Future<Output = T> + Send + 'static,
+    {
+        self.start(key, deadline, work).wait(patience).await
+    }
+
+    /// Runs `work` for `key`, or joins the flight already running it: the
+    /// caller's part is decided at once ([`Joining::role`]), and
+    /// [`Joining::wait`] waits for the outcome until the caller's patience
+    /// runs out. `deadline` is the work's deadline if this caller leads.
+    pub fn start<F, Fut>(&self, key: K, deadline: Instant, work: F) -> Joining<K, T>
+    where
+        F: FnOnce(Mark) -> Fut,
+        Fut: Future<Output = T> + Send + 'static,
+    {
+        Joining(self.join(key, deadline, work))
     }
 
     /// Whether a flight for `key` is in progress (a call now would follow it).

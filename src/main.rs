@@ -2,7 +2,7 @@
 //! Bad configuration exits 2 with one line naming the setting.
 
 use clap::Parser;
-use provisioning_gateway::cli::{Cli, Command, LogFormat};
+use provisioning_gateway::cli::{self, Cli, Command, LogFormat};
 use provisioning_gateway::config::Config;
 use provisioning_gateway::mock::{Mock, MockConfig};
 use provisioning_gateway::startup::{App, shutdown_signal};
@@ -11,7 +11,10 @@ use std::process::ExitCode;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => return refused(&error),
+    };
     let result = match cli.command {
         Command::Serve(args) => {
             let config = match args.config(std::env::var("INFOBIP_API_KEY").ok()) {
@@ -54,6 +57,22 @@ async fn main() -> ExitCode {
         Err(e) => {
             eprintln!("provisioning-gateway: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// A command line clap did not accept: `--help` and `--version` as clap
+/// prints them (status 0); a bad setting as one line (status 2).
+fn refused(error: &clap::Error) -> ExitCode {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    match cli::refusal(error, &args) {
+        Some(line) => {
+            eprintln!("{line}");
+            ExitCode::from(2)
+        }
+        None => {
+            let _ = error.print();
+            ExitCode::from(u8::try_from(error.exit_code()).unwrap_or(2))
         }
     }
 }

@@ -9,7 +9,11 @@ use futures::future::join_all;
 use tonic::Code;
 use tonic_types::StatusExt;
 
-use crate::support::{Opts, TestApp, request, spawn_app, with_timeout};
+use provisioning_gateway::telemetry::metrics::{LATE_SENDS, QUEUE_DEPTH, REJECTIONS};
+
+use crate::support::{
+    Opts, TestApp, metric, request, series, spawn_app, until_metric, with_timeout,
+};
 
 /// Gaps between consecutive upstream arrivals.
 fn gaps(app: &TestApp) -> Vec<Duration> {
@@ -49,20 +53,26 @@ async fn concurrent_callers_are_all_served_and_arrivals_keep_the_interval() {
 
 #[tokio::test]
 async fn a_caller_that_cancels_does_not_waste_a_slot() {
-    // 5/s: T = 240 ms, wide enough to tell "next slot" from "the one after".
+    // 2/s: T = 540 ms, wide enough to tell "next slot" from "the one after".
     let app = spawn_app(Opts {
-        rate_per_second: 5,
+        rate_per_second: 2,
+        account_name: "cancels".into(),
         ..Opts::default()
     })
     .await;
+    let depth = series(QUEUE_DEPTH, "cancels");
     let client = app.client().await;
     client.clone().delete_association(request(0)).await.unwrap(); // slot at t0
     let mut leaver = client.clone();
     let leaving = tokio::spawn(async move { leaver.delete_association(request(1)).await });
-    tokio::time::sleep(Duration::from_millis(30)).await; // it is in line now
-    leaving.abort(); // the caller goes away (RST_STREAM)
+    until_metric(app.metrics_addr, &depth, 1.0).await; // it waits for the next slot
     let mut stayer = client.clone();
-    stayer.delete_association(request(2)).await.unwrap();
+    let staying = tokio::spawn(async move { stayer.delete_association(request(2)).await });
+    until_metric(app.metrics_addr, &depth, 2.0).await; // and the stayer behind it
+    leaving.abort(); // the caller goes away (RST_STREAM)
+    until_metric(app.metrics_addr, &depth, 1.0).await;
+    assert_eq!(app.mock.arrivals().len(), 1, "it left before its slot");
+    staying.await.unwrap().unwrap();
     let arrivals = app.mock.arrivals();
     let bodies: Vec<String> = arrivals
         .iter()
@@ -76,7 +86,7 @@ async fn a_caller_that_cancels_does_not_waste_a_slot() {
     assert!(bodies[1].contains("number-key-2"));
     let gap = arrivals[1].at - arrivals[0].at;
     assert!(
-        gap < Duration::from_millis(360),
+        gap < Duration::from_millis(810),
         "the stayer got the next slot, not the one after ({gap:?})"
     );
 }
@@ -118,32 +128,74 @@ async fn a_call_that_cannot_be_served_in_time_is_refused_at_once() {
 }
 
 #[tokio::test]
-async fn the_queue_bound_sheds_load_with_queue_full() {
+async fn the_queue_bound_is_exact_and_sheds_load_with_queue_full() {
+    // 1/s with a 500 ms margin: T = 1.5 s, the time the steps below take
+    // with the first caller in line still waiting for its slot.
     let app = spawn_app(Opts {
-        rate_per_second: 5,
+        rate_per_second: 1,
+        safety_margin: Duration::from_millis(500),
         max_queue: 2,
+        account_name: "queue-bound".into(),
         ..Opts::default()
     })
     .await;
+    let depth = series(QUEUE_DEPTH, "queue-bound");
+    let metrics = app.metrics_addr;
     let client = app.client().await;
-    let calls = (0..6).map(|n| {
+    let call = |n| {
         let mut c = client.clone();
-        async move { c.delete_association(request(n)).await }
-    });
-    let results = join_all(calls).await;
-    let refused: Vec<_> = results.iter().filter_map(|r| r.as_ref().err()).collect();
-    assert!(
-        refused.len() >= 3,
-        "at most one in flight and two queued: {results:?}"
+        tokio::spawn(async move { c.delete_association(request(n)).await })
+    };
+    let queue_full = |status: tonic::Status| {
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        let info = status.get_error_details().error_info().cloned().unwrap();
+        assert_eq!(info.metadata["rejection"], "queue_full", "{status:?}");
+    };
+    client.clone().delete_association(request(0)).await.unwrap(); // the free slot
+    let first = call(1);
+    until_metric(metrics, &depth, 1.0).await;
+    let second = call(2);
+    until_metric(metrics, &depth, 2.0).await;
+    // Exactly two wait: the next call is refused, at once.
+    let started = Instant::now();
+    queue_full(
+        client
+            .clone()
+            .delete_association(request(3))
+            .await
+            .unwrap_err(),
     );
-    for s in &refused {
-        assert_eq!(s.code(), Code::ResourceExhausted);
-        assert_eq!(
-            s.get_error_details().error_info().unwrap().metadata["rejection"],
-            "queue_full"
-        );
+    assert!(started.elapsed() < Duration::from_millis(500));
+    // One leaves: exactly one more is admitted, and the next refused.
+    second.abort();
+    until_metric(metrics, &depth, 1.0).await;
+    let third = call(4);
+    until_metric(metrics, &depth, 2.0).await;
+    queue_full(
+        client
+            .clone()
+            .delete_association(request(5))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(app.mock.arrivals().len(), 1, "still in line");
+    // The calls held in line are served, in order.
+    first.await.unwrap().unwrap();
+    third.await.unwrap().unwrap();
+    assert!(second.await.unwrap_err().is_cancelled());
+    let bodies: Vec<String> = app
+        .mock
+        .arrivals()
+        .iter()
+        .map(|a| String::from_utf8_lossy(&a.body).into_owned())
+        .collect();
+    assert_eq!(bodies.len(), 3, "{bodies:?}");
+    for (body, n) in bodies.iter().zip([0, 1, 4]) {
+        assert!(body.contains(&format!("\"number-key-{n}\"")), "{bodies:?}");
     }
-    assert_eq!(app.mock.arrivals().len(), 6 - refused.len());
+    let refusals = format!("{REJECTIONS}{{account=\"queue-bound\",reason=\"queue_full\"}}");
+    assert_eq!(metric(metrics, &refusals).await, Some(2.0));
+    assert_eq!(metric(metrics, &depth).await, Some(0.0));
 }
 
 #[tokio::test]
@@ -207,6 +259,7 @@ async fn a_request_held_up_on_its_way_out_holds_back_the_next_slots() {
     let app = crate::support::spawn_gateway(
         Opts {
             rate_per_second: 10,
+            account_name: "held-up".into(),
             ..Opts::default()
         },
         mock.clone(),
@@ -252,17 +305,12 @@ async fn a_request_held_up_on_its_way_out_holds_back_the_next_slots() {
         gaps.iter().all(|g| *g >= Duration::from_millis(100)),
         "arrivals closer than the vendor's 100 ms: {gaps:?}"
     );
-    let metrics = reqwest::get(format!("http://{}/metrics", app.metrics_addr))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    // This test's own account (one recorder serves every gateway of a
+    // `cargo test` process): its held-up request was counted late.
+    let late = metric(app.metrics_addr, &series(LATE_SENDS, "held-up")).await;
     assert!(
-        metrics
-            .lines()
-            .any(|l| l.starts_with("provisioning_gateway_upstream_late_sends_total")),
-        "the late send is counted:\n{metrics}"
+        late.is_some_and(|n| n >= 1.0),
+        "the late send is counted: {late:?}"
     );
     drop(unaccepted);
 }

@@ -144,8 +144,13 @@ fn each_bad_setting_is_named_in_one_line() {
     ];
     for (env, args, setting) in cases {
         let (code, stderr) = serve(env, args);
-        assert_ne!(code, 0, "{setting}: {stderr}");
-        assert!(stderr.contains(setting), "{setting} not named in: {stderr}");
+        assert_eq!(code, 2, "{setting}: exit status 2, got {code}: {stderr}");
+        let line = one_line(&stderr);
+        assert!(
+            line.starts_with("provisioning-gateway: "),
+            "{setting}: {line}"
+        );
+        assert!(line.contains(setting), "{setting} not named in: {line}");
         assert!(
             !stderr.contains("panicked") && !stderr.contains("backtrace"),
             "{stderr}"
@@ -153,39 +158,112 @@ fn each_bad_setting_is_named_in_one_line() {
     }
 }
 
+/// The only line of `stderr`, which must be exactly one non-empty line.
+fn one_line(stderr: &str) -> &str {
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert!(
+        lines.len() == 1 && !lines[0].trim().is_empty() && stderr.ends_with('\n'),
+        "not exactly one non-empty line: {stderr:?}"
+    );
+    lines[0]
+}
+
+#[test]
+fn help_and_version_still_print_and_exit_zero() {
+    for (args, shows) in [
+        (&["--help"][..], "serve"),
+        (&["serve", "--help"], "--max-wait"),
+        (&["mock-upstream", "--help"], "--api-key"),
+        (&["--version"], env!("CARGO_PKG_VERSION")),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_provisioning-gateway"))
+            .env_clear()
+            .args(args)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {out:?}");
+        assert!(stdout.contains(shows), "{args:?}: {stdout}");
+        assert!(out.stderr.is_empty(), "{args:?}: {out:?}");
+    }
+}
+
 #[test]
 fn help_lists_every_serve_flag_with_its_variable() {
+    use clap::CommandFactory;
     let out = Command::new(env!("CARGO_BIN_EXE_provisioning-gateway"))
+        .env_clear()
         .args(["serve", "--help"])
         .output()
         .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
     let help = String::from_utf8_lossy(&out.stdout);
-    for var in [
-        "GATEWAY_LISTEN",
-        "GATEWAY_METRICS_LISTEN",
-        "INFOBIP_BASE_URL",
-        "INFOBIP_API_KEY_FILE",
-        "GATEWAY_RATE_PER_SECOND",
-        "GATEWAY_BURST",
-        "GATEWAY_SAFETY_MARGIN",
-        "GATEWAY_MAX_WAIT",
-        "GATEWAY_MAX_QUEUE",
-        "GATEWAY_UPSTREAM_TIMEOUT",
-        "GATEWAY_UPSTREAM_RESERVE",
-        "GATEWAY_SHUTDOWN_GRACE",
-        "GATEWAY_ACCOUNT_NAME",
-        "GATEWAY_BUDGET_BACKEND",
-        "GATEWAY_REDIS_URL",
-        "GATEWAY_REDIS_KEY_PREFIX",
-        "GATEWAY_REDIS_FALLBACK",
-        "GATEWAY_EXPECTED_REPLICAS",
-        "GATEWAY_REDIS_PASSWORD_FILE",
-        "GATEWAY_REDIS_USERNAME",
-        "GATEWAY_REDIS_SENTINEL_PASSWORD_FILE",
-        "GATEWAY_REDIS_CA_FILE",
-    ] {
-        assert!(help.contains(var), "{var} missing from serve --help");
+    // The source of truth: every argument of `serve` as clap knows it.
+    let cli = provisioning_gateway::cli::Cli::command();
+    let serve = cli.find_subcommand("serve").expect("a serve subcommand");
+    let table = settings_table();
+    let mut variables = Vec::new();
+    for arg in serve.get_arguments() {
+        let Some(long) = arg.get_long() else { continue };
+        if long == "help" {
+            continue;
+        }
+        let flag = format!("--{long}");
+        let var = arg
+            .get_env()
+            .unwrap_or_else(|| panic!("{flag} has no environment variable"))
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert!(
+            help.contains(&format!("[env: {var}")),
+            "{var} ({flag}) missing from serve --help:\n{help}"
+        );
+        let row = table
+            .iter()
+            .find(|(_, vars)| vars.contains(&var))
+            .unwrap_or_else(|| panic!("{var} missing from README's settings table"));
+        assert!(
+            row.0.contains(&flag),
+            "README's row of {var} does not name {flag}: {row:?}"
+        );
+        variables.push(var);
     }
+    assert!(variables.len() >= 25, "only {variables:?}");
+    // And the table names nothing that is not a setting (the API key alone
+    // is read from the environment only, by main).
+    for (_, vars) in &table {
+        for var in vars {
+            assert!(
+                variables.contains(var) || var == "INFOBIP_API_KEY",
+                "README's settings table names {var}, which serve does not read"
+            );
+        }
+    }
+}
+
+/// README's table of `serve` settings: per row, the flag cell and the
+/// variables named in the variable cell.
+fn settings_table() -> Vec<(String, Vec<String>)> {
+    const README: &str = include_str!("../README.md");
+    let mut rows = README
+        .lines()
+        .skip_while(|l| !l.starts_with("| flag | variable |"))
+        .skip(2) // the header and its rule
+        .take_while(|l| l.starts_with('|'))
+        .peekable();
+    assert!(rows.peek().is_some(), "no settings table in README");
+    rows.map(|row| {
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        let vars = cells[2]
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_owned)
+            .collect();
+        (cells[1].to_owned(), vars)
+    })
+    .collect()
 }
 
 #[test]

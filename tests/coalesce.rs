@@ -8,7 +8,9 @@ use futures::future::join_all;
 use tonic::Code;
 use tonic_types::StatusExt;
 
-use crate::support::{Opts, request, spawn_app, with_timeout};
+use provisioning_gateway::telemetry::metrics::{COALESCED, QUEUE_DEPTH};
+
+use crate::support::{Opts, metric, request, series, spawn_app, until_metric, with_timeout};
 
 #[tokio::test]
 async fn identical_concurrent_calls_share_one_upstream_call() {
@@ -56,6 +58,7 @@ async fn a_follower_answers_by_its_own_deadline_without_disturbing_the_leader() 
     let app = spawn_app(Opts {
         rate_per_second: 1,
         safety_margin: Duration::from_millis(50),
+        account_name: "follower-deadline".into(),
         ..Opts::default()
     })
     .await;
@@ -67,7 +70,9 @@ async fn a_follower_answers_by_its_own_deadline_without_disturbing_the_leader() 
             .delete_association(with_timeout(request(1), Duration::from_secs(5)))
             .await
     });
-    tokio::time::sleep(Duration::from_millis(50)).await; // it waits for the slot
+    // It waits for the slot.
+    let depth = series(QUEUE_DEPTH, "follower-deadline");
+    until_metric(app.metrics_addr, &depth, 1.0).await;
     let started = Instant::now();
     let status = client
         .clone()
@@ -85,7 +90,10 @@ async fn a_follower_answers_by_its_own_deadline_without_disturbing_the_leader() 
     assert_eq!(info.reason, "BUDGET_EXHAUSTED");
     assert_eq!(info.metadata["rejection"], "timed_out");
     assert!(d.retry_info().is_some());
-    // The leader is served at its slot, once.
+    // It followed the leader's flight (no line of its own), and the leader
+    // is served at its slot, once.
+    let coalesced = series(COALESCED, "follower-deadline");
+    assert_eq!(metric(app.metrics_addr, &coalesced).await, Some(1.0));
     leading.await.unwrap().unwrap();
     assert_eq!(app.mock.arrivals().len(), 2);
 }
@@ -93,23 +101,39 @@ async fn a_follower_answers_by_its_own_deadline_without_disturbing_the_leader() 
 #[tokio::test]
 async fn the_call_goes_on_for_a_follower_when_its_leader_leaves() {
     let app = spawn_app(Opts {
-        rate_per_second: 5,
+        rate_per_second: 2,
         // The first call opens the connection: keep a retry (429) out of it.
         safety_margin: Duration::from_millis(50),
+        account_name: "leader-leaves".into(),
         ..Opts::default()
     })
     .await;
+    let (depth, coalesced) = (
+        series(QUEUE_DEPTH, "leader-leaves"),
+        series(COALESCED, "leader-leaves"),
+    );
     let client = app.client().await;
-    client.clone().delete_association(request(0)).await.unwrap(); // next slot ~210 ms away
+    client.clone().delete_association(request(0)).await.unwrap(); // next slot ~550 ms away
     let mut leader = client.clone();
     let leading = tokio::spawn(async move { leader.delete_association(request(1)).await });
-    tokio::time::sleep(Duration::from_millis(30)).await;
+    until_metric(app.metrics_addr, &depth, 1.0).await; // the leader waits for the slot
     let mut follower = client.clone();
     let following = tokio::spawn(async move { follower.delete_association(request(1)).await });
-    tokio::time::sleep(Duration::from_millis(30)).await;
+    until_metric(app.metrics_addr, &coalesced, 1.0).await; // the follower joined its flight
+    assert_eq!(
+        app.mock.arrivals().len(),
+        1,
+        "the flight waits for its slot"
+    );
     leading.abort(); // the leader's caller goes away
     following.await.unwrap().unwrap();
     let arrivals = app.mock.arrivals();
     assert_eq!(arrivals.len(), 2);
     assert!(String::from_utf8_lossy(&arrivals[1].body).contains("number-key-1"));
+    assert!(leading.await.unwrap_err().is_cancelled());
+    assert_eq!(
+        metric(app.metrics_addr, &coalesced).await,
+        Some(1.0),
+        "one flight: the follower did not start its own"
+    );
 }

@@ -110,12 +110,12 @@ pub(crate) fn assert_spacing(arrivals: &[Arrival], what: &str) {
         arrivals.iter().all(|a| a.status == 204),
         "{what}: the vendor refused some (status, ms after the previous): {seen:?}"
     );
-    if let Some(min) = gaps(arrivals).into_iter().min() {
-        assert!(
-            min >= VENDOR_T,
-            "{what}: arrivals only {min:?} apart: {seen:?}"
-        );
-    }
+    let min = gaps(arrivals).into_iter().min();
+    let min = min.unwrap_or_else(|| panic!("{what}: fewer than two arrivals: {seen:?}"));
+    assert!(
+        min >= VENDOR_T,
+        "{what}: arrivals only {min:?} apart: {seen:?}"
+    );
 }
 
 /// One call through each replica, so every upstream connection is open

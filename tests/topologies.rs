@@ -250,7 +250,8 @@ fn assert_spaced(arrivals: &[Arrival], what: &str) -> Duration {
         arrivals.iter().all(|a| a.status == 204),
         "{what}: the vendor refused some"
     );
-    let min = gaps(arrivals).into_iter().min().unwrap_or(Duration::MAX);
+    let min = gaps(arrivals).into_iter().min();
+    let min = min.unwrap_or_else(|| panic!("{what}: fewer than two arrivals"));
     assert!(
         min >= VENDOR_INTERVAL * 9 / 10,
         "{what}: two arrivals only {min:?} apart"

@@ -110,8 +110,21 @@ impl Line {
 
     /// Callers waiting now.
     #[cfg(test)]
-    fn depth(&self) -> usize {
+    pub(super) fn depth(&self) -> usize {
         self.lock().live
+    }
+
+    /// Waits, yielding to the other tasks without moving the clock, until
+    /// exactly `depth` callers wait.
+    #[cfg(test)]
+    pub(super) async fn until_depth(&self, depth: usize) {
+        for _ in 0..1000 {
+            if self.depth() == depth {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("{} callers wait, never {depth}", self.depth());
     }
 
     /// Waits for `caller`'s next turn on this account; `ready_by` is the latest
@@ -530,33 +543,52 @@ mod tests {
         }
     }
 
+    fn is_queue_full<T: std::fmt::Debug>(result: &Result<T, BudgetError>) -> bool {
+        matches!(
+            result,
+            Err(BudgetError::Exhausted {
+                reason: Rejection::QueueFull,
+                ..
+            })
+        )
+    }
+
     #[tokio::test(start_paused = true)]
-    async fn the_queue_bound_sheds_load() {
-        let q = queue(2);
+    async fn the_queue_bound_is_exact() {
+        use futures::FutureExt;
+        const BOUND: usize = 3;
+        let q = queue(BOUND);
+        let start = Instant::now();
+        // The free slot at 0: taken at once, nobody waits.
+        q.wait_turn(&anon(), start + FAR).await.unwrap();
+        assert_eq!(q.depth(), 0);
         let mut held = Vec::new();
-        for _ in 0..3 {
-            let q = Arc::clone(&q);
-            held.push(tokio::spawn(async move {
-                q.wait_turn(&anon(), Instant::now() + FAR).await.map(drop)
-            }));
-            tokio::task::yield_now().await;
+        for n in 0..BOUND {
+            held.push(served_at(&q));
+            q.until_depth(n + 1).await;
         }
-        // The first was served at once; two wait; a fourth is over the bound.
-        tokio::task::yield_now().await;
-        let err = q
-            .wait_turn(&anon(), Instant::now() + FAR)
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(
-                err,
-                BudgetError::Exhausted {
-                    reason: Rejection::QueueFull,
-                    ..
-                }
-            ),
-            "{err:?}"
-        );
+        // Exactly BOUND wait: the next call is refused, at once.
+        let over = q.wait_turn(&anon(), start + FAR).now_or_never();
+        let over = over.expect("refused without waiting");
+        assert!(is_queue_full(&over), "{over:?}");
+        let check = q.check(&anon(), start + FAR);
+        assert!(is_queue_full(&check), "{check:?}");
+        assert_eq!(q.depth(), BOUND);
+        // One leaves: exactly one more is admitted, and the next refused.
+        held.pop().unwrap().abort();
+        q.until_depth(BOUND - 1).await;
+        assert!(q.check(&anon(), start + FAR).is_ok());
+        held.push(served_at(&q));
+        q.until_depth(BOUND).await;
+        let over = q.wait_turn(&anon(), start + FAR).now_or_never();
+        let over = over.expect("refused without waiting");
+        assert!(is_queue_full(&over), "{over:?}");
+        // Every call held in line is served, in order, one interval apart.
+        for (n, h) in held.into_iter().enumerate() {
+            let at = h.await.expect("served") - start;
+            assert_eq!(at, T * (n as u32 + 1), "call {n} served at {at:?}");
+        }
+        assert_eq!(q.depth(), 0);
     }
 
     #[tokio::test(start_paused = true)]

@@ -14,7 +14,10 @@ use humantime::Duration;
 use crate::config::defaults;
 pub use crate::config::{LogFormat, RedisFallback};
 
+mod refusal;
 mod serve;
+
+pub use refusal::refusal;
 
 /// gRPC gateway for Infobip's DELETE /provisioning/1/associations, holding its
 /// 1 request/second budget per account for every caller.

@@ -85,12 +85,15 @@ impl Flights {
                 let result = attempts.run(&flight.1, mark, &mut report).await;
                 (result, report)
             };
-            let joined = self.0.run(key.clone(), deadline, patience, work).await;
+            let joining = self.0.start(key.clone(), deadline, work);
             joins += 1;
-            let follower = joined.role == Role::Follower;
-            if follower {
+            if joining.role() == Role::Follower {
+                // Counted as it joins: the counter moves while identical
+                // calls wait, not only once their flight has ended.
                 metrics::coalesced(account.name());
             }
+            let joined = joining.wait(patience).await;
+            let follower = joined.role == Role::Follower;
             let (result, shared) = match joined.outcome {
                 Ok(outcome) => outcome,
                 // Gave up at its own deadline (the work may still be running

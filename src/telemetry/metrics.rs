@@ -97,11 +97,11 @@ fn describe() {
     );
     describe_counter!(
         COALESCED,
-        "Calls that shared an identical call's upstream call, by account"
+        "Calls that joined an identical call's upstream call (counted as they join), by account"
     );
 }
 
-/// A call that shared an identical call's upstream call.
+/// A call that joined an identical call's upstream call (counted as it joins).
 pub fn coalesced(account: &str) {
     counter!(COALESCED, "account" => account.to_owned()).increment(1);
 }

@@ -255,3 +255,42 @@ pub async fn healthz(metrics_addr: SocketAddr) -> serde_json::Value {
         .await
         .expect("/healthz is JSON")
 }
+
+/// The series `name{account="…"}` of one account's metric.
+pub fn series(name: &str, account: &str) -> String {
+    format!("{name}{{account=\"{account}\"}}")
+}
+
+/// The value of `series` (a metric name with all its labels, as rendered)
+/// on the gateway's `/metrics`; `None` while it was never recorded.
+pub async fn metric(metrics_addr: SocketAddr, series: &str) -> Option<f64> {
+    let page = reqwest::get(format!("http://{metrics_addr}/metrics"))
+        .await
+        .expect("/metrics answers")
+        .text()
+        .await
+        .expect("/metrics is text");
+    page.lines().find_map(|line| {
+        let value = line.strip_prefix(series)?.strip_prefix(' ')?;
+        Some(value.parse().expect("a number"))
+    })
+}
+
+/// Waits until `series` on `/metrics` reads `want` (absent reads 0): a
+/// bounded poll on what the gateway shows, for tests that must know a call
+/// is in line (the queue-depth gauge) or has joined a flight (the
+/// coalesced counter) before they go on.
+pub async fn until_metric(metrics_addr: SocketAddr, series: &str, want: f64) {
+    let started = std::time::Instant::now();
+    loop {
+        let seen = metric(metrics_addr, series).await.unwrap_or(0.0);
+        if seen == want {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{series} reads {seen}, never {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
