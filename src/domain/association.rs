@@ -33,12 +33,6 @@ pub enum Channel {
 #[serde(transparent)]
 pub struct Id(String);
 
-impl Id {
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
 /// A resource association to delete: the body of Infobip's
 /// `ResourceAssociationRequest`, serialised exactly as the vendor expects.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
