@@ -9,7 +9,7 @@ use futures::future::join_all;
 use tonic::Code;
 use tonic_types::StatusExt;
 
-use crate::support::{Opts, TestApp, request, spawn_app, with_timeout};
+use crate::support::{Opts, TestApp, details, request, spawn_app, with_timeout};
 
 /// Gaps between consecutive upstream arrivals.
 fn gaps(app: &TestApp) -> Vec<Duration> {
@@ -101,10 +101,10 @@ async fn a_call_that_cannot_be_served_in_time_is_refused_at_once() {
         took < Duration::from_millis(400),
         "refused at once, not after waiting ({took:?})"
     );
-    let d = status.get_error_details();
-    let info = d.error_info().unwrap();
-    assert_eq!(info.reason, "BUDGET_EXHAUSTED");
+    let info = details::error_info_with(&status, "BUDGET_EXHAUSTED");
     assert_eq!(info.metadata["rejection"], "deadline");
+    assert_eq!(info.metadata["account"], "default");
+    let d = status.get_error_details();
     let retry = d.retry_info().unwrap().retry_delay.unwrap();
     assert!(
         retry > Duration::from_millis(300) && retry <= Duration::from_millis(1040),
@@ -139,7 +139,7 @@ async fn the_queue_bound_sheds_load_with_queue_full() {
     for s in &refused {
         assert_eq!(s.code(), Code::ResourceExhausted);
         assert_eq!(
-            s.get_error_details().error_info().unwrap().metadata["rejection"],
+            details::error_info_with(s, "BUDGET_EXHAUSTED").metadata["rejection"],
             "queue_full"
         );
     }

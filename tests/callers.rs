@@ -15,7 +15,8 @@ use tonic_types::StatusExt;
 use crate::support::pki::{Ca, Leaf};
 use crate::support::process::GatewayProcess;
 use crate::support::{
-    Opts, TestApp, account as upstream_account, config, request, spawn_config, spawn_open_mock,
+    Opts, TestApp, account as upstream_account, config, details, request, spawn_config,
+    spawn_open_mock,
 };
 
 const ORDERS: &str = "spiffe://cluster.test/ns/orders/sa/orders";
@@ -113,8 +114,9 @@ async fn mtls_identifies_callers_and_accounts_restrict_them() {
         .await
         .unwrap_err();
     assert_eq!(denied.code(), Code::PermissionDenied);
-    let info = denied.get_error_details().error_info().cloned().unwrap();
-    assert_eq!(info.reason, "CALLER_NOT_ALLOWED");
+    let info = details::error_info_with(&denied, "CALLER_NOT_ALLOWED");
+    assert_eq!(info.metadata["account"], "restricted");
+    assert_eq!(info.metadata["caller"], "unlisted", "BILLING is named by no account");
     assert_eq!(
         app.mock.arrivals().len(),
         3,
@@ -142,11 +144,14 @@ async fn bearer_tokens_identify_callers() {
     };
     let none = client.delete_association(request(0)).await.unwrap_err();
     assert_eq!(none.code(), Code::Unauthenticated);
+    details::error_info_with(&none, "UNAUTHENTICATED");
     let wrong = client
         .delete_association(bearer(tonic::Request::new(request(0)), "guess"))
         .await
         .unwrap_err();
     assert_eq!(wrong.code(), Code::Unauthenticated);
+    details::error_info_with(&wrong, "UNAUTHENTICATED");
+    assert!(!format!("{wrong:?}").contains("guess"), "the token is not echoed");
     client
         .delete_association(bearer(account(request(1), "restricted"), "reports-secret"))
         .await
@@ -156,6 +161,8 @@ async fn bearer_tokens_identify_callers() {
         .await
         .unwrap_err();
     assert_eq!(denied.code(), Code::PermissionDenied);
+    let info = details::error_info_with(&denied, "CALLER_NOT_ALLOWED");
+    assert_eq!(info.metadata["caller"], "audit");
     client
         .delete_association(bearer(tonic::Request::new(request(3)), "audit-secret"))
         .await
@@ -208,8 +215,8 @@ async fn accounts_keep_separate_budgets_and_unknown_ones_are_refused() {
         .await
         .unwrap_err();
     assert_eq!(unknown.code(), Code::InvalidArgument);
+    details::error_info_with(&unknown, "UNKNOWN_ACCOUNT");
     let d = unknown.get_error_details();
-    assert_eq!(d.error_info().unwrap().reason, "UNKNOWN_ACCOUNT");
     assert_eq!(
         d.bad_request().unwrap().field_violations[0].field,
         "x-infobip-account"

@@ -9,7 +9,7 @@ use tokio::net::TcpListener;
 use tonic::Code;
 use tonic_types::StatusExt;
 
-use crate::support::{API_KEY, Opts, request, spawn_app, with_timeout};
+use crate::support::{API_KEY, Opts, details, request, spawn_app, with_timeout};
 
 fn vendor_body(message_id: &str, text: &str) -> String {
     format!(
@@ -17,14 +17,10 @@ fn vendor_body(message_id: &str, text: &str) -> String {
     )
 }
 
-/// Checks the one ErrorInfo: reason, domain, account and (when given) http_status.
+/// Checks THE ErrorInfo (exactly one, in the gateway's domain): reason,
+/// account and (when given) http_status.
 fn assert_info(status: &tonic::Status, reason: &str, http: Option<u16>) {
-    let d = status.get_error_details();
-    let info = d
-        .error_info()
-        .unwrap_or_else(|| panic!("no ErrorInfo on {status:?}"));
-    assert_eq!(info.reason, reason, "{status:?}");
-    assert_eq!(info.domain, "provisioning-gateway");
+    let info = details::error_info_with(status, reason);
     assert_eq!(info.metadata["account"], "default");
     assert_eq!(
         info.metadata.get("http_status").map(String::as_str),
@@ -115,6 +111,7 @@ async fn validation_errors_become_field_violations_with_proto_names() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
+    assert_info(&status, "BAD_REQUEST", Some(400));
     let d = status.get_error_details();
     let fields: Vec<_> = d
         .bad_request()

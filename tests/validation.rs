@@ -5,14 +5,14 @@ use provisioning_gateway::pb::{Channel, DeleteAssociationRequest, ResourceType};
 use tonic::Code;
 use tonic_types::StatusExt;
 
-use crate::support::{Opts, request, spawn_app};
+use crate::support::{Opts, details, request, spawn_app};
 
 fn fields(status: &tonic::Status) -> Vec<String> {
-    let d = status.get_error_details();
-    let info = d.error_info().expect("exactly one ErrorInfo");
-    assert_eq!(info.reason, "INVALID_REQUEST");
-    assert_eq!(info.domain, "provisioning-gateway");
-    d.bad_request()
+    let info = details::error_info_with(status, "INVALID_REQUEST");
+    assert_eq!(info.metadata["account"], "default");
+    status
+        .get_error_details()
+        .bad_request()
         .expect("a BadRequest")
         .field_violations
         .iter()
