@@ -116,7 +116,10 @@ async fn mtls_identifies_callers_and_accounts_restrict_them() {
     assert_eq!(denied.code(), Code::PermissionDenied);
     let info = details::error_info_with(&denied, "CALLER_NOT_ALLOWED");
     assert_eq!(info.metadata["account"], "restricted");
-    assert_eq!(info.metadata["caller"], "unlisted", "BILLING is named by no account");
+    assert_eq!(
+        info.metadata["caller"], "unlisted",
+        "BILLING is named by no account"
+    );
     assert_eq!(
         app.mock.arrivals().len(),
         3,
@@ -151,7 +154,10 @@ async fn bearer_tokens_identify_callers() {
         .unwrap_err();
     assert_eq!(wrong.code(), Code::Unauthenticated);
     details::error_info_with(&wrong, "UNAUTHENTICATED");
-    assert!(!format!("{wrong:?}").contains("guess"), "the token is not echoed");
+    assert!(
+        !format!("{wrong:?}").contains("guess"),
+        "the token is not echoed"
+    );
     client
         .delete_association(bearer(account(request(1), "restricted"), "reports-secret"))
         .await

@@ -8,7 +8,7 @@ use futures::future::join_all;
 use tonic::Code;
 use tonic_types::StatusExt;
 
-use crate::support::{Opts, request, spawn_app, with_timeout};
+use crate::support::{Opts, details, request, spawn_app, with_timeout};
 
 #[tokio::test]
 async fn identical_concurrent_calls_share_one_upstream_call() {
@@ -80,11 +80,9 @@ async fn a_follower_answers_by_its_own_deadline_without_disturbing_the_leader() 
         "answered in time ({took:?})"
     );
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
-    let d = status.get_error_details();
-    let info = d.error_info().unwrap();
-    assert_eq!(info.reason, "BUDGET_EXHAUSTED");
+    let info = details::error_info_with(&status, "BUDGET_EXHAUSTED");
     assert_eq!(info.metadata["rejection"], "timed_out");
-    assert!(d.retry_info().is_some());
+    assert!(status.get_error_details().retry_info().is_some());
     // The leader is served at its slot, once.
     leading.await.unwrap().unwrap();
     assert_eq!(app.mock.arrivals().len(), 2);

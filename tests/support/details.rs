@@ -16,10 +16,15 @@ pub fn rpc_status(status: &tonic::Status) -> RpcStatus {
         !status.details().is_empty(),
         "no grpc-status-details-bin on {status:?}"
     );
-    let rpc = RpcStatus::decode(status.details())
-        .unwrap_or_else(|e| panic!("grpc-status-details-bin is no google.rpc.Status ({e}): {status:?}"));
+    let rpc = RpcStatus::decode(status.details()).unwrap_or_else(|e| {
+        panic!("grpc-status-details-bin is no google.rpc.Status ({e}): {status:?}")
+    });
     assert_eq!(rpc.code, status.code() as i32, "details' code: {status:?}");
-    assert_eq!(rpc.message, status.message(), "details' message: {status:?}");
+    assert_eq!(
+        rpc.message,
+        status.message(),
+        "details' message: {status:?}"
+    );
     rpc
 }
 
