@@ -325,8 +325,8 @@ impl Drop for LiveGuard<'_> {
 mod tests {
     use super::*;
     use crate::budget::local::LocalLimiter;
-    use tokio::time::sleep;
     use std::num::{NonZeroU32, NonZeroUsize};
+    use tokio::time::sleep;
 
     fn config(max_queue: usize) -> BudgetConfig {
         BudgetConfig {
