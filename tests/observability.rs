@@ -420,7 +420,7 @@ async fn the_api_key_is_in_no_log_line_at_trace_on_any_error_path() {
         // Less time than --upstream-reserve: hopeless at once.
         "budget refusal",
         vec![],
-        with_timeout(request(3), Duration::from_millis(100)),
+        with_timeout(request(3), Duration::from_millis(180)),
         Code::ResourceExhausted,
         "BUDGET_EXHAUSTED".into(),
     ));
