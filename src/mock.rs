@@ -5,8 +5,9 @@
 //!
 //! Used by `demo`, `mock-upstream` and the tests. Tests can also queue
 //! scripted answers (any status, headers, body, delay) to drive every row of
-//! the status mapping, and read every arrival back. A leaf: imports nothing
-//! of the crate.
+//! the status mapping, read every arrival back, and see which delayed
+//! answers the client gave up on (its connection closed first). A leaf:
+//! imports nothing of the crate.
 // Arrivals are stamped on the real clock (the tests' and the load tool's
 // wall-time yardstick), not on tokio's pausable one the gateway runs on.
 #![allow(clippy::disallowed_types)]
@@ -45,6 +46,17 @@ pub struct Arrival {
     pub status: u16,
 }
 
+/// A request whose scripted answer was still delayed when the client went
+/// away (closed the connection): the emulator never answered it.
+#[derive(Debug, Clone)]
+pub struct Abandoned {
+    /// When the request arrived.
+    pub arrived: Instant,
+    /// When the emulator saw the client go.
+    pub at: Instant,
+    pub body: Bytes,
+}
+
 /// A canned answer that takes precedence over the emulation (fault injection).
 #[derive(Debug, Clone)]
 pub struct Scripted {
@@ -71,6 +83,7 @@ struct Inner {
     deleted: HashSet<String>,
     last_accepted: HashMap<String, Instant>,
     arrivals: Vec<Arrival>,
+    abandoned: Vec<Abandoned>,
     script: VecDeque<Scripted>,
 }
 
@@ -81,6 +94,8 @@ pub struct Mock {
     inner: Arc<Mutex<Inner>>,
     /// Requests received so far (answered or not), for tests to await.
     received: Arc<tokio::sync::watch::Sender<usize>>,
+    /// Scripted answers abandoned so far, for tests to await.
+    abandoned: Arc<tokio::sync::watch::Sender<usize>>,
 }
 
 impl Mock {
@@ -89,6 +104,7 @@ impl Mock {
             config: Arc::new(config),
             inner: Arc::default(),
             received: Arc::new(tokio::sync::watch::channel(0).0),
+            abandoned: Arc::new(tokio::sync::watch::channel(0).0),
         }
     }
 
@@ -119,6 +135,18 @@ impl Mock {
     pub async fn wait_for_requests(&self, n: usize) {
         let mut rx = self.received.subscribe();
         let _ = rx.wait_for(|&count| count >= n).await;
+    }
+
+    /// Waits until at least `n` scripted answers have been abandoned.
+    pub async fn wait_for_abandoned(&self, n: usize) {
+        let mut rx = self.abandoned.subscribe();
+        let _ = rx.wait_for(|&count| count >= n).await;
+    }
+
+    /// Every request whose delayed scripted answer the client did not wait
+    /// for, in the order the clients went away.
+    pub fn abandoned(&self) -> Vec<Abandoned> {
+        self.lock().abandoned.clone()
     }
 
     /// Every request answered so far, in arrival order.
@@ -192,7 +220,15 @@ async fn handle(State(mock): State<Mock>, headers: HeaderMap, body: Bytes) -> Re
     let scripted = mock.lock().script.pop_front();
     let response = match scripted {
         Some(s) => {
+            // The server drops this handler when the client's connection
+            // closes: the guard then records the abandoned request.
+            let waiting = Waiting {
+                mock: &mock,
+                arrived: now,
+                body: Some(body.clone()),
+            };
             tokio::time::sleep(s.delay).await;
+            waiting.answered();
             let mut r = (
                 StatusCode::from_u16(s.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
                 s.body,
@@ -219,6 +255,34 @@ async fn handle(State(mock): State<Mock>, headers: HeaderMap, body: Bytes) -> Re
         },
     );
     response
+}
+
+/// A scripted answer being delayed; dropped before [`Waiting::answered`],
+/// the client went away first.
+struct Waiting<'a> {
+    mock: &'a Mock,
+    arrived: Instant,
+    /// `None` once answered.
+    body: Option<Bytes>,
+}
+
+impl Waiting<'_> {
+    fn answered(mut self) {
+        self.body = None;
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let Some(body) = self.body.take() else { return };
+        let abandoned = Abandoned {
+            arrived: self.arrived,
+            at: Instant::now(),
+            body,
+        };
+        self.mock.lock().abandoned.push(abandoned);
+        self.mock.abandoned.send_modify(|n| *n += 1);
+    }
 }
 
 fn error(

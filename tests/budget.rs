@@ -12,7 +12,7 @@ use tonic_types::StatusExt;
 use provisioning_gateway::telemetry::metrics::{LATE_SENDS, QUEUE_DEPTH, REJECTIONS};
 
 use crate::support::{
-    Opts, TestApp, metric, request, series, spawn_app, until_metric, with_timeout,
+    Opts, TestApp, details, metric, request, series, spawn_app, until_metric, with_timeout,
 };
 
 /// Gaps between consecutive upstream arrivals.
@@ -111,10 +111,10 @@ async fn a_call_that_cannot_be_served_in_time_is_refused_at_once() {
         took < Duration::from_millis(400),
         "refused at once, not after waiting ({took:?})"
     );
-    let d = status.get_error_details();
-    let info = d.error_info().unwrap();
-    assert_eq!(info.reason, "BUDGET_EXHAUSTED");
+    let info = details::error_info_with(&status, "BUDGET_EXHAUSTED");
     assert_eq!(info.metadata["rejection"], "deadline");
+    assert_eq!(info.metadata["account"], "default");
+    let d = status.get_error_details();
     let retry = d.retry_info().unwrap().retry_delay.unwrap();
     assert!(
         retry > Duration::from_millis(300) && retry <= Duration::from_millis(1040),
@@ -148,7 +148,7 @@ async fn the_queue_bound_is_exact_and_sheds_load_with_queue_full() {
     };
     let queue_full = |status: tonic::Status| {
         assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
-        let info = status.get_error_details().error_info().cloned().unwrap();
+        let info = details::error_info_with(&status, "BUDGET_EXHAUSTED");
         assert_eq!(info.metadata["rejection"], "queue_full", "{status:?}");
     };
     client.clone().delete_association(request(0)).await.unwrap(); // the free slot

@@ -15,19 +15,22 @@ use tonic_types::StatusExt;
 use crate::support::pki::{Ca, Leaf};
 use crate::support::process::GatewayProcess;
 use crate::support::{
-    Opts, TestApp, account as upstream_account, config, request, spawn_config, spawn_open_mock,
+    Opts, TestApp, account as upstream_account, config, details, request, spawn_config,
+    spawn_open_mock,
 };
 
 const ORDERS: &str = "spiffe://cluster.test/ns/orders/sa/orders";
 const BILLING: &str = "spiffe://cluster.test/ns/billing/sa/billing";
+/// A caller known by its certificate's DNS SAN (no URI SAN).
+const REPORTS_DNS: &str = "reports.cluster.test";
 
 /// Two accounts on one open emulator: `main` (any authenticated caller) and
-/// `restricted` (only ORDERS and the token caller `reports`).
+/// `restricted` (only ORDERS, REPORTS_DNS and the token caller `reports`).
 async fn two_accounts(tls: Option<TlsConfig>, tokens: Vec<TokenCaller>) -> TestApp {
     let (mock, addr, stop) = spawn_open_mock(20).await;
     let upstream = format!("http://{addr}");
     let restricted = upstream_account("restricted", &upstream, "key-restricted")
-        .allowed_callers(vec![ORDERS.into(), "reports".into()]);
+        .allowed_callers(vec![ORDERS.into(), REPORTS_DNS.into(), "reports".into()]);
     let c = provisioning_gateway::Config::builder()
         .listen("127.0.0.1:0".parse().unwrap())
         .metrics_listen("127.0.0.1:0".parse().unwrap())
@@ -66,33 +69,70 @@ async fn tls_client(
     Ok(AssociationServiceClient::new(channel))
 }
 
-#[tokio::test]
-async fn mtls_identifies_callers_and_accounts_restrict_them() {
-    let ca = Ca::new("callers-ca");
+/// The gateway with TLS, requiring client certificates from `ca`.
+async fn mtls_gateway(ca: &Ca) -> TestApp {
     let server = ca.server();
     let tls = TlsConfig {
         cert: server.cert.clone().into(),
         key: server.key.clone().into(),
         client_ca: Some(ca.pem().into()),
     };
-    let app = two_accounts(Some(tls), Vec::new()).await;
+    two_accounts(Some(tls), Vec::new()).await
+}
 
-    // No client certificate: refused (at the handshake or the first call).
-    let refused = match tls_client(&app, &ca, None).await {
-        Err(_) => true,
-        Ok(mut c) => c.delete_association(request(0)).await.is_err(),
+/// How a connection with `identity` is refused: the whole error chain, from
+/// connecting or (TLS 1.3: the client's side of the handshake completes
+/// before the server has checked its certificate) from its first call, as
+/// the server's TLS alert reached the client. Panics if the call is answered.
+async fn tls_refusal(app: &TestApp, ca: &Ca, identity: Option<&Leaf>) -> String {
+    let chain = |mut e: Option<&(dyn std::error::Error + 'static)>| {
+        let mut chain = Vec::new();
+        while let Some(err) = e {
+            chain.push(err.to_string());
+            e = err.source();
+        }
+        chain.join(": ")
     };
+    match tls_client(app, ca, identity).await {
+        Err(e) => chain(Some(&e)),
+        Ok(mut client) => {
+            let status = client
+                .delete_association(request(0))
+                .await
+                .expect_err("the connection must be refused");
+            // A transport failure on the caller's side, not an answer of the gateway.
+            assert!(
+                matches!(status.code(), Code::Unknown | Code::Unavailable),
+                "{status:?}"
+            );
+            assert!(status.details().is_empty(), "{status:?}");
+            format!(
+                "{}: {}",
+                status.message(),
+                chain(std::error::Error::source(&status))
+            )
+        }
+    }
+}
+
+#[tokio::test]
+async fn mtls_identifies_callers_and_accounts_restrict_them() {
+    let ca = Ca::new("callers-ca");
+    let app = mtls_gateway(&ca).await;
+
+    // No client certificate: the server's handshake refuses it.
+    let refused = tls_refusal(&app, &ca, None).await;
     assert!(
-        refused,
-        "a call without a client certificate must be refused"
+        refused.contains("received fatal alert: CertificateRequired"),
+        "a connection without a client certificate is refused at the handshake: {refused}"
     );
-    // A certificate from another CA: refused.
+    // A certificate from another CA: refused at the handshake as well.
     let rogue = Ca::new("rogue-ca").client(ORDERS);
-    let refused = match tls_client(&app, &ca, Some(&rogue)).await {
-        Err(_) => true,
-        Ok(mut c) => c.delete_association(request(1)).await.is_err(),
-    };
-    assert!(refused, "a certificate from an unknown CA must be refused");
+    let refused = tls_refusal(&app, &ca, Some(&rogue)).await;
+    assert!(
+        refused.contains("received fatal alert: UnknownCA"),
+        "a certificate from an unknown CA is refused at the handshake: {refused}"
+    );
     assert!(app.mock.arrivals().is_empty());
 
     // ORDERS may use both accounts; BILLING only the unrestricted one.
@@ -113,12 +153,55 @@ async fn mtls_identifies_callers_and_accounts_restrict_them() {
         .await
         .unwrap_err();
     assert_eq!(denied.code(), Code::PermissionDenied);
-    let info = denied.get_error_details().error_info().cloned().unwrap();
-    assert_eq!(info.reason, "CALLER_NOT_ALLOWED");
+    let info = details::error_info_with(&denied, "CALLER_NOT_ALLOWED");
+    assert_eq!(info.metadata["account"], "restricted");
+    assert_eq!(
+        info.metadata["caller"], "unlisted",
+        "BILLING is named by no account"
+    );
     assert_eq!(
         app.mock.arrivals().len(),
         3,
         "the denied call spent nothing"
+    );
+}
+
+#[tokio::test]
+async fn mtls_falls_back_to_the_dns_san_when_there_is_no_uri_san() {
+    let ca = Ca::new("callers-ca");
+    let app = mtls_gateway(&ca).await;
+    // Known by its DNS SAN alone: the restricted account lets it in.
+    let mut reports = tls_client(&app, &ca, Some(&ca.client_dns(REPORTS_DNS)))
+        .await
+        .unwrap();
+    reports
+        .delete_association(account(request(0), "restricted"))
+        .await
+        .expect("identified as its DNS SAN, which the account allows");
+    // Another DNS name: identified (the open account serves it), not allowed.
+    let mut stranger = tls_client(&app, &ca, Some(&ca.client_dns("stranger.cluster.test")))
+        .await
+        .unwrap();
+    stranger.delete_association(request(1)).await.unwrap();
+    let denied = stranger
+        .delete_association(account(request(2), "restricted"))
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+    details::error_info_with(&denied, "CALLER_NOT_ALLOWED");
+    // A URI SAN comes first: BILLING with REPORTS_DNS beside it is BILLING.
+    let both = ca.client_uri_and_dns(BILLING, REPORTS_DNS);
+    let mut billing = tls_client(&app, &ca, Some(&both)).await.unwrap();
+    let denied = billing
+        .delete_association(account(request(3), "restricted"))
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+    details::error_info_with(&denied, "CALLER_NOT_ALLOWED");
+    assert_eq!(
+        app.mock.arrivals().len(),
+        2,
+        "the denied calls spent nothing"
     );
 }
 
@@ -142,11 +225,17 @@ async fn bearer_tokens_identify_callers() {
     };
     let none = client.delete_association(request(0)).await.unwrap_err();
     assert_eq!(none.code(), Code::Unauthenticated);
+    details::error_info_with(&none, "UNAUTHENTICATED");
     let wrong = client
         .delete_association(bearer(tonic::Request::new(request(0)), "guess"))
         .await
         .unwrap_err();
     assert_eq!(wrong.code(), Code::Unauthenticated);
+    details::error_info_with(&wrong, "UNAUTHENTICATED");
+    assert!(
+        !format!("{wrong:?}").contains("guess"),
+        "the token is not echoed"
+    );
     client
         .delete_association(bearer(account(request(1), "restricted"), "reports-secret"))
         .await
@@ -156,6 +245,8 @@ async fn bearer_tokens_identify_callers() {
         .await
         .unwrap_err();
     assert_eq!(denied.code(), Code::PermissionDenied);
+    let info = details::error_info_with(&denied, "CALLER_NOT_ALLOWED");
+    assert_eq!(info.metadata["caller"], "audit");
     client
         .delete_association(bearer(tonic::Request::new(request(3)), "audit-secret"))
         .await
@@ -208,8 +299,8 @@ async fn accounts_keep_separate_budgets_and_unknown_ones_are_refused() {
         .await
         .unwrap_err();
     assert_eq!(unknown.code(), Code::InvalidArgument);
+    details::error_info_with(&unknown, "UNKNOWN_ACCOUNT");
     let d = unknown.get_error_details();
-    assert_eq!(d.error_info().unwrap().reason, "UNKNOWN_ACCOUNT");
     assert_eq!(
         d.bad_request().unwrap().field_violations[0].field,
         "x-infobip-account"

@@ -29,7 +29,8 @@ use provisioning_gateway::pb::DeleteAssociationRequest;
 use provisioning_gateway::pb::association_service_client::AssociationServiceClient;
 use tonic::IntoRequest;
 use tonic::transport::Channel;
-use tonic_types::StatusExt;
+
+use crate::support::details;
 
 /// How far past its deadline a call may come back before it counts as a
 /// hang: the caller's own scheduling on a loaded 2-core machine, not the
@@ -50,9 +51,10 @@ impl Outcome {
     pub fn label(&self) -> String {
         match &self.result {
             Ok(()) => "OK".into(),
-            Err(s) => match s.get_error_details().error_info() {
-                Some(info) => format!("{:?}/{}", s.code(), info.reason),
-                None => format!("{:?}/no-details", s.code()),
+            Err(s) => match details::error_infos(s).as_slice() {
+                [info] => format!("{:?}/{}", s.code(), info.reason),
+                [] => format!("{:?}/no-details", s.code()),
+                many => format!("{:?}/{}-error-infos", s.code(), many.len()),
             },
         }
     }
@@ -61,12 +63,10 @@ impl Outcome {
     pub fn is_definite(&self) -> bool {
         match &self.result {
             Ok(()) => true,
-            Err(s) => {
-                let details = s.get_error_details();
-                details
-                    .error_info()
-                    .is_some_and(|i| i.domain == "provisioning-gateway")
-            }
+            Err(s) => matches!(
+                details::error_infos(s).as_slice(),
+                [info] if info.domain == details::DOMAIN
+            ),
         }
     }
 }

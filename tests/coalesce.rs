@@ -10,7 +10,9 @@ use tonic_types::StatusExt;
 
 use provisioning_gateway::telemetry::metrics::{COALESCED, QUEUE_DEPTH};
 
-use crate::support::{Opts, metric, request, series, spawn_app, until_metric, with_timeout};
+use crate::support::{
+    Opts, details, metric, request, series, spawn_app, until_metric, with_timeout,
+};
 
 #[tokio::test]
 async fn identical_concurrent_calls_share_one_upstream_call() {
@@ -85,11 +87,9 @@ async fn a_follower_answers_by_its_own_deadline_without_disturbing_the_leader() 
         "answered in time ({took:?})"
     );
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
-    let d = status.get_error_details();
-    let info = d.error_info().unwrap();
-    assert_eq!(info.reason, "BUDGET_EXHAUSTED");
+    let info = details::error_info_with(&status, "BUDGET_EXHAUSTED");
     assert_eq!(info.metadata["rejection"], "timed_out");
-    assert!(d.retry_info().is_some());
+    assert!(status.get_error_details().retry_info().is_some());
     // It followed the leader's flight (no line of its own), and the leader
     // is served at its slot, once.
     let coalesced = series(COALESCED, "follower-deadline");

@@ -3,9 +3,8 @@
 
 use serde_json::json;
 use tonic::Code;
-use tonic_types::StatusExt;
 
-use crate::support::{API_KEY, Opts, request, spawn_app};
+use crate::support::{API_KEY, Opts, details, request, spawn_app};
 
 #[tokio::test]
 async fn sends_exactly_the_vendor_body_and_headers() {
@@ -53,9 +52,7 @@ async fn deleting_twice_answers_not_found_with_the_vendor_reason() {
     client.delete_association(request(1)).await.unwrap();
     let status = client.delete_association(request(1)).await.unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
-    let details = status.get_error_details();
-    let info = details.error_info().unwrap();
-    assert_eq!(info.reason, "NOT_FOUND");
+    let info = details::error_info_with(&status, "NOT_FOUND");
     assert_eq!(info.metadata["http_status"], "404");
     assert_eq!(info.metadata["account"], "default");
     assert!(!status.message().contains(API_KEY));

@@ -8,12 +8,11 @@ use tonic::Code;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-use tonic_types::StatusExt;
 
 use provisioning_gateway::pb::association_service_client::AssociationServiceClient;
 
 use crate::support::process::GatewayProcess;
-use crate::support::{API_KEY, Opts, request, spawn_app, spawn_mock};
+use crate::support::{API_KEY, Opts, details, request, spawn_app, spawn_mock};
 
 const SERVICE: &str = "infobip.provisioning.v1.AssociationService";
 
@@ -128,10 +127,7 @@ async fn shutdown_finishes_in_flight_calls_and_answers_queued_ones() {
 
     let queued = queued.await.unwrap().unwrap_err();
     assert_eq!(queued.code(), Code::Unavailable);
-    assert_eq!(
-        queued.get_error_details().error_info().unwrap().reason,
-        "SHUTTING_DOWN"
-    );
+    details::error_info_with(&queued, "SHUTTING_DOWN");
     in_flight
         .await
         .unwrap()

@@ -9,7 +9,7 @@ use tokio::net::TcpListener;
 use tonic::Code;
 use tonic_types::StatusExt;
 
-use crate::support::{API_KEY, Opts, request, spawn_app, with_timeout};
+use crate::support::{API_KEY, Opts, details, request, spawn_app, with_timeout};
 
 fn vendor_body(message_id: &str, text: &str) -> String {
     format!(
@@ -17,14 +17,10 @@ fn vendor_body(message_id: &str, text: &str) -> String {
     )
 }
 
-/// Checks the one ErrorInfo: reason, domain, account and (when given) http_status.
+/// Checks THE ErrorInfo (exactly one, in the gateway's domain): reason,
+/// account and (when given) http_status.
 fn assert_info(status: &tonic::Status, reason: &str, http: Option<u16>) {
-    let d = status.get_error_details();
-    let info = d
-        .error_info()
-        .unwrap_or_else(|| panic!("no ErrorInfo on {status:?}"));
-    assert_eq!(info.reason, reason, "{status:?}");
-    assert_eq!(info.domain, "provisioning-gateway");
+    let info = details::error_info_with(status, reason);
     assert_eq!(info.metadata["account"], "default");
     assert_eq!(
         info.metadata.get("http_status").map(String::as_str),
@@ -115,6 +111,7 @@ async fn validation_errors_become_field_violations_with_proto_names() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
+    assert_info(&status, "BAD_REQUEST", Some(400));
     let d = status.get_error_details();
     let fields: Vec<_> = d
         .bad_request()
@@ -230,8 +227,17 @@ async fn a_slow_upstream_is_deadline_exceeded_at_the_upstream_timeout() {
         started.elapsed() < Duration::from_secs(4),
         "answered at the upstream timeout, not when the upstream did"
     );
+    // And the gateway let go of the request: its connection closed.
+    app.mock.wait_for_abandoned(1).await;
+    let abandoned = &app.mock.abandoned()[0];
+    assert!(abandoned.at - abandoned.arrived < Duration::from_secs(4));
 }
 
+/// The attempt runs under the deadline of the caller that started it, even
+/// while another caller with more time shares it: the upstream request is
+/// abandoned at that deadline, not at `--upstream-timeout`. (A lone caller
+/// cannot show the cap: its own patience ends at the same moment and drops
+/// the attempt anyway. A follower keeps the work alive past its leader.)
 #[tokio::test]
 async fn the_callers_deadline_caps_the_upstream_attempt() {
     let app = spawn_app(Opts {
@@ -240,15 +246,53 @@ async fn the_callers_deadline_caps_the_upstream_attempt() {
     })
     .await;
     let mut slow = Scripted::new(204, "");
-    slow.delay = Duration::from_secs(10);
+    slow.delay = Duration::from_secs(20);
     app.mock.script([slow]);
     let started = Instant::now();
-    let status = app
+    let leader = tokio::spawn({
+        let mut client = app.client().await;
+        async move {
+            let status = client
+                .delete_association(with_timeout(request(0), Duration::from_secs(1)))
+                .await
+                .unwrap_err();
+            (status, started.elapsed())
+        }
+    });
+    app.mock.wait_for_requests(1).await; // the leader's attempt is upstream
+    // The same call with six seconds to spare shares the leader's attempt.
+    let follower = app
         .client()
         .await
-        .delete_association(with_timeout(request(0), Duration::from_secs(1)))
+        .delete_association(with_timeout(request(0), Duration::from_secs(6)))
         .await
         .unwrap_err();
-    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
-    assert!(started.elapsed() < Duration::from_secs(5));
+    let followed = started.elapsed();
+    let (leader, led) = leader.await.unwrap();
+    for (who, status) in [("leader", &leader), ("follower", &follower)] {
+        assert_eq!(status.code(), Code::DeadlineExceeded, "{who}: {status:?}");
+        assert_info(status, "UPSTREAM_TIMEOUT", None);
+    }
+    assert!(
+        led < Duration::from_secs(2),
+        "the leader at its deadline ({led:?})"
+    );
+    // The emulator saw the gateway give up on its request at the leader's
+    // deadline: well before the follower's, let alone --upstream-timeout.
+    app.mock.wait_for_abandoned(1).await;
+    let abandoned = &app.mock.abandoned()[0];
+    let held = abandoned.at - abandoned.arrived;
+    assert!(
+        held < Duration::from_secs(2),
+        "the upstream request was abandoned after {held:?}"
+    );
+    assert_eq!(
+        app.mock.arrivals().len(),
+        0,
+        "never answered, never retried"
+    );
+    assert!(
+        followed < Duration::from_secs(3),
+        "the follower got the capped attempt's outcome, not its own deadline ({followed:?})"
+    );
 }

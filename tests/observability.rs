@@ -1,18 +1,19 @@
 //! Traces, metrics and logs: one call followed from the caller's traceparent
 //! through the budget wait to the Infobip request (received by an in-test
 //! OTLP collector), Prometheus counters that move by code and reason, and no
-//! API key anywhere.
+//! API key anywhere (logs at trace included, on every error path).
 
 use std::time::Duration;
 
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
+use provisioning_gateway::mock::Scripted;
 use provisioning_gateway::pb::association_service_client::AssociationServiceClient;
 use tonic::Code;
 
 use crate::support::otlp::{Collector, Received, all_values, attr};
 use crate::support::process::GatewayProcess;
-use crate::support::{API_KEY, Opts, request, spawn_app, spawn_mock, with_timeout};
+use crate::support::{API_KEY, Opts, details, request, spawn_app, spawn_mock, with_timeout};
 
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CALLER_SPAN: &str = "00f067aa0ba902b7";
@@ -306,4 +307,178 @@ async fn metrics_move_by_code_and_reason_and_never_carry_the_key() {
         0.0
     );
     assert!(!after.contains(API_KEY));
+}
+
+/// Whether `bytes` contain the API key.
+fn holds_key(bytes: &[u8]) -> bool {
+    bytes
+        .windows(API_KEY.len())
+        .any(|w| w == API_KEY.as_bytes())
+}
+
+/// The key in no part of an answer: message, details, metadata.
+fn assert_no_key_in(status: &tonic::Status) {
+    assert!(!status.message().contains(API_KEY), "{status:?}");
+    assert!(!holds_key(status.details()), "{status:?}");
+    for entry in status.metadata().iter() {
+        let leaked = match entry {
+            tonic::metadata::KeyAndValueRef::Ascii(_, v) => holds_key(v.as_encoded_bytes()),
+            tonic::metadata::KeyAndValueRef::Binary(_, v) => {
+                holds_key(v.as_encoded_bytes()) || v.to_bytes().is_ok_and(|b| holds_key(&b))
+            }
+        };
+        assert!(!leaked, "{entry:?} on {status:?}");
+    }
+}
+
+/// Every error path of the mapping table through the real binary logging at
+/// `trace` (the gateway's and every library's events): the API key appears
+/// in no log line, no status message, no detail and no metadata.
+#[tokio::test]
+async fn the_api_key_is_in_no_log_line_at_trace_on_any_error_path() {
+    let (mock, mock_addr, _stop) = spawn_mock(20).await;
+    let dead_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = tempfile::tempdir().unwrap();
+    let accounts = dir.path().join("accounts.toml");
+    // Both accounts use the one key: "main" reaches the emulator, "dead" a
+    // port where nothing listens (refused connections).
+    std::fs::write(
+        &accounts,
+        format!(
+            "default_account = \"main\"\n\
+             [[accounts]]\nname = \"main\"\nbase_url = \"http://{mock_addr}\"\n\
+             api_key_env = \"TEST_INFOBIP_KEY\"\nrate_per_second = 20\n\
+             [[accounts]]\nname = \"dead\"\nbase_url = \"http://127.0.0.1:{dead_port}\"\n\
+             api_key_env = \"TEST_INFOBIP_KEY\"\nrate_per_second = 20\n"
+        ),
+    )
+    .unwrap();
+    let gateway = GatewayProcess::start_with(&[
+        ("GATEWAY_ACCOUNTS_FILE", accounts.to_str().unwrap()),
+        ("TEST_INFOBIP_KEY", API_KEY),
+        ("GATEWAY_UPSTREAM_TIMEOUT", "500ms"),
+        ("GATEWAY_SAFETY_MARGIN", "40ms"),
+        ("RUST_LOG", "trace"),
+    ])
+    .await;
+    let mut client = AssociationServiceClient::connect(format!("http://{}", gateway.addr))
+        .await
+        .unwrap();
+
+    let vendor = |http: u16, times: usize, extra: &str| {
+        let body = format!(
+            r#"{{"requestError":{{"serviceException":{{"messageId":"VENDOR_{http}","text":"vendor says {http}"{extra}}}}}}}"#
+        );
+        let mut answer = Scripted::new(http, body);
+        answer.headers.push(("retry-after".into(), "0".into()));
+        std::iter::repeat_n(answer, times)
+    };
+    // (what, scripted answers, request, expected code, expected reason)
+    let mut paths: Vec<(&str, Vec<Scripted>, tonic::Request<_>, Code, String)> = Vec::new();
+    let validation = r#","validationErrors":{"applicationId":["application not found"]}"#;
+    for (http, times, code) in [
+        (400, 1, Code::InvalidArgument),
+        (401, 1, Code::Unauthenticated),
+        (403, 1, Code::PermissionDenied),
+        (429, 3, Code::ResourceExhausted),
+        (500, 1, Code::Internal),
+        (503, 3, Code::Unavailable),
+    ] {
+        let extra = if http == 400 { validation } else { "" };
+        paths.push((
+            "upstream error",
+            vendor(http, times, extra).collect(),
+            tonic::Request::new(request(http.into())),
+            code,
+            format!("VENDOR_{http}"),
+        ));
+    }
+    let mut hanging = Scripted::new(204, "");
+    hanging.delay = Duration::from_secs(5);
+    paths.push((
+        "hanging upstream",
+        vec![hanging],
+        tonic::Request::new(request(1)),
+        Code::DeadlineExceeded,
+        "UPSTREAM_TIMEOUT".into(),
+    ));
+    let mut dead = tonic::Request::new(request(2));
+    dead.metadata_mut()
+        .insert("x-infobip-account", "dead".parse().unwrap());
+    paths.push((
+        "refused connection",
+        vec![],
+        dead,
+        Code::Unavailable,
+        "UPSTREAM_UNREACHABLE".into(),
+    ));
+    paths.push((
+        // Less time than --upstream-reserve: hopeless at once.
+        "budget refusal",
+        vec![],
+        with_timeout(request(3), Duration::from_millis(180)),
+        Code::ResourceExhausted,
+        "BUDGET_EXHAUSTED".into(),
+    ));
+    let mut invalid = request(4);
+    invalid.application_id.clear();
+    paths.push((
+        "invalid request",
+        vec![],
+        tonic::Request::new(invalid),
+        Code::InvalidArgument,
+        "INVALID_REQUEST".into(),
+    ));
+    let mut unknown = tonic::Request::new(request(5));
+    unknown
+        .metadata_mut()
+        .insert("x-infobip-account", "nope".parse().unwrap());
+    paths.push((
+        "unknown account",
+        vec![],
+        unknown,
+        Code::InvalidArgument,
+        "UNKNOWN_ACCOUNT".into(),
+    ));
+    let mut large = request(6);
+    large.application_id = "a".repeat(5000);
+    paths.push((
+        "request too large",
+        vec![],
+        tonic::Request::new(large),
+        Code::OutOfRange,
+        "REQUEST_TOO_LARGE".into(),
+    ));
+    let failures = paths.len();
+    for (what, script, req, code, reason) in paths {
+        mock.script(script);
+        let status = client.delete_association(req).await.unwrap_err();
+        assert_eq!(status.code(), code, "{what}: {status:?}");
+        details::error_info_with(&status, &reason);
+        assert_no_key_in(&status);
+    }
+    // A success and a 404 too (what the info-level test already covers).
+    client.delete_association(request(7)).await.unwrap();
+    let gone = client.delete_association(request(7)).await.unwrap_err();
+    assert_eq!(gone.code(), Code::NotFound);
+    assert_no_key_in(&gone);
+
+    let (status, logs) = gateway.terminate().await;
+    assert!(status.success());
+    // The filter really is below info (the libraries' debug events show),
+    // and every call is in the logs.
+    assert!(
+        logs.iter().any(|l| l.contains(r#""level":"DEBUG""#)),
+        "no debug-level line: is RUST_LOG=trace applied?"
+    );
+    assert!(
+        logs.iter().filter(|l| l.contains("delete failed")).count() > failures,
+        "one event per failed call"
+    );
+    let leaks: Vec<_> = logs.iter().filter(|l| l.contains(API_KEY)).collect();
+    assert!(leaks.is_empty(), "the API key is logged: {leaks:#?}");
 }

@@ -1,18 +1,21 @@
 //! Every validation rule: INVALID_ARGUMENT with a BadRequest naming the proto
 //! fields, all violations at once, no budget spent, nothing sent upstream.
 
+use std::time::Duration;
+
+use prost::Message;
 use provisioning_gateway::pb::{Channel, DeleteAssociationRequest, ResourceType};
 use tonic::Code;
 use tonic_types::StatusExt;
 
-use crate::support::{Opts, request, spawn_app};
+use crate::support::{Opts, details, request, spawn_app, with_timeout};
 
 fn fields(status: &tonic::Status) -> Vec<String> {
-    let d = status.get_error_details();
-    let info = d.error_info().expect("exactly one ErrorInfo");
-    assert_eq!(info.reason, "INVALID_REQUEST");
-    assert_eq!(info.domain, "provisioning-gateway");
-    d.bad_request()
+    let info = details::error_info_with(status, "INVALID_REQUEST");
+    assert_eq!(info.metadata["account"], "default");
+    status
+        .get_error_details()
+        .bad_request()
         .expect("a BadRequest")
         .field_violations
         .iter()
@@ -130,4 +133,64 @@ async fn the_boundaries_are_accepted() {
         .await
         .expect("a domain over email is allowed");
     assert_eq!(app.mock.arrivals().len(), 2);
+}
+
+/// A valid-looking request whose fields encode to exactly `size` bytes (its
+/// application id grows; over 255 characters it is invalid, but the size
+/// limit is checked first).
+fn of_size(size: usize) -> DeleteAssociationRequest {
+    let mut req = request(0);
+    while req.encoded_len() < size {
+        req.application_id.push('a');
+    }
+    assert_eq!(
+        req.encoded_len(),
+        size,
+        "no request encodes to {size} bytes"
+    );
+    req
+}
+
+#[tokio::test]
+async fn requests_over_4_kib_are_refused_by_size_with_one_error_info() {
+    // 1/s: a slot spent on a refused request would hold back the next call.
+    let app = spawn_app(Opts {
+        rate_per_second: 1,
+        ..Opts::default()
+    })
+    .await;
+    let mut client = app.client().await;
+    for size in [5 * 1024, 4 * 1024 + 1] {
+        let status = client.delete_association(of_size(size)).await.unwrap_err();
+        assert_eq!(status.code(), Code::OutOfRange, "{size} bytes: {status:?}");
+        let info = details::error_info_with(&status, "REQUEST_TOO_LARGE");
+        assert_eq!(info.metadata["account"], "default");
+        assert_eq!(info.metadata["size_bytes"], size.to_string());
+        assert_eq!(info.metadata["limit_bytes"], "4096");
+    }
+    // At the limit: not refused for its size (its 4 KiB application id is
+    // what is wrong with it).
+    let at_limit = client
+        .delete_association(of_size(4 * 1024))
+        .await
+        .unwrap_err();
+    assert_eq!(at_limit.code(), Code::InvalidArgument, "{at_limit:?}");
+    assert_eq!(fields(&at_limit), ["application_id"]);
+    // Over tonic's own guard (64 KiB) the message is not even decoded.
+    let huge = client
+        .delete_association(of_size(64 * 1024 + 1))
+        .await
+        .unwrap_err();
+    assert_eq!(huge.code(), Code::OutOfRange, "{huge:?}");
+    assert!(
+        app.mock.arrivals().is_empty(),
+        "nothing may reach the upstream"
+    );
+    // No slot was spent: a call that must be served within 600 ms is (at
+    // 1/s it would be refused at once, BUDGET_EXHAUSTED, behind a spent slot).
+    client
+        .delete_association(with_timeout(request(1), Duration::from_millis(600)))
+        .await
+        .unwrap();
+    assert_eq!(app.mock.arrivals().len(), 1);
 }

@@ -1,5 +1,5 @@
 //! The request path: [`service`] is the tonic handler and reads top to bottom
-//! (admit → parse → flight → attempts → answer); [`flight`] shares one run
+//! (admit → size and parse → flight → attempts → answer); [`flight`] shares one run
 //! among identical calls; [`attempt`] waits for a slot, sends, and decides on
 //! retries; [`report`] writes the call's one log event and metrics;
 //! [`status`] is the mapping table; [`accounts`] the per-account registry.

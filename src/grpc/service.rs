@@ -1,12 +1,13 @@
 //! The tonic handler. A call reads top to bottom in
 //! [`Gateway::delete_association`]: admit (who, which account, allowed?) →
-//! parse → flight (identical calls share one) → attempts (budget slot, one
+//! size and parse → flight (identical calls share one) → attempts (budget slot, one
 //! DELETE, retry what did not take effect) → answer (status, span, metrics,
 //! one log event).
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use prost::Message;
 use tokio::time::Instant;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
@@ -21,6 +22,11 @@ use crate::domain::Association;
 use crate::pb::association_service_server::AssociationService;
 use crate::pb::{DeleteAssociationRequest, DeleteAssociationResponse};
 use crate::upstream::Upstream;
+
+/// Largest request accepted, as its fields encode: a valid request is well
+/// under 2 KiB. tonic's own decoding limit is far higher (a memory guard);
+/// this one answers with the gateway's ErrorInfo.
+pub(crate) const MAX_REQUEST_BYTES: usize = 4 * 1024;
 
 /// Per-call limits from the configuration.
 #[derive(Debug, Clone, Copy)]
@@ -61,7 +67,15 @@ impl AssociationService for Gateway {
         };
         let caller = self.auth.label(&identity);
 
-        // 2. Parse: a refusal here costs no budget and sends nothing.
+        // 2. Size, then parse: a refusal here costs no budget and sends nothing.
+        let size = request.get_ref().encoded_len();
+        if size > MAX_REQUEST_BYTES {
+            let too_large = CallError::RequestTooLarge {
+                size,
+                limit: MAX_REQUEST_BYTES,
+            };
+            return report.answer(account.name(), caller, started, Err(too_large));
+        }
         let result = match Association::try_from(request.into_inner()) {
             // 3-4. Flight and attempts: identical calls share one slot.
             Ok(association) => {

@@ -101,6 +101,9 @@ pub enum CallError {
     Invalid(#[from] InvalidRequest),
     #[error("unknown account")]
     UnknownAccount,
+    /// The request encodes to more than the gateway accepts.
+    #[error("the request is {size} bytes, over the limit of {limit}")]
+    RequestTooLarge { size: usize, limit: usize },
     #[error(transparent)]
     Auth(#[from] AuthError),
     #[error(transparent)]
@@ -117,6 +120,7 @@ impl CallError {
         match self {
             Self::Invalid(_) => "INVALID_REQUEST".into(),
             Self::UnknownAccount => "UNKNOWN_ACCOUNT".into(),
+            Self::RequestTooLarge { .. } => "REQUEST_TOO_LARGE".into(),
             Self::Auth(AuthError::Unauthenticated) => "UNAUTHENTICATED".into(),
             Self::Auth(AuthError::NotAllowed(_)) => "CALLER_NOT_ALLOWED".into(),
             Self::Budget(BudgetError::Exhausted { .. }) => "BUDGET_EXHAUSTED".into(),
@@ -138,6 +142,10 @@ impl CallError {
     pub fn code(&self) -> Code {
         match self {
             Self::Invalid(_) | Self::UnknownAccount => Code::InvalidArgument,
+            // What tonic answers to a message over its decoding limit, so
+            // both size limits read alike; not RESOURCE_EXHAUSTED, which
+            // here means "the budget: come back later".
+            Self::RequestTooLarge { .. } => Code::OutOfRange,
             Self::Auth(AuthError::Unauthenticated) => Code::Unauthenticated,
             Self::Auth(AuthError::NotAllowed(_)) => Code::PermissionDenied,
             Self::Budget(BudgetError::Exhausted { .. }) => Code::ResourceExhausted,
@@ -199,6 +207,11 @@ impl CallError {
                 metadata.insert("rejection".into(), reason.as_str().into());
                 metadata.insert("retry_after_ms".into(), retry_after.as_millis().to_string());
                 details.retry = Some(retry_after);
+                self.to_string()
+            }
+            Self::RequestTooLarge { size, limit } => {
+                metadata.insert("size_bytes".into(), size.to_string());
+                metadata.insert("limit_bytes".into(), limit.to_string());
                 self.to_string()
             }
             Self::Auth(AuthError::NotAllowed(caller)) => {

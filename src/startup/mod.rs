@@ -27,8 +27,10 @@ use crate::upstream::Upstream;
 
 mod http;
 
-/// Largest request message accepted; a valid request is well under 2 KiB.
-const MAX_MESSAGE_BYTES: usize = 4 * 1024;
+/// Largest request message tonic decodes at all (a memory guard, refused
+/// with a bare OUT_OF_RANGE). The handler refuses anything over its 4 KiB
+/// (`MAX_REQUEST_BYTES` in `grpc/service.rs`) with the gateway's ErrorInfo.
+const MAX_DECODED_BYTES: usize = 64 * 1024;
 
 /// A built gateway: listeners bound, not yet serving.
 pub struct App {
@@ -125,7 +127,7 @@ impl App {
         let reflection_v1 = reflection().build_v1()?;
         let reflection_v1alpha = reflection().build_v1alpha()?;
         let service = AssociationServiceServer::new(self.gateway)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES);
+            .max_decoding_message_size(MAX_DECODED_BYTES);
 
         let stop = CancellationToken::new();
         let grpc_addr = self.grpc.local_addr()?;

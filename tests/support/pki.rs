@@ -39,6 +39,19 @@ impl Ca {
         self.leaf(vec![SanType::URI(uri.try_into().unwrap())])
     }
 
+    /// A client certificate whose only SAN is the DNS name `dns`.
+    pub fn client_dns(&self, dns: &str) -> Leaf {
+        self.leaf(vec![SanType::DnsName(dns.try_into().unwrap())])
+    }
+
+    /// A client certificate naming both `uri` (URI SAN) and `dns` (DNS SAN).
+    pub fn client_uri_and_dns(&self, uri: &str, dns: &str) -> Leaf {
+        self.leaf(vec![
+            SanType::DnsName(dns.try_into().unwrap()),
+            SanType::URI(uri.try_into().unwrap()),
+        ])
+    }
+
     fn leaf(&self, sans: Vec<SanType>) -> Leaf {
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::default();
