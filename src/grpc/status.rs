@@ -344,9 +344,8 @@ mod tests {
         assert_eq!(info.metadata["retry_after_ms"], "1010");
         assert_eq!(info.metadata["rejection"], "queue_full");
         assert_eq!(info.metadata["account"], "default");
-        let c = refusal(Duration::from_millis(1011));
-        assert_ne!(a.details(), c.details());
-        // Reused per thread only while identical: another account, another status.
+        // Reused per thread only while identical: right after the same
+        // refusal for another account, another status.
         let other = CallError::Budget(BudgetError::Exhausted {
             reason: Rejection::QueueFull,
             retry_after: Duration::from_micros(1_000_001),
@@ -354,6 +353,8 @@ mod tests {
         .to_status("other");
         let info = other.get_error_details().error_info().cloned().unwrap();
         assert_eq!(info.metadata["account"], "other");
+        let c = refusal(Duration::from_millis(1011));
+        assert_ne!(a.details(), c.details());
         let deadline = CallError::Budget(BudgetError::Exhausted {
             reason: Rejection::Deadline,
             retry_after: Duration::from_micros(1_000_001),
@@ -395,6 +396,9 @@ mod tests {
         assert_eq!(proto_field("entityId"), "entity_id");
         assert_eq!(reason_from_vendor("TOO_MANY_REQUESTS"), "TOO_MANY_REQUESTS");
         assert_eq!(reason_from_vendor("bad-request."), "BAD_REQUEST");
+        // AIP-193: a reason starts with a letter.
+        assert_eq!(reason_from_vendor("4xx-too-many"), "XX_TOO_MANY");
+        assert_eq!(reason_from_vendor("_1_busy"), "BUSY");
     }
 
     #[test]
