@@ -119,7 +119,7 @@ impl Line {
 
 #[cfg(test)]
 mod tests {
-    use std::num::{NonZeroU32, NonZeroUsize};
+    use std::num::NonZeroU32;
     use std::time::Duration;
 
     use futures::FutureExt;
@@ -135,14 +135,7 @@ mod tests {
     const FAR: Duration = Duration::from_secs(3600);
 
     fn line() -> Arc<Line> {
-        let c = BudgetConfig {
-            rate_per_second: NonZeroU32::MIN,
-            burst: NonZeroU32::MIN,
-            safety_margin: Duration::from_millis(10),
-            max_wait: Duration::from_secs(30),
-            max_queue: NonZeroUsize::new(100).unwrap(),
-            upstream_reserve: Duration::from_millis(200),
-        };
+        let c = BudgetConfig::with_max_queue(100);
         Line::spawn("test", Arc::new(LocalLimiter::new(&c)), &c)
     }
 

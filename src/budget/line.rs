@@ -338,18 +338,10 @@ impl Drop for LiveGuard<'_> {
 mod tests {
     use super::*;
     use crate::budget::local::LocalLimiter;
-    use std::num::{NonZeroU32, NonZeroUsize};
     use tokio::time::sleep;
 
     fn config(max_queue: usize) -> BudgetConfig {
-        BudgetConfig {
-            rate_per_second: NonZeroU32::new(1).unwrap(),
-            burst: NonZeroU32::MIN,
-            safety_margin: Duration::from_millis(10),
-            max_wait: Duration::from_secs(30),
-            max_queue: NonZeroUsize::new(max_queue).unwrap(),
-            upstream_reserve: Duration::from_millis(200),
-        }
+        BudgetConfig::with_max_queue(max_queue)
     }
 
     fn queue(max_queue: usize) -> Arc<Line> {

@@ -69,3 +69,20 @@ impl BudgetConfig {
         })
     }
 }
+
+#[cfg(test)]
+impl BudgetConfig {
+    /// The documented defaults with `max_queue`, through the one builder
+    /// (unit tests of the line).
+    pub(crate) fn with_max_queue(max_queue: usize) -> Self {
+        let key =
+            crate::keys::KeySource::Fixed(crate::keys::ApiKey::new("k").expect("a valid key"));
+        let endpoint = super::endpoint_url("https://x.example").expect("a valid URL");
+        super::Config::builder()
+            .account(super::AccountConfig::new("test", endpoint, key))
+            .max_queue(max_queue)
+            .build()
+            .expect("the defaults are valid")
+            .budget
+    }
+}

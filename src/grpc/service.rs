@@ -85,10 +85,10 @@ impl AssociationService for Gateway {
                     deadline,
                     ready_by: self.ready_by(deadline),
                 };
-                let flights = &self.flights;
-                flights
-                    .fly(&self.sender, call, association, &mut report)
-                    .await
+                let flight = self
+                    .flights
+                    .fly(&self.sender, call, association, &mut report);
+                flight.await
             }
             Err(invalid) => Err(invalid.into()),
         };
