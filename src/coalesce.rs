@@ -542,4 +542,54 @@ mod tests {
         assert!(!finished.load(Ordering::SeqCst), "and never finished");
         assert_eq!(c.in_flight(), 0);
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn handed_over_work_is_cancelled_when_its_last_follower_leaves() {
+        struct Dropped(Arc<AtomicBool>);
+        impl Drop for Dropped {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let c = Coalescer::<&str, u32>::default();
+        let (finished, dropped) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let now = Instant::now();
+        let work = {
+            let (finished, dropped) = (Arc::clone(&finished), Arc::clone(&dropped));
+            move |_| async move {
+                let _guard = Dropped(dropped);
+                sleep(Duration::from_secs(5)).await;
+                finished.store(true, Ordering::SeqCst);
+                1
+            }
+        };
+        // The leader leaves at 1 s (the work moves to a task), the follower
+        // at 2 s: nobody wants the outcome any more.
+        let leader = c.run("k", now + FAR, now + Duration::from_secs(1), work);
+        let follower = async {
+            tokio::task::yield_now().await;
+            let idle = |_| async { 0 };
+            c.run("k", now + FAR, now + Duration::from_secs(2), idle)
+                .await
+        };
+        let (leader, follower) = tokio::join!(leader, follower);
+        assert_eq!(leader.outcome, Err(Expired { marked: false }));
+        assert_eq!(follower.role, Role::Follower);
+        assert_eq!(follower.outcome, Err(Expired { marked: false }));
+        assert_eq!(
+            c.in_flight(),
+            0,
+            "the key is free when the last caller leaves"
+        );
+        sleep(Duration::from_secs(1)).await;
+        assert!(
+            dropped.load(Ordering::SeqCst),
+            "the handed-over work was cancelled"
+        );
+        sleep(Duration::from_secs(5)).await;
+        assert!(!finished.load(Ordering::SeqCst), "and never finished");
+    }
 }
