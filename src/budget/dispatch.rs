@@ -126,6 +126,7 @@ mod tests {
     use tokio::task::JoinHandle;
 
     use super::*;
+    use crate::budget::Rejection;
     use crate::budget::local::LocalLimiter;
     use crate::config::BudgetConfig;
     use crate::domain::Caller;
@@ -296,5 +297,38 @@ mod tests {
             // Gone as its slot came: the slot is the next one's.
             Err(_) => assert_eq!(next, T, "the slot at T went to nobody"),
         }
+    }
+
+    /// The refusal of a call that asks now with its turn useful for `within`.
+    fn refused(q: &Line, within: Duration) -> (Rejection, Duration) {
+        match q.check(&Caller::anonymous(), Instant::now() + within) {
+            Err(BudgetError::Exhausted {
+                reason,
+                retry_after,
+            }) => (reason, retry_after),
+            other => panic!("admitted or refused otherwise: {other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn admission_counts_the_slot_the_dispatcher_is_waiting_for() {
+        let q = line();
+        let start = Instant::now();
+        take_free_slot(&q).await;
+        // The dispatcher asks the limiter for the next caller's slot and
+        // sleeps until it, one interval out: a new call comes after both.
+        let _waiting = join(&q, &Caller::anonymous(), start + FAR).await;
+        assert_eq!(refused(&q, T * 3 / 2), (Rejection::Deadline, T * 2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_grant_admission_counts_the_next_one_interval_out() {
+        let q = line();
+        let start = Instant::now();
+        take_free_slot(&q).await;
+        // Served by the dispatcher at T: the next slot is one interval later.
+        let served = join(&q, &Caller::anonymous(), start + FAR).await;
+        assert_eq!(served.await.unwrap() - start, T);
+        assert_eq!(refused(&q, T / 2), (Rejection::Deadline, T));
     }
 }
