@@ -158,5 +158,22 @@ mod tests {
             ahead(&a, [(&ida, (2, 1)), (&idb, (30, 1)), (&idc, (1, 1))]),
             2 + 3 + 1
         );
+        // Weight 2 with 2 of its own waiting: round 2, so two of b before it.
+        let heavy = caller("a", 2);
+        assert_eq!(ahead(&heavy, [(&ida, (2, 2)), (&idb, (30, 1))]), 2 + 2);
+    }
+
+    #[test]
+    fn drain_hands_back_every_item_and_leaves_the_queue_empty() {
+        let (a, b) = (caller("a", 1), caller("b", 3));
+        let mut q = FairQueue::default();
+        for i in 0..3 {
+            q.push(&a, i);
+            q.push(&b, 10 + i);
+        }
+        let mut drained: Vec<_> = q.drain().collect();
+        drained.sort();
+        assert_eq!(drained, [0, 1, 2, 10, 11, 12]);
+        assert_eq!(q.pop(), None);
     }
 }

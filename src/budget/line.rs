@@ -672,4 +672,29 @@ mod tests {
             Err(BudgetError::ShuttingDown)
         ));
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn close_answers_at_once_callers_still_in_line_behind_the_one_being_served() {
+        let q = queue(100);
+        q.wait_turn(&anon(), Instant::now() + FAR).await.unwrap();
+        let waiting: Vec<_> = (0..3)
+            .map(|_| {
+                let q = Arc::clone(&q);
+                tokio::spawn(
+                    async move { q.wait_turn(&anon(), Instant::now() + FAR).await.map(drop) },
+                )
+            })
+            .collect();
+        q.until_depth(3).await;
+        let closed = Instant::now();
+        q.close();
+        for w in waiting {
+            assert!(matches!(w.await.unwrap(), Err(BudgetError::ShuttingDown)));
+        }
+        assert_eq!(
+            Instant::now(),
+            closed,
+            "answered at once, not at their deadlines"
+        );
+    }
 }
