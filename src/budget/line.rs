@@ -493,6 +493,75 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_shared_line_keeps_what_its_pace_exceeds_the_interval_by_as_slack() {
+        let c = config(100);
+        // As above: this replica's share of the budget is one slot in three.
+        let limiter = Arc::new(LocalLimiter::with_interval(
+            T * 3,
+            std::num::NonZeroU32::MIN,
+        ));
+        let q = Line::spawn("shared", limiter, &c);
+        let mut held = Vec::new();
+        for _ in 0..8 {
+            let q = Arc::clone(&q);
+            held.push(tokio::spawn(async move {
+                q.wait_turn(&anon(), Instant::now() + FAR).await.map(drop)
+            }));
+            tokio::task::yield_now().await;
+        }
+        sleep(T * 12 + Duration::from_millis(1)).await;
+        assert_eq!(q.depth(), 3);
+        // A turn due just before the deadline is not enough while the line
+        // moves slower than the interval: the slack is kept.
+        let eta = q.retry_after();
+        let err = q
+            .check(&anon(), Instant::now() + eta + Duration::from_millis(1))
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                BudgetError::Exhausted {
+                    reason: Rejection::Deadline,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_turn_exactly_max_wait_away_is_admitted_and_one_more_is_not() {
+        let mut c = config(100);
+        c.max_wait = T * 2;
+        let q = Line::spawn("max-wait", Arc::new(LocalLimiter::new(&c)), &c);
+        q.wait_turn(&anon(), Instant::now() + FAR).await.unwrap(); // the free slot
+        let mut held = Vec::new();
+        let mut hold = |q: &Arc<Line>| {
+            let q = Arc::clone(q);
+            held.push(tokio::spawn(async move {
+                q.wait_turn(&anon(), Instant::now() + FAR).await.map(drop)
+            }));
+        };
+        hold(&q);
+        q.until_depth(1).await;
+        // The next slot is T away and one call is ahead: 2 T = max-wait.
+        q.check(&anon(), Instant::now() + FAR).unwrap();
+        hold(&q);
+        q.until_depth(2).await;
+        let err = q.check(&anon(), Instant::now() + FAR).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                BudgetError::Exhausted {
+                    reason: Rejection::MaxWait,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_caller_that_leaves_does_not_waste_a_slot() {
         let q = queue(100);
         q.wait_turn(&anon(), Instant::now() + FAR).await.unwrap(); // takes the slot at t=0
