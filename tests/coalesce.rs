@@ -89,7 +89,14 @@ async fn a_follower_answers_by_its_own_deadline_without_disturbing_the_leader() 
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     let info = details::error_info_with(&status, "BUDGET_EXHAUSTED");
     assert_eq!(info.metadata["rejection"], "timed_out");
-    assert!(status.get_error_details().retry_info().is_some());
+    // When a slot could be had: after the leader's (~0.7 s away) and one more
+    // interval, not "now".
+    let retry = status.get_error_details().retry_info().unwrap().retry_delay;
+    let retry = retry.expect("a retry delay");
+    assert!(
+        retry >= Duration::from_millis(500) && retry <= Duration::from_secs(3),
+        "{retry:?}"
+    );
     // It followed the leader's flight (no line of its own), and the leader
     // is served at its slot, once.
     let coalesced = series(COALESCED, "follower-deadline");
