@@ -413,6 +413,14 @@ mod tests {
         turn.departure.left(Instant::now(), true);
         q.sent_late(Instant::now()).await;
         let sent = Instant::now();
+        // Admission counts from the send, not from the grant.
+        match q.check(&anon(), sent + T - Duration::from_millis(30)) {
+            Err(BudgetError::Exhausted {
+                reason: Rejection::Deadline,
+                retry_after,
+            }) => assert_eq!(retry_after, T),
+            other => panic!("admitted or refused otherwise: {other:?}"),
+        }
         q.wait_turn(&anon(), Instant::now() + FAR).await.unwrap();
         assert_eq!(Instant::now() - sent, T, "one full interval after the send");
     }
@@ -686,10 +694,19 @@ mod tests {
         assert_eq!(q.pushback(None).await, T);
         assert_eq!(q.pushback(None).await, T * 2);
         q.reset_pushback();
+        assert_eq!(q.pushback(None).await, T, "the backoff starts over");
         assert_eq!(
             q.pushback(Some(Duration::from_secs(7))).await,
             Duration::from_secs(7)
         );
+        // Admission knows: a call that must go within 3 s is refused now.
+        match q.check(&anon(), Instant::now() + Duration::from_secs(3)) {
+            Err(BudgetError::Exhausted {
+                reason: Rejection::Deadline,
+                retry_after,
+            }) => assert!(retry_after >= Duration::from_secs(7), "{retry_after:?}"),
+            other => panic!("admitted or refused otherwise: {other:?}"),
+        }
         let start = Instant::now();
         q.wait_turn(&anon(), Instant::now() + FAR).await.unwrap();
         assert_eq!(Instant::now() - start, Duration::from_secs(7));
