@@ -439,6 +439,34 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn the_free_slot_is_not_taken_while_a_request_is_on_its_way_or_just_left_late() {
+        use futures::FutureExt;
+        let q = queue(100);
+        let first = q.wait_turn(&anon(), Instant::now() + FAR).await.unwrap();
+        // The limiter has a free slot again, but the first request has not left.
+        sleep(T * 3).await;
+        let asked = q.wait_turn(&anon(), Instant::now() + FAR).now_or_never();
+        assert!(
+            asked.is_none(),
+            "took the free slot while a request had not left"
+        );
+        // It leaves now, late: the next slot is one interval after it.
+        first.departure.left(Instant::now(), true);
+        sleep(T / 2).await;
+        let asked = q.wait_turn(&anon(), Instant::now() + FAR).now_or_never();
+        assert!(
+            asked.is_none(),
+            "took a slot within an interval of a late send"
+        );
+        sleep(T / 2).await;
+        let asked = q.wait_turn(&anon(), Instant::now() + FAR).now_or_never();
+        assert!(
+            asked.is_some(),
+            "one interval after the late send the slot is free"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_request_that_never_leaves_frees_the_line() {
         let q = queue(100);
         let start = Instant::now();
