@@ -185,3 +185,79 @@ async fn a_call_in_flight_keeps_its_key_across_a_rotation() {
     let (status, _) = gateway.terminate().await;
     assert!(status.success());
 }
+
+#[tokio::test]
+async fn the_log_event_of_a_call_says_whether_it_shared_another_calls_upstream_call() {
+    use sha2::Digest;
+    let hex = |token: &str| -> String {
+        sha2::Sha256::digest(token.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (mock, mock_addr, _stop) = spawn_open_mock(20).await;
+    let accounts = dir.path().join("accounts.toml");
+    std::fs::write(
+        &accounts,
+        format!(
+            "[[accounts]]\nname = \"main\"\nbase_url = \"http://{mock_addr}\"\napi_key_env = \"PG_TEST_KEY\"\n\n\
+             [[callers]]\nname = \"lead\"\ntoken_sha256 = \"{}\"\n\n\
+             [[callers]]\nname = \"follow\"\ntoken_sha256 = \"{}\"\n",
+            hex("lead-token"),
+            hex("follow-token")
+        ),
+    )
+    .unwrap();
+    let gateway = GatewayProcess::start_with(&[
+        ("GATEWAY_ACCOUNTS_FILE", accounts.to_str().unwrap()),
+        ("PG_TEST_KEY", "test-key"),
+    ])
+    .await;
+    let client = AssociationServiceClient::connect(format!("http://{}", gateway.addr))
+        .await
+        .unwrap();
+    // The leader's request is held upstream while the identical one joins it.
+    let mut slow = Scripted::new(204, "");
+    slow.delay = Duration::from_millis(800);
+    mock.script([slow]);
+    let mut first = client.clone();
+    let leading =
+        tokio::spawn(async move { first.delete_association(as_caller("lead-token")).await });
+    mock.wait_for_requests(1).await;
+    client
+        .clone()
+        .delete_association(as_caller("follow-token"))
+        .await
+        .unwrap();
+    leading.await.unwrap().unwrap();
+    assert_eq!(mock.arrivals().len(), 1, "one upstream call for both");
+    let (status, logs) = gateway.terminate().await;
+    assert!(status.success());
+    let event = |caller: &str| {
+        logs.iter()
+            .find(|l| {
+                l.contains("association deleted") && l.contains(&format!("\"caller\":\"{caller}\""))
+            })
+            .unwrap_or_else(|| panic!("no event of {caller}: {logs:?}"))
+            .clone()
+    };
+    assert!(
+        event("lead").contains("\"coalesced\":false"),
+        "{}",
+        event("lead")
+    );
+    assert!(
+        event("follow").contains("\"coalesced\":true"),
+        "{}",
+        event("follow")
+    );
+}
+
+/// A call with `token` as its bearer credentials.
+fn as_caller(token: &str) -> tonic::Request<provisioning_gateway::pb::DeleteAssociationRequest> {
+    let mut r = tonic::Request::new(request(0));
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    r
+}
