@@ -346,7 +346,7 @@ async fn a_single_call_is_served_within_two_intervals_of_a_flood() {
 }
 
 #[tokio::test]
-async fn a_changed_key_file_is_used_without_restart() {
+async fn a_changed_key_file_is_used_without_restart_and_a_call_in_flight_keeps_its_key() {
     let dir = tempfile::tempdir().unwrap();
     let key_file = dir.path().join("api-key");
     std::fs::write(&key_file, "first-key").unwrap();
@@ -362,7 +362,13 @@ async fn a_changed_key_file_is_used_without_restart() {
     let mut client = AssociationServiceClient::connect(format!("http://{}", gateway.addr))
         .await
         .unwrap();
-    client.delete_association(request(0)).await.unwrap();
+    // The first call is upstream, its answer held back, while the key turns.
+    let mut slow = provisioning_gateway::mock::Scripted::new(204, "");
+    slow.delay = Duration::from_millis(1500);
+    mock.script([slow]);
+    let mut first = client.clone();
+    let in_flight = tokio::spawn(async move { first.delete_association(request(0)).await });
+    mock.wait_for_requests(1).await;
     std::fs::write(&key_file, "second-key").unwrap();
     // SIGHUP reloads at once (the file is also re-read every 2 s).
     let pid = gateway.child.id().unwrap().to_string();
@@ -376,13 +382,25 @@ async fn a_changed_key_file_is_used_without_restart() {
     gateway
         .wait_for_log("API key reloaded", Duration::from_secs(10))
         .await;
+    assert!(
+        !in_flight.is_finished(),
+        "rotated while the call was upstream"
+    );
+    in_flight
+        .await
+        .unwrap()
+        .expect("the call in flight finishes");
     client.delete_association(request(1)).await.unwrap();
     let keys: Vec<_> = mock
         .arrivals()
         .iter()
         .map(|a| a.headers["authorization"].to_str().unwrap().to_owned())
         .collect();
-    assert_eq!(keys, ["App first-key", "App second-key"]);
+    assert_eq!(
+        keys,
+        ["App first-key", "App second-key"],
+        "one request each, the first with the key it was sent with"
+    );
     let (status, logs) = gateway.terminate().await;
     assert!(status.success());
     assert!(

@@ -1,6 +1,6 @@
 //! Promises the README makes that nothing else pins down: bounded caller
-//! labels, the shutdown grace cut short, and a key rotation under a call in
-//! flight.
+//! labels, the shutdown grace cut short, and which call's log event says it
+//! shared another's upstream call.
 
 use std::time::{Duration, Instant};
 
@@ -11,16 +11,13 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 use crate::support::pki::Ca;
 use crate::support::process::GatewayProcess;
-use crate::support::{Opts, config, request, spawn_app, spawn_config, spawn_open_mock};
+use crate::support::{
+    Opts, config, metrics_page, request, spawn_app, spawn_config, spawn_open_mock,
+};
 
 /// The `caller` label values of this account's request counter.
 async fn caller_labels(metrics: std::net::SocketAddr, account: &str) -> Vec<String> {
-    let page = reqwest::get(format!("http://{metrics}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = metrics_page(metrics).await;
     let mut labels: Vec<String> = page
         .lines()
         .filter(|l| l.starts_with("provisioning_gateway_requests_total{"))
@@ -123,67 +120,6 @@ async fn a_drain_longer_than_the_grace_is_cut_short() {
     // In the binary, returning ends the process and the call with it.
     assert!(!in_flight.is_finished(), "the call was still upstream");
     in_flight.abort();
-}
-
-#[tokio::test]
-async fn a_call_in_flight_keeps_its_key_across_a_rotation() {
-    let dir = tempfile::tempdir().unwrap();
-    let key_file = dir.path().join("api-key");
-    std::fs::write(&key_file, "first-key").unwrap();
-    let (mock, mock_addr, _stop) = spawn_open_mock(20).await;
-    let accounts = dir.path().join("accounts.toml");
-    std::fs::write(
-        &accounts,
-        format!(
-            "[[accounts]]\nname = \"main\"\nbase_url = \"http://{mock_addr}\"\napi_key_file = {key_file:?}\n"
-        ),
-    )
-    .unwrap();
-    let gateway =
-        GatewayProcess::start_with(&[("GATEWAY_ACCOUNTS_FILE", accounts.to_str().unwrap())]).await;
-    let mut client = AssociationServiceClient::connect(format!("http://{}", gateway.addr))
-        .await
-        .unwrap();
-    // The first call is upstream, its answer held back, while the key turns.
-    let mut slow = Scripted::new(204, "");
-    slow.delay = Duration::from_millis(1500);
-    mock.script([slow]);
-    let mut first = client.clone();
-    let in_flight = tokio::spawn(async move { first.delete_association(request(0)).await });
-    mock.wait_for_requests(1).await;
-    std::fs::write(&key_file, "second-key").unwrap();
-    let pid = gateway.child.id().unwrap().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-HUP", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    gateway
-        .wait_for_log("API key reloaded", Duration::from_secs(10))
-        .await;
-    assert!(
-        !in_flight.is_finished(),
-        "rotated while the call was upstream"
-    );
-    in_flight
-        .await
-        .unwrap()
-        .expect("the call in flight finishes");
-    client.delete_association(request(1)).await.unwrap();
-    let keys: Vec<_> = mock
-        .arrivals()
-        .iter()
-        .map(|a| a.headers["authorization"].to_str().unwrap().to_owned())
-        .collect();
-    assert_eq!(
-        keys,
-        ["App first-key", "App second-key"],
-        "one request each, the first with the key it was sent with"
-    );
-    let (status, _) = gateway.terminate().await;
-    assert!(status.success());
 }
 
 #[tokio::test]

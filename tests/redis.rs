@@ -89,12 +89,7 @@ pub(crate) fn gaps(arrivals: &[Arrival]) -> Vec<Duration> {
 /// Redis errors the process saw (all replicas of a test share the recorder):
 /// tells a spacing failure from jitter apart from one caused by a fallback.
 pub(crate) async fn backend_errors(app: &TestApp) -> String {
-    let text = reqwest::get(format!("http://{}/metrics", app.metrics_addr))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = crate::support::metrics_page(app.metrics_addr).await;
     text.lines()
         .find(|l| l.starts_with("provisioning_gateway_budget_backend_errors_total"))
         .unwrap_or("provisioning_gateway_budget_backend_errors_total 0")

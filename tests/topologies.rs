@@ -17,8 +17,8 @@ use crate::support::process::GatewayProcess;
 use crate::support::redis::RedisServer;
 use crate::support::topology::{Cluster, Sentinels};
 use crate::support::{
-    Opts, TestApp, account, config as support_config, healthz, request, spawn_config, spawn_mock,
-    spawn_open_mock, with_timeout,
+    Opts, TestApp, account, config as support_config, healthz, metrics_page, request, spawn_config,
+    spawn_mock, spawn_open_mock, with_timeout,
 };
 
 /// `opts` with its Redis password read from `file`.
@@ -33,15 +33,6 @@ fn secret_file(dir: &Path, name: &str, content: &str) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, content).unwrap();
     path
-}
-
-async fn metrics_text(app: &TestApp) -> String {
-    reqwest::get(format!("http://{}/metrics", app.metrics_addr))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
 }
 
 #[tokio::test]
@@ -94,7 +85,7 @@ async fn a_rotated_password_file_applies_at_the_next_reconnect_without_a_restart
     let shown = format!(
         "{}\n{}",
         healthz(apps[0].metrics_addr).await,
-        metrics_text(&apps[0]).await
+        metrics_page(apps[0].metrics_addr).await
     );
     assert!(
         !shown.contains("s3cr3t"),
@@ -138,12 +129,7 @@ async fn the_password_file_never_reaches_logs_spans_metrics_healthz_or_statuses(
         .unwrap();
     let refused = client.delete_association(request(0)).await.unwrap_err();
     assert_eq!(refused.code(), Code::Unavailable);
-    let page = reqwest::get(format!("http://{metrics}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = metrics_page(metrics).await;
     tokio::time::sleep(Duration::from_millis(500)).await; // a few probe rounds
     let (status, logs) = gateway.terminate().await; // flushes the spans
     assert!(status.success());

@@ -489,11 +489,15 @@ mod tests {
         assert_eq!(q.late_after(Instant::now()), None);
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn admission_uses_the_pace_the_line_actually_moves_at() {
+    /// A line whose limiter grants one slot every 3 T (other replicas take
+    /// two of every three on the shared budget), at 12 T + 1 ms: eight
+    /// callers joined at 0; slots at 0 (taken at once), 3 T, 6 T, 9 T and
+    /// 12 T served five; three still wait (held by the returned tasks).
+    async fn shared_line_with_three_waiting() -> (
+        Arc<Line>,
+        Vec<tokio::task::JoinHandle<Result<(), BudgetError>>>,
+    ) {
         let c = config(100);
-        // Other replicas take two slots of every three on the shared budget:
-        // this replica's limiter grants one every 3 T.
         let limiter = Arc::new(LocalLimiter::with_interval(
             T * 3,
             std::num::NonZeroU32::MIN,
@@ -507,9 +511,14 @@ mod tests {
             }));
             tokio::task::yield_now().await;
         }
-        // Slots at 0 (taken at once), 3 T, 6 T, 9 T, 12 T; three still wait.
         sleep(T * 12 + Duration::from_millis(1)).await;
         assert_eq!(q.depth(), 3);
+        (q, held)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn admission_uses_the_pace_the_line_actually_moves_at() {
+        let (q, _held) = shared_line_with_three_waiting().await;
         // At one interval per call ahead this caller would be admitted
         // (about 4 T); at the pace seen, its turn is further than its deadline.
         let err = q
@@ -530,23 +539,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_shared_line_keeps_what_its_pace_exceeds_the_interval_by_as_slack() {
-        let c = config(100);
-        // As above: this replica's share of the budget is one slot in three.
-        let limiter = Arc::new(LocalLimiter::with_interval(
-            T * 3,
-            std::num::NonZeroU32::MIN,
-        ));
-        let q = Line::spawn("shared", limiter, &c);
-        let mut held = Vec::new();
-        for _ in 0..8 {
-            let q = Arc::clone(&q);
-            held.push(tokio::spawn(async move {
-                q.wait_turn(&anon(), Instant::now() + FAR).await.map(drop)
-            }));
-            tokio::task::yield_now().await;
-        }
-        sleep(T * 12 + Duration::from_millis(1)).await;
-        assert_eq!(q.depth(), 3);
+        let (q, _held) = shared_line_with_three_waiting().await;
         // A turn due just before the deadline is not enough while the line
         // moves slower than the interval: the slack is kept.
         let eta = q.retry_after();

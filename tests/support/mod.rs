@@ -262,15 +262,20 @@ pub fn series(name: &str, account: &str) -> String {
     format!("{name}{{account=\"{account}\"}}")
 }
 
-/// The value of `series` (a metric name with all its labels, as rendered)
-/// on the gateway's `/metrics`; `None` while it was never recorded.
-pub async fn metric(metrics_addr: SocketAddr, series: &str) -> Option<f64> {
-    let page = reqwest::get(format!("http://{metrics_addr}/metrics"))
+/// The gateway's `/metrics` page.
+pub async fn metrics_page(metrics_addr: SocketAddr) -> String {
+    reqwest::get(format!("http://{metrics_addr}/metrics"))
         .await
         .expect("/metrics answers")
         .text()
         .await
-        .expect("/metrics is text");
+        .expect("/metrics is text")
+}
+
+/// The value of `series` (a metric name with all its labels, as rendered)
+/// on the gateway's `/metrics`; `None` while it was never recorded.
+pub async fn metric(metrics_addr: SocketAddr, series: &str) -> Option<f64> {
+    let page = metrics_page(metrics_addr).await;
     page.lines().find_map(|line| {
         let value = line.strip_prefix(series)?.strip_prefix(' ')?;
         Some(value.parse().expect("a number"))
