@@ -1,18 +1,17 @@
 //! Criterion micro-benchmarks of the hot pieces of a call:
 //! parsing the request and encoding the vendor body, the status mapping
-//! table (with and without rich details), and one local budget decision.
+//! table (with and without rich details), and one in-process admission to the line.
 //!
 //! `cargo bench --bench micro` (HTML-free: plain text reports).
 
 use std::hint::black_box;
-use std::num::NonZeroU32;
 use std::time::Duration;
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use provisioning_gateway::domain::Association;
 use provisioning_gateway::pb::{Channel, DeleteAssociationRequest, ResourceType};
 use provisioning_gateway::testing::{
-    BudgetError, CallError, LocalLimiter, Rejection, Reply, code_for_http,
+    Ask, BudgetError, CallError, Rejection, Reply, Rules, Schedule, code_for_http,
 };
 use reqwest::header::HeaderMap;
 
@@ -95,18 +94,50 @@ fn mapping(c: &mut Criterion) {
     g.finish();
 }
 
+fn ask(n: u64, ready_in: i64) -> Ask {
+    Ask {
+        ticket: format!("t{n}"),
+        lane: "bench".into(),
+        weight: 1,
+        ready_in,
+    }
+}
+
 fn budget(c: &mut Criterion) {
     let mut g = c.benchmark_group("budget");
-    // A burst so large the bucket never empties: every decision grants.
-    let open = LocalLimiter::with_interval(
-        Duration::from_millis(1),
-        NonZeroU32::new(u32::MAX).expect("non-zero"),
-    );
-    g.bench_function("LocalLimiter::decide granted", |b| b.iter(|| open.decide()));
-    // 1 rps, burst 1, slot taken: every decision says how long to wait.
-    let busy = LocalLimiter::with_interval(Duration::from_millis(1010), NonZeroU32::MIN);
-    busy.decide();
-    g.bench_function("LocalLimiter::decide wait", |b| b.iter(|| busy.decide()));
+    let rules = |interval: i64| Rules {
+        interval,
+        burst: 1,
+        max_wait: 60_000_000,
+        max_queue: 10_000,
+        horizon: 400_000_000,
+        grace: 50_000,
+    };
+    // A 1 µs interval, the clock moving 1 µs per admission: every one is granted.
+    let free = rules(1);
+    let mut schedule = Schedule::default();
+    let (mut now, mut n) = (0, 0);
+    g.bench_function("Schedule::admit granted", |b| {
+        b.iter(|| {
+            now += 1;
+            n += 1;
+            black_box(schedule.admit(&free, now, &ask(n, 1_000_000)))
+        })
+    });
+    // 1 rps with 20 calls waiting: every admission is placed (and leaves).
+    let busy = rules(1_010_000);
+    let mut schedule = Schedule::default();
+    for i in 0..20 {
+        schedule.admit(&busy, 0, &ask(1_000_000 + i, 60_000_000));
+    }
+    g.bench_function("Schedule::admit queued behind 20", |b| {
+        b.iter(|| {
+            n += 1;
+            let a = ask(n, 60_000_000);
+            black_box(schedule.admit(&busy, 0, &a));
+            schedule.leave(&busy, 0, &a.ticket);
+        })
+    });
     g.finish();
 }
 

@@ -28,9 +28,7 @@ use provisioning_gateway::mock::{Mock, MockConfig};
 use provisioning_gateway::pb::association_service_client::AssociationServiceClient;
 use provisioning_gateway::pb::{Channel, DeleteAssociationRequest, ResourceType};
 use provisioning_gateway::startup::App;
-use provisioning_gateway::testing::{
-    Decision, Limiter, RedisBackend, RedisLimiter, RedisStore, TIMEOUT, WallClock,
-};
+use provisioning_gateway::testing::{self, Answer, Ask, RedisStore, Rules, TIMEOUT};
 use provisioning_gateway::{ApiKey, KeySource};
 use tokio_util::sync::CancellationToken;
 use tonic_types::StatusExt;
@@ -99,30 +97,62 @@ fn redis_config(url: &str, replicas: u32) -> anyhow::Result<RedisConfig> {
     Ok(redis)
 }
 
-/// (a) decision latency vs PING, interleaved.
+/// The rules of an account with this interval, 60 s of patience, a long line.
+fn rules(interval: Duration) -> Rules {
+    let interval = i64::try_from(interval.as_micros()).unwrap_or(i64::MAX);
+    Rules {
+        interval,
+        burst: 1,
+        max_wait: 60_000_000,
+        max_queue: 10_000,
+        horizon: 400_000_000,
+        grace: 50_000,
+    }
+}
+
+fn ask(ticket: String) -> Ask {
+    Ask {
+        ticket,
+        lane: "bench".into(),
+        weight: 1,
+        ready_in: 60_000_000,
+    }
+}
+
+/// (a) admission latency vs PING, interleaved: admission into a free line
+/// (granted: the script's grant path) and behind 20 waiting calls (queued:
+/// its fair-placement path), each one EVALSHA round trip.
 async fn latency(url: &str, n: usize) -> anyhow::Result<()> {
-    println!("(a) budget decision latency, {n} decisions each, interleaved with PINGs");
+    println!("(a) admission latency, {n} admissions each, interleaved with PINGs");
     let store = Arc::new(RedisStore::new(&redis_config(url, 1)?, TIMEOUT));
     store.connect().await?;
-    // A 1 µs interval: every decision is a grant (the script's longer path).
-    let script = RedisLimiter::new(
-        Arc::clone(&store),
-        "provisioning-gateway:bench:raw".into(),
-        Duration::from_micros(1),
-        NonZeroU32::MIN,
-    );
-    // The limiter the dispatcher calls: the script behind the fallback wrapper.
-    let backend = RedisBackend::start(&redis_config(url, 1)?, WallClock::default()).await?;
-    let shared = backend.limiter_with("shared", Duration::from_micros(1), NonZeroU32::MIN);
-    let key = "provisioning-gateway:bench:raw";
+    let prefix = "provisioning-gateway:bench:{raw}";
+    // A 1 µs interval: every admission is a grant.
+    let free = testing::redis_line(Arc::clone(&store), prefix, rules(Duration::from_micros(1)));
+    // A 1 s interval with 20 calls waiting: every admission is queued (and
+    // leaves again, so the line stays 20 long).
+    let busy_base = "provisioning-gateway:bench:{busy}";
+    let busy = testing::redis_line(Arc::clone(&store), busy_base, rules(Duration::from_secs(1)));
+    for i in 0..20 {
+        busy.admit(&ask(format!("w{i}"))).await?;
+    }
+    let key = prefix;
+    let mut count = 0u64;
+    let mut next = || {
+        count += 1;
+        format!("t{count}")
+    };
     for _ in 0..200 {
         store.ping().await?;
         store.keyed_round_trip(key).await?;
-        script.decide().await?;
-        let _ = shared.acquire().await;
+        free.admit(&ask(next())).await?;
+        let t = next();
+        busy.admit(&ask(t.clone())).await?;
+        busy.leave(&t).await?;
     }
-    let (mut ping, mut keyed, mut raw, mut full) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let mut granted = 0;
+    let (mut ping, mut keyed, mut granted_rt, mut queued_rt) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut granted, mut queued) = (0, 0);
     for _ in 0..n {
         let t = Instant::now();
         store.ping().await?;
@@ -130,23 +160,28 @@ async fn latency(url: &str, n: usize) -> anyhow::Result<()> {
         let t = Instant::now();
         store.keyed_round_trip(key).await?;
         keyed.push(t.elapsed());
+        let ticket = next();
         let t = Instant::now();
-        let d = script.decide().await?;
-        raw.push(t.elapsed());
-        granted += usize::from(d == Decision::Granted);
+        let a = free.admit(&ask(ticket)).await?;
+        granted_rt.push(t.elapsed());
+        granted += usize::from(a.answer == Answer::Granted);
+        let ticket = next();
         let t = Instant::now();
-        let _ = shared.acquire().await;
-        full.push(t.elapsed());
+        let a = busy.admit(&ask(ticket.clone())).await?;
+        queued_rt.push(t.elapsed());
+        queued += usize::from(matches!(a.answer, Answer::Queued(_)));
+        busy.leave(&ticket).await?;
     }
     let p = summary("PING round trip", ping);
     let k = summary("keyed read (EXISTS) round trip", keyed);
-    let r = summary("decision: GCRA script (EVALSHA)", raw);
-    let f = summary("decision: Limiter::acquire (shared)", full);
+    let g = summary("admission, free line (granted)", granted_rt);
+    let q = summary("admission, 20 waiting (queued)", queued_rt);
     println!(
-        "  ratio to PING (p50): script {:.2}×, acquire {:.2}×; to the keyed read: acquire {:.2}×   ({granted}/{n} script decisions granted)",
-        r.as_secs_f64() / p.as_secs_f64(),
-        f.as_secs_f64() / p.as_secs_f64(),
-        f.as_secs_f64() / k.as_secs_f64()
+        "  ratio to PING (p50): granted {:.2}×, queued {:.2}×; to the keyed read: granted {:.2}×, queued {:.2}×   ({granted}/{n} granted, {queued}/{n} queued)",
+        g.as_secs_f64() / p.as_secs_f64(),
+        q.as_secs_f64() / p.as_secs_f64(),
+        g.as_secs_f64() / k.as_secs_f64(),
+        q.as_secs_f64() / k.as_secs_f64(),
     );
     Ok(())
 }

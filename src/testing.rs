@@ -6,10 +6,10 @@ use std::sync::Arc;
 use crate::config::{BudgetConfig, Config};
 use crate::startup::App;
 
-pub use crate::budget::limiter::{Decision, Limiter};
-pub use crate::budget::local::LocalLimiter;
-pub use crate::budget::redis::{RedisLimiter, RedisStore, TIMEOUT, WallClock};
+pub use crate::budget::redis::{RedisStore, TIMEOUT, WallClock};
+pub use crate::budget::schedule::{Answer, Ask, Refusal, Rules, Schedule};
 pub use crate::budget::shared::RedisBackend;
+pub use crate::budget::store::redis::RedisLine;
 pub use crate::budget::{BudgetError, Rejection};
 pub use crate::grpc::status::{CallError, code_for_http};
 pub use crate::upstream::Reply;
@@ -20,8 +20,15 @@ pub async fn build_with_clock_offset(config: Config, offset_ms: i64) -> anyhow::
     App::build_with(config, WallClock::offset_by_micros(offset_ms * 1000)).await
 }
 
-/// In-process lines for many accounts, each with its dispatcher parked (the
-/// memory benchmark's per-account state); closed when dropped.
+/// The line of one account in Redis under `base` (`<base>`, `<base>:line`,
+/// …), for tests of the script at its boundaries.
+pub fn redis_line(store: Arc<RedisStore>, base: &str, rules: Rules) -> RedisLine {
+    let moved = tokio::sync::watch::Sender::new(0);
+    RedisLine::new(store, "test", base, "test:", rules, moved)
+}
+
+/// In-process lines for many accounts (the memory benchmark's per-account
+/// state); closed when dropped.
 pub struct MemoryLines(Vec<Arc<crate::budget::Line>>);
 
 impl MemoryLines {

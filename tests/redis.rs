@@ -1,16 +1,14 @@
 //! The Redis backend against a real `redis-server` (each test starts its own
-//! on a free port): the Lua script on its own, replicas sharing one budget,
+//! on a free port): replicas sharing one budget,
 //! clock skew, shared pushback, and losing Redis under load.
 
-use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
-use provisioning_gateway::config::{RedisConfig, RedisFallback, RedisUrl};
+use provisioning_gateway::config::RedisFallback;
 use provisioning_gateway::mock::{Arrival, Mock, Scripted};
-use provisioning_gateway::testing::{Decision, RedisLimiter, RedisStore, TIMEOUT};
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
 use tonic_health::pb::HealthCheckRequest;
@@ -36,35 +34,12 @@ pub(crate) fn opts_20() -> Opts {
     }
 }
 
-async fn store(redis: &RedisServer) -> Arc<RedisStore> {
-    let config = RedisConfig::new(RedisUrl::new(redis.url()).unwrap());
-    let store = RedisStore::new(&config, TIMEOUT);
-    store.connect().await.unwrap();
-    Arc::new(store)
-}
-
 pub(crate) async fn raw(redis: &RedisServer) -> redis::aio::MultiplexedConnection {
     redis::Client::open(redis.url())
         .unwrap()
         .get_multiplexed_async_connection()
         .await
         .unwrap()
-}
-
-fn limiter(store: &Arc<RedisStore>, key: &str, interval: Duration, burst: u32) -> RedisLimiter {
-    RedisLimiter::new(
-        Arc::clone(store),
-        key.into(),
-        interval,
-        NonZeroU32::new(burst).unwrap(),
-    )
-}
-
-fn wait_of(d: Decision) -> Duration {
-    match d {
-        Decision::Wait(w) => w,
-        Decision::Granted => panic!("granted, expected a wait"),
-    }
 }
 
 /// `n` replicas of the gateway in front of one emulator.
@@ -145,127 +120,6 @@ pub(crate) async fn until_degraded_is(apps: &[TestApp], want: bool, within: Dura
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-// ---------------------------------------------------------------- the script
-
-#[tokio::test]
-async fn script_first_call_then_one_interval_on_redis_time() {
-    let redis = RedisServer::start();
-    let store = store(&redis).await;
-    let t = Duration::from_millis(200);
-    let l = limiter(&store, "t:first", t, 1);
-    assert_eq!(l.decide().await.unwrap(), Decision::Granted, "first call");
-    let wait = wait_of(l.decide().await.unwrap());
-    assert!(
-        wait <= t && wait > t - Duration::from_millis(50),
-        "next slot one interval on: {wait:?}"
-    );
-    // The state: the TAT in µs on Redis' clock, as an exact integer, kept
-    // only until it is past (plus 1 s of slack).
-    let mut c = raw(&redis).await;
-    let tat: i64 = redis::cmd("GET")
-        .arg("t:first")
-        .query_async(&mut c)
-        .await
-        .unwrap();
-    let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(&mut c).await.unwrap();
-    let now = secs * 1_000_000 + micros;
-    assert!(
-        (0..=200_000).contains(&(tat - now)),
-        "TAT {tat} vs TIME {now}"
-    );
-    let pttl: i64 = redis::cmd("PTTL")
-        .arg("t:first")
-        .query_async(&mut c)
-        .await
-        .unwrap();
-    assert!((1000..=1200).contains(&pttl), "PTTL {pttl}");
-    // Waiting exactly the answer is enough (no polling needed).
-    tokio::time::sleep(wait).await;
-    assert_eq!(l.decide().await.unwrap(), Decision::Granted);
-}
-
-#[tokio::test]
-async fn script_burst_then_spacing_and_a_full_burst_after_a_long_idle() {
-    let redis = RedisServer::start();
-    let store = store(&redis).await;
-    let t = Duration::from_millis(100);
-    let l = limiter(&store, "t:burst", t, 3);
-    for i in 0..3 {
-        assert_eq!(
-            l.decide().await.unwrap(),
-            Decision::Granted,
-            "burst slot {i}"
-        );
-    }
-    let wait = wait_of(l.decide().await.unwrap());
-    assert!(wait <= t, "after the burst, one interval: {wait:?}");
-    // Idle for longer than burst × T: a whole burst again, not more.
-    tokio::time::sleep(t * 4).await;
-    for i in 0..3 {
-        assert_eq!(
-            l.decide().await.unwrap(),
-            Decision::Granted,
-            "slot {i} after idling"
-        );
-    }
-    assert!(matches!(l.decide().await.unwrap(), Decision::Wait(_)));
-    // An idle account costs nothing: the key expires after its TAT (+1 s).
-    let mut c = raw(&redis).await;
-    let pttl: i64 = redis::cmd("PTTL")
-        .arg("t:burst")
-        .query_async(&mut c)
-        .await
-        .unwrap();
-    assert!(pttl > 0 && pttl <= 1000 + 3 * 100 + 50, "PTTL {pttl}");
-}
-
-#[tokio::test]
-async fn script_pushback_holds_every_replica_and_never_shortens() {
-    let redis = RedisServer::start();
-    // Two replicas: two connections, one key.
-    let (a, b) = (store(&redis).await, store(&redis).await);
-    let t = Duration::from_millis(100);
-    let (la, lb) = (limiter(&a, "t:push", t, 1), limiter(&b, "t:push", t, 1));
-    assert_eq!(la.decide().await.unwrap(), Decision::Granted);
-    let held = la.push_back(Duration::from_millis(800)).await.unwrap();
-    assert!(held > Duration::from_millis(750), "{held:?}");
-    let wait = wait_of(lb.decide().await.unwrap());
-    assert!(
-        wait > Duration::from_millis(700) && wait <= Duration::from_millis(800),
-        "the other replica waits out the pushback: {wait:?}"
-    );
-    // A shorter pushback does not bring the slot forward.
-    let still = lb.push_back(Duration::from_millis(10)).await.unwrap();
-    assert!(still > Duration::from_millis(650), "{still:?}");
-    tokio::time::sleep(wait).await;
-    assert_eq!(lb.decide().await.unwrap(), Decision::Granted);
-    assert!(matches!(la.decide().await.unwrap(), Decision::Wait(_)));
-}
-
-#[tokio::test]
-async fn script_is_reloaded_after_a_flush_and_after_a_restart() {
-    let mut redis = RedisServer::start();
-    let store = store(&redis).await;
-    let l = limiter(&store, "t:reload", Duration::from_millis(50), 1);
-    assert_eq!(l.decide().await.unwrap(), Decision::Granted);
-    let mut c = raw(&redis).await;
-    let () = redis::cmd("SCRIPT")
-        .arg("FLUSH")
-        .query_async(&mut c)
-        .await
-        .unwrap();
-    // NOSCRIPT → loaded again → answered, in the same call.
-    assert!(matches!(l.decide().await.unwrap(), Decision::Wait(_)));
-    redis.restart();
-    assert!(l.decide().await.is_err(), "the old connection is gone");
-    store.connect().await.unwrap();
-    assert_eq!(
-        l.decide().await.unwrap(),
-        Decision::Granted,
-        "a restarted, empty Redis: first call again"
-    );
 }
 
 // ----------------------------------------------------------- the gateway

@@ -91,19 +91,7 @@ impl Connector {
             .set_response_timeout(Some(self.response_timeout));
         match self.url.topology() {
             Topology::Standalone => {
-                let info = self.url.expose().into_connection_info()?;
-                let mut settings = info.redis_settings().clone();
-                if let Some(user) = &creds.username {
-                    settings = settings.set_username(user);
-                }
-                if let Some(password) = &creds.password {
-                    settings = settings.set_password(password);
-                }
-                let info = info.set_redis_settings(settings);
-                let client = match &self.ca {
-                    None => Client::open(info)?,
-                    Some(ca) => Client::build_with_tls(info, certificates(ca))?,
-                };
+                let client = self.client(self.url.expose().into_connection_info()?, &creds)?;
                 let conn = client
                     .get_multiplexed_async_connection_with_config(&config)
                     .await?;
@@ -146,6 +134,52 @@ impl Connector {
                 let conn = builder.build()?.get_async_connection().await?;
                 Ok(Conn::Cluster(conn))
             }
+        }
+    }
+
+    /// A connection of its own for SUBSCRIBE: to the endpoint, the primary
+    /// the sentinels name now, or a Cluster's first reachable seed (a
+    /// Cluster delivers PUBLISH on every node).
+    pub(crate) async fn open_pubsub(&self) -> RedisResult<redis::aio::PubSub> {
+        let creds = self.credentials()?;
+        match self.url.topology() {
+            Topology::Standalone => {
+                let client = self.client(self.url.expose().into_connection_info()?, &creds)?;
+                client.get_async_pubsub().await
+            }
+            Topology::Sentinel { master } => {
+                let client = self.sentinel_primary(master, &creds).await?;
+                client.get_async_pubsub().await
+            }
+            Topology::Cluster => {
+                let mut last = None;
+                for (host, port) in self.url.nodes() {
+                    let info = self.addr(host, *port).into_connection_info()?;
+                    match self.client(info, &creds)?.get_async_pubsub().await {
+                        Ok(pubsub) => return Ok(pubsub),
+                        Err(e) => last = Some(e),
+                    }
+                }
+                Err(last.unwrap_or_else(|| {
+                    RedisError::from((ErrorKind::InvalidClientConfig, "no cluster node"))
+                }))
+            }
+        }
+    }
+
+    /// A client of one node with this connect's credentials and CA.
+    fn client(&self, info: redis::ConnectionInfo, creds: &Credentials) -> RedisResult<Client> {
+        let mut settings = info.redis_settings().clone();
+        if let Some(user) = &creds.username {
+            settings = settings.set_username(user);
+        }
+        if let Some(password) = &creds.password {
+            settings = settings.set_password(password);
+        }
+        let info = info.set_redis_settings(settings);
+        match &self.ca {
+            None => Client::open(info),
+            Some(ca) => Client::build_with_tls(info, certificates(ca)),
         }
     }
 

@@ -1,14 +1,21 @@
-//! The per-account budget: a [`Line`] of waiting calls in front of a GCRA
-//! [`Limiter`]: [`local`] in process for one replica; [`redis`] shared by
-//! several, wrapped in [`shared`] for the fallback while Redis is
-//! unreachable. [`Backend`] makes each account's line on the configured
-//! backend.
+//! The per-account budget: one line of waiting calls in front of a GCRA,
+//! kept where every replica can see it. The design, in rooms:
 //!
-//! A call asks [`Line::wait_turn`] for its turn. Admission is decided at once
-//! from the line ahead and the next known slot, so a call that cannot be
-//! served before its deadline is refused immediately instead of timing out
-//! in line. The [`send_clock`] tells the line when a granted request actually
-//! leaves, so spacing holds at the vendor, where arrivals are counted.
+//! - [`schedule`]: the rules (GCRA slots as reservations on one schedule,
+//!   promise-keeping admission, weighted fair order, departures, clock
+//!   regressions), on an abstract clock, with no I/O;
+//! - [`store`]: where they run: [`store::memory`] in this process (one
+//!   replica), [`store::redis`] in Redis for every replica (`line.lua`, one
+//!   round trip per command, on Redis' clock), with [`fallback`] to a
+//!   per-replica line while Redis is lost and [`shared`] for the
+//!   connection, its probe and the subscriber that wakes waiters;
+//! - [`line`]: this replica's side: admit, sleep until the slot, claim;
+//! - [`spacing`]: departures, so the vendor sees arrivals spaced, whatever
+//!   held a request up on its way out.
+//!
+//! A call is admitted only with a slot that comes before its deadline minus
+//! the upstream reserve, on the whole line (every replica's callers), and
+//! refused at once otherwise with when a slot would be free.
 //!
 //! A mechanism: imports `config`, `domain` and `telemetry::metrics` only.
 
@@ -20,18 +27,14 @@ use serde::Serialize;
 use crate::config::{BackendConfig, BudgetConfig};
 
 mod connect;
-mod dispatch;
-mod fair;
-pub(crate) mod limiter;
+pub(crate) mod fallback;
 mod line;
-pub(crate) mod local;
-mod pace;
 pub(crate) mod redis;
-mod send_clock;
+pub(crate) mod schedule;
 pub(crate) mod shared;
-mod transit;
+mod spacing;
+pub(crate) mod store;
 
-pub(crate) use limiter::{BackendUnavailable, Decision, Limiter};
 pub(crate) use line::{Line, Turn};
 pub(crate) use redis::WallClock;
 
@@ -125,13 +128,16 @@ impl Backend {
         Self(None)
     }
 
-    /// The line of account `name`, with its dispatcher spawned.
+    /// The line of account `name`.
     pub(crate) fn line(&self, name: &str, config: &BudgetConfig) -> Arc<Line> {
-        let limiter: Arc<dyn Limiter> = match &self.0 {
-            None => Arc::new(local::LocalLimiter::new(config)),
-            Some(redis) => Arc::new(redis.limiter(name, config)),
+        let store: Arc<dyn store::Store> = match &self.0 {
+            None => Arc::new(store::memory::MemoryStore::new(
+                name,
+                store::Rules::of(config, config.interval()),
+            )),
+            Some(redis) => Arc::new(redis.line(name, config)),
         };
-        Line::spawn(name, limiter, config)
+        Line::new(name, store, config)
     }
 
     /// The backend's state, for `/healthz`.

@@ -1,31 +1,25 @@
-//! The shared budget in Redis: one GCRA key per account, checked and advanced
-//! by one Lua script ([`gcra.lua`](gcra_script)) that reads Redis `TIME`, so
-//! every replica decides on one clock. One round trip per decision; the
-//! answer is "granted" or "the next slot is this far off", and the caller
-//! sleeps exactly that long.
+//! The connection to Redis that every account's line shares
+//! ([`super::store::redis`] runs the line's script on it), and this
+//! process' wall clock, used only to report skew.
 //!
 //! [`RedisStore`] owns the connection. It never waits for Redis on a call's
-//! behalf: every command has a short timeout, and a failed command drops the
-//! connection so that only the background probe
-//! ([`super::shared`]) reconnects. It does not use the `redis` crate's
+//! behalf: every command has a short timeout. A command that fails drops
+//! the connection so that only the background probe ([`super::shared`])
+//! reconnects; one that only timed out keeps it (a late reply is discarded
+//! when it comes), so one slow reply does not cost the connection. It does not use the `redis` crate's
 //! `ConnectionManager`: that one keeps a connection whose commands time out
 //! (a half-open TCP connection after Redis moved) and reconnects with its own
 //! backoff, both of which could keep a replica off the shared budget long
 //! after Redis is back.
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
-
-use futures::FutureExt;
-use futures::future::BoxFuture;
-use redis::Script;
-
-use super::connect::{Conn, Connector};
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use super::limiter::{BackendUnavailable, Decision, Limiter};
+use super::connect::{Conn, Connector};
+use super::store::redis::line_script;
 use crate::config::RedisConfig;
 
 /// Longest a command may take. Loopback or in-cluster Redis answers in well
@@ -34,12 +28,6 @@ pub const TIMEOUT: Duration = Duration::from_millis(250);
 /// Longest a (re)connect may take: TCP, TLS, AUTH and loading the script.
 /// Only the probe and startup connect, never a call, so this is a bit longer.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
-
-/// The GCRA script, loaded once per connection and called by its SHA.
-pub fn gcra_script() -> &'static Script {
-    static SCRIPT: OnceLock<Script> = OnceLock::new();
-    SCRIPT.get_or_init(|| Script::new(include_str!("gcra.lua")))
-}
 
 /// Why Redis could not answer.
 #[derive(Debug, thiserror::Error)]
@@ -91,7 +79,7 @@ impl RedisStore {
     pub async fn connect(&self) -> Result<(), StoreError> {
         let connect = async {
             let mut conn = self.connector.open().await?;
-            gcra_script().prepare_invoke().load_async(&mut conn).await?;
+            line_script().prepare_invoke().load_async(&mut conn).await?;
             Ok::<_, redis::RedisError>(conn)
         };
         let conn = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
@@ -133,16 +121,22 @@ impl RedisStore {
         *self.lock() = None;
     }
 
-    /// Runs one command on the live connection, bounded by the timeout. Any
-    /// failure drops that connection: the probe reconnects, calls do not wait.
-    async fn run<T, F, Fut>(&self, command: F) -> Result<T, StoreError>
+    /// The connector, for the subscriber's own connection.
+    pub(crate) fn connector(&self) -> &Connector {
+        &self.connector
+    }
+
+    /// Runs one command on the live connection, bounded by the timeout. A
+    /// failure drops that connection (the probe reconnects, calls do not
+    /// wait); a timeout does not.
+    pub(crate) async fn run<T, F, Fut>(&self, command: F) -> Result<T, StoreError>
     where
         F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         let (generation, conn) = self.lock().clone().ok_or(StoreError::NotConnected)?;
         let result = self.bounded(command(conn)).await;
-        if result.is_err() {
+        if matches!(result, Err(StoreError::Redis(_))) {
             let mut live = self.lock();
             if live.as_ref().is_some_and(|(g, _)| *g == generation) {
                 *live = None;
@@ -170,95 +164,6 @@ impl RedisStore {
 async fn time(conn: &mut Conn) -> redis::RedisResult<i64> {
     let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(conn).await?;
     Ok(secs * 1_000_000 + micros)
-}
-
-/// One account's GCRA in Redis. On its own it has no fallback: an
-/// unreachable Redis is `BackendUnavailable` (the fallback is in `shared`).
-pub struct RedisLimiter {
-    store: std::sync::Arc<RedisStore>,
-    key: String,
-    interval_us: u64,
-    burst: u32,
-}
-
-impl RedisLimiter {
-    /// The limiter of the account whose state lives under `key`.
-    pub fn new(
-        store: std::sync::Arc<RedisStore>,
-        key: String,
-        interval: Duration,
-        burst: std::num::NonZeroU32,
-    ) -> Self {
-        Self {
-            store,
-            key,
-            // At least 1 µs: the script treats 0 as "no spacing".
-            interval_us: u64::try_from(interval.as_micros())
-                .unwrap_or(u64::MAX)
-                .max(1),
-            burst: burst.get(),
-        }
-    }
-
-    /// The Redis key holding this account's state.
-    pub fn key(&self) -> &str {
-        &self.key
-    }
-
-    /// Takes the next slot if it is due on Redis' clock, else says how long
-    /// until it is: one EVALSHA round trip.
-    pub async fn decide(&self) -> Result<Decision, StoreError> {
-        let (granted, wait_us) = self.invoke(0).await?;
-        Ok(if granted {
-            Decision::Granted
-        } else {
-            Decision::Wait(Duration::from_micros(wait_us))
-        })
-    }
-
-    /// No slot for anyone before now + `wait` (on Redis' clock); returns how
-    /// long until the next slot.
-    pub async fn push_back(&self, wait: Duration) -> Result<Duration, StoreError> {
-        let wait_us = u64::try_from(wait.as_micros()).unwrap_or(u64::MAX).max(1);
-        let (_, until) = self.invoke(wait_us).await?;
-        Ok(Duration::from_micros(until))
-    }
-
-    async fn invoke(&self, pushback_us: u64) -> Result<(bool, u64), StoreError> {
-        let key = self.key.clone();
-        let (interval, burst) = (self.interval_us, self.burst);
-        let answer: Vec<i64> = self
-            .store
-            .run(|mut c| async move {
-                gcra_script()
-                    .key(key)
-                    .arg(interval)
-                    .arg(burst)
-                    .arg(pushback_us)
-                    .invoke_async(&mut c)
-                    .await
-            })
-            .await?;
-        match answer[..] {
-            [granted @ (0 | 1), wait] if wait >= 0 => {
-                Ok((granted == 1, u64::try_from(wait).unwrap_or(0)))
-            }
-            _ => Err(StoreError::Answer(answer)),
-        }
-    }
-}
-
-impl Limiter for RedisLimiter {
-    fn acquire(&self) -> BoxFuture<'_, Result<Decision, BackendUnavailable>> {
-        async move { self.decide().await.map_err(|_| BackendUnavailable) }.boxed()
-    }
-
-    fn pushback(&self, wait: Duration) -> BoxFuture<'_, ()> {
-        async move {
-            let _ = self.push_back(wait).await;
-        }
-        .boxed()
-    }
 }
 
 /// This process' wall clock, as the Redis backend reads it. Budget decisions

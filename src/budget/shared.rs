@@ -2,13 +2,17 @@
 //! answers, a fallback while it does not, and a probe that brings the replica
 //! back on the shared budget soon after Redis returns.
 //!
-//! - **Healthy**: every decision is one script call ([`RedisLimiter`]).
-//! - **Degraded** (a command failed or timed out, or Redis was down at
-//!   start): decisions never touch Redis. `local` serves from a per-replica
-//!   GCRA at rate ÷ `--expected-replicas`, so the replicas together stay near
-//!   the vendor's rate; `deny` answers `BackendUnavailable`. A warn log at the
-//!   transition, the gauge `provisioning_gateway_budget_backend_degraded` and
-//!   `/healthz` show the state.
+//! - **Healthy**: every command is one script call ([`RedisLine`]).
+//! - **Degraded** (one command failed [`FAILURES_TO_DEGRADE`] times in a
+//!   row, or Redis was down at start): commands never touch Redis. `local`
+//!   serves from a per-replica line at rate ÷ `--expected-replicas`, so the
+//!   replicas together stay near the vendor's rate; `deny` answers
+//!   `BackendUnavailable`. A warn log at the transition, the gauge
+//!   `provisioning_gateway_budget_backend_degraded` and `/healthz` show the
+//!   state (see [`super::fallback`]).
+//! - **Subscriber**: one extra connection listens on `<prefix>moved`, where
+//!   a caller leaving a line on any replica is announced, and wakes this
+//!   replica's waiters of that account so they move up at once.
 //! - **Probe**: while degraded, reconnects every [`PROBE_DEGRADED`] (each try
 //!   bounded by [`CONNECT_TIMEOUT`](super::redis::CONNECT_TIMEOUT)), so the
 //!   replica is back on the shared budget well within a second of Redis
@@ -16,25 +20,23 @@
 //!   [`PROBE_HEALTHY`] to notice a lost Redis without traffic and to measure
 //!   clock skew.
 //!
-//! Handover, both ways, keeps what this replica already knows: on losing
-//! Redis, the local budget starts no earlier than the shared slot last seen;
-//! on getting it back, the shared key is first pushed to this replica's last
-//! local grant + T (the key may have expired, or Redis restarted empty).
+//! Handover, both ways, keeps what this replica already knows (see
+//! [`super::fallback`]).
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use futures::FutureExt;
-use futures::future::BoxFuture;
+use futures::StreamExt;
 use tokio::sync::watch;
-use tokio::time::Instant;
 
 use super::BackendReport;
-use super::limiter::{BackendUnavailable, Decision, Limiter};
-use super::local::LocalLimiter;
+use super::fallback::SharedLine;
 use super::redis::WallClock;
-use super::redis::{RedisLimiter, RedisStore, StoreError, TIMEOUT, measure_skew};
+use super::redis::{RedisStore, StoreError, TIMEOUT, measure_skew};
+use super::store::Rules;
+use super::store::redis::{RedisLine, channel};
 use crate::config::{BudgetConfig, RedisConfig, RedisFallback, Topology};
 use crate::telemetry::metrics::{BACKEND_ERRORS, CLOCK_SKEW, DEGRADED};
 
@@ -42,6 +44,11 @@ use crate::telemetry::metrics::{BACKEND_ERRORS, CLOCK_SKEW, DEGRADED};
 pub const PROBE_DEGRADED: Duration = Duration::from_millis(200);
 /// Liveness and skew checks while healthy.
 pub const PROBE_HEALTHY: Duration = Duration::from_secs(1);
+/// Consecutive failures of one command before the replica degrades: one
+/// slow reply (a latency spike past the timeout) is not an outage.
+pub const FAILURES_TO_DEGRADE: u32 = 3;
+/// Pause before a failed command is tried again.
+pub(crate) const RETRY_PAUSE: Duration = Duration::from_millis(20);
 /// Skew worth a warning (NTP is off): harmless to the budget, not to logs.
 const SKEW_WARNING_US: i64 = 1_000_000;
 
@@ -53,11 +60,14 @@ pub struct RedisBackend {
     key_prefix: String,
     /// Keys carry a hash tag (Redis Cluster).
     tagged_keys: bool,
-    fallback: RedisFallback,
+    pub(super) fallback: RedisFallback,
     expected_replicas: u32,
     clock: WallClock,
-    /// True while degraded; watched by the probe and by sleeping dispatchers.
-    degraded: watch::Sender<bool>,
+    /// True while degraded; watched by the probe and by waiting callers.
+    pub(super) degraded: watch::Sender<bool>,
+    /// Per account: bumped when its line moved up (a caller left on any
+    /// replica, or this replica switched budgets); waiters ask again.
+    moves: Mutex<HashMap<String, watch::Sender<u64>>>,
     /// Last measured Redis-minus-local clock skew, µs (i64::MIN: never).
     skew_us: AtomicI64,
 }
@@ -77,6 +87,7 @@ impl RedisBackend {
             clock,
             degraded: watch::Sender::new(false),
             skew_us: AtomicI64::new(i64::MIN),
+            moves: Mutex::new(HashMap::new()),
         });
         match backend.reconnect().await {
             Ok(()) => tracing::info!(
@@ -85,34 +96,53 @@ impl RedisBackend {
                 fallback = backend.fallback_name(),
                 "connected to Redis: the budget is shared"
             ),
-            Err(e) => backend.degrade(&e),
+            Err(e) => {
+                backend.failed();
+                backend.degrade(&e);
+            }
         }
         metrics::gauge!(DEGRADED).set(if backend.is_degraded() { 1.0 } else { 0.0 });
         tokio::spawn(probe(Arc::downgrade(&backend)));
+        tokio::spawn(subscriber(Arc::downgrade(&backend)));
         Ok(backend)
     }
 
-    /// The limiter of one account, keyed `<prefix><account>` (`<prefix>{<account>}` on a Cluster).
-    pub(crate) fn limiter(self: &Arc<Self>, account: &str, config: &BudgetConfig) -> SharedLimiter {
-        self.limiter_with(account, config.interval(), config.burst)
+    /// The line of one account, keyed `<prefix><account>` (`<prefix>{<account>}` on a Cluster).
+    pub(crate) fn line(self: &Arc<Self>, account: &str, config: &BudgetConfig) -> SharedLine {
+        let moved = self.moves_of(account);
+        let shared = Rules::of(config, config.interval());
+        // The fallback's interval: each replica's share of the rate.
+        let local = Rules::of(
+            config,
+            config.interval().saturating_mul(self.expected_replicas),
+        );
+        let redis = RedisLine::new(
+            Arc::clone(&self.store),
+            account,
+            &self.key(account),
+            &self.key_prefix,
+            shared,
+            moved,
+        );
+        SharedLine::new(Arc::clone(self), redis, local, config.interval())
     }
 
-    /// The limiter of one account with this interval and burst.
-    pub fn limiter_with(
-        self: &Arc<Self>,
-        account: &str,
-        interval: Duration,
-        burst: std::num::NonZeroU32,
-    ) -> SharedLimiter {
-        SharedLimiter {
-            backend: Arc::clone(self),
-            redis: RedisLimiter::new(Arc::clone(&self.store), self.key(account), interval, burst),
-            local: LocalLimiter::with_interval(
-                interval.saturating_mul(self.expected_replicas),
-                burst,
-            ),
-            interval,
-            handover: Mutex::new(Handover::default()),
+    /// The wake-up of `account`'s waiters.
+    fn moves_of(&self, account: &str) -> watch::Sender<u64> {
+        let mut moves = self.moves.lock().unwrap_or_else(|p| p.into_inner());
+        moves
+            .entry(account.to_owned())
+            .or_insert_with(|| watch::Sender::new(0))
+            .clone()
+    }
+
+    /// Wakes the waiters of `account`, or of every account.
+    fn wake(&self, account: Option<&str>) {
+        let moves = self.moves.lock().unwrap_or_else(|p| p.into_inner());
+        for (name, tx) in moves.iter() {
+            if account.is_none_or(|a| a == name) {
+                tx.send_modify(|n| *n = n.wrapping_add(1));
+            }
         }
     }
 
@@ -151,13 +181,20 @@ impl RedisBackend {
         self.fallback.as_str()
     }
 
-    /// Redis failed: switch to the fallback (once per outage: one warn).
-    fn degrade(&self, error: &StoreError) {
+    /// A command failed (counted; the caller decides whether to degrade).
+    pub(super) fn failed(&self) {
         metrics::counter!(BACKEND_ERRORS).increment(1);
+    }
+
+    /// Redis is lost: switch to the fallback (once per outage: one warn).
+    /// The connection is dropped, so that only the probe reconnects.
+    pub(super) fn degrade(&self, error: &StoreError) {
+        self.store.disconnect();
         let flipped = self
             .degraded
             .send_if_modified(|d| !std::mem::replace(d, true));
         if flipped {
+            self.wake(None);
             metrics::gauge!(DEGRADED).set(1.0);
             tracing::warn!(
                 budget_backend = "redis",
@@ -177,6 +214,7 @@ impl RedisBackend {
             .send_if_modified(|d| std::mem::replace(d, false))
         {
             metrics::gauge!(DEGRADED).set(0.0);
+            self.wake(None);
             tracing::info!(
                 budget_backend = "redis",
                 redis = %self.shown_url,
@@ -220,7 +258,10 @@ async fn probe(backend: Weak<RedisBackend>) {
         match result {
             Ok(()) => b.recover(),
             Err(e) if degraded => tracing::debug!(error = %e, "Redis still unreachable"),
-            Err(e) => b.degrade(&e),
+            Err(e) => {
+                b.failed();
+                b.degrade(&e);
+            }
         }
         let pause = if b.is_degraded() {
             PROBE_DEGRADED
@@ -237,142 +278,38 @@ async fn probe(backend: Weak<RedisBackend>) {
     }
 }
 
-/// What one account's limiter remembers across a switch of budget.
-#[derive(Debug, Default)]
-struct Handover {
-    /// The last decision came from the local budget.
-    on_local: bool,
-    /// When the shared budget's next slot was due, as last seen.
-    shared_next: Option<Instant>,
-    /// When the local budget last granted a slot.
-    last_local_grant: Option<Instant>,
-    /// Latest upstream pushback (429): no slot before this.
-    pushed_until: Option<Instant>,
-    /// The connection (generation) of the last shared decision.
-    connection: Option<u64>,
-}
-
-/// One account's limiter on the Redis backend, with its fallback.
-pub struct SharedLimiter {
-    backend: Arc<RedisBackend>,
-    redis: RedisLimiter,
-    /// rate ÷ expected replicas, used only while degraded in `local` mode.
-    local: LocalLimiter,
-    interval: Duration,
-    handover: Mutex<Handover>,
-}
-
-impl SharedLimiter {
-    /// The Redis key of this account.
-    pub fn key(&self) -> &str {
-        self.redis.key()
-    }
-
-    async fn shared(&self) -> Result<Decision, StoreError> {
-        // Back from the fallback: the shared key may have expired, or Redis
-        // restarted empty; keep the spacing after this replica's own grants,
-        // and any pushback it received meanwhile. On a new connection (a
-        // restart, or a failover to a node that may lack the latest writes)
-        // no slot comes within one interval of it: whatever was granted on
-        // the old one was granted before this replica lost it.
-        let generation = self.backend.store.generation();
-        let seed = {
-            let h = self.lock();
-            let after_grant = h.last_local_grant.map(|t| t + self.interval);
-            let from_local = h
-                .on_local
-                .then(|| after_grant.max(h.pushed_until))
-                .flatten();
-            let reconnected = h.connection.is_some() && h.connection != generation;
-            let from_reconnect = reconnected.then(|| Instant::now() + self.interval);
-            from_local
-                .max(from_reconnect)
-                .map(|t| t.saturating_duration_since(Instant::now()))
+/// Listens for lines that moved up on any replica and wakes this replica's
+/// waiters of that account. Reconnects after a lost connection (and wakes
+/// every waiter then: a message may have been missed). Ends when the
+/// backend is dropped.
+async fn subscriber(backend: Weak<RedisBackend>) {
+    loop {
+        let Some(b) = backend.upgrade() else { return };
+        let channel = channel(&b.key_prefix);
+        let subscribed = async {
+            let mut pubsub = b.store.connector().open_pubsub().await?;
+            pubsub.subscribe(&channel).await?;
+            Ok::<_, redis::RedisError>(pubsub)
         };
-        if let Some(wait) = seed.filter(|w| !w.is_zero()) {
-            self.redis.push_back(wait).await?;
-        }
-        let decision = self.redis.decide().await?;
-        let mut h = self.lock();
-        h.on_local = false;
-        h.connection = generation;
-        h.shared_next = Some(
-            Instant::now()
-                + match decision {
-                    Decision::Granted => self.interval,
-                    Decision::Wait(wait) => wait,
-                },
-        );
-        Ok(decision)
-    }
-
-    fn fallback(&self) -> Result<Decision, BackendUnavailable> {
-        if self.backend.fallback == RedisFallback::Deny {
-            return Err(BackendUnavailable);
-        }
-        let now = Instant::now();
-        let mut h = self.lock();
-        if !h.on_local {
-            h.on_local = true;
-            // Never earlier than the shared slot this replica last saw.
-            if let Some(next) = h.shared_next.filter(|n| *n > now) {
-                self.local.hold_until(next);
-            }
-        }
-        let decision = self.local.decide();
-        if decision == Decision::Granted {
-            h.last_local_grant = Some(now);
-        }
-        Ok(decision)
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Handover> {
-        // Plain field updates only: a poisoned lock is still consistent.
-        self.handover.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-impl Limiter for SharedLimiter {
-    fn acquire(&self) -> BoxFuture<'_, Result<Decision, BackendUnavailable>> {
-        async move {
-            if !self.backend.is_degraded() {
-                match self.shared().await {
-                    Ok(decision) => return Ok(decision),
-                    Err(e) => self.backend.degrade(&e),
+        let pubsub = tokio::time::timeout(super::redis::CONNECT_TIMEOUT, subscribed).await;
+        let weak = Arc::downgrade(&b);
+        drop(b);
+        match pubsub {
+            Ok(Ok(pubsub)) => {
+                if let Some(b) = weak.upgrade() {
+                    b.wake(None);
+                }
+                let mut messages = pubsub.into_on_message();
+                while let Some(message) = messages.next().await {
+                    let Some(b) = weak.upgrade() else { return };
+                    if let Ok(account) = message.get_payload::<String>() {
+                        b.wake(Some(&account));
+                    }
                 }
             }
-            self.fallback()
+            Ok(Err(e)) => tracing::debug!(error = %e, "Redis subscriber could not connect"),
+            Err(_) => tracing::debug!("Redis subscriber timed out connecting"),
         }
-        .boxed()
-    }
-
-    fn pushback(&self, wait: Duration) -> BoxFuture<'_, ()> {
-        async move {
-            // Both budgets: the local one matters if Redis is lost next.
-            self.local.hold_until(Instant::now() + wait);
-            {
-                let mut h = self.lock();
-                let until = Instant::now() + wait;
-                h.shared_next = Some(h.shared_next.map_or(until, |n| n.max(until)));
-                h.pushed_until = Some(h.pushed_until.map_or(until, |n| n.max(until)));
-            }
-            if !self.backend.is_degraded()
-                && let Err(e) = self.redis.push_back(wait).await
-            {
-                self.backend.degrade(&e);
-            }
-        }
-        .boxed()
-    }
-
-    fn changed(&self) -> BoxFuture<'_, ()> {
-        let mut rx = self.backend.degraded.subscribe();
-        async move {
-            if rx.changed().await.is_err() {
-                // The backend is gone; nothing will change any more.
-                futures::future::pending::<()>().await;
-            }
-        }
-        .boxed()
+        tokio::time::sleep(PROBE_DEGRADED).await;
     }
 }

@@ -1,15 +1,15 @@
 //! Single flight for the gateway: identical calls waiting or in flight at
 //! the same time on this replica (same account, same five fields) share one
 //! run of the attempts, so a retry storm costs one slot. Each caller still
-//! answers by its own deadline; a call the budget would refuse at once is
-//! refused before any flight is set up.
+//! answers by its own deadline; a call the budget refuses at admission is
+//! refused at once (admission is the flight's first step).
 
 use std::sync::Arc;
 
 use tokio::time::Instant;
 
 use super::accounts::Account;
-use super::attempt::{ANSWER_MARGIN, Attempts, Sender, record_wait, wait_span};
+use super::attempt::{ANSWER_MARGIN, Attempts, Sender};
 use super::report::Report;
 use super::status::CallError;
 use crate::budget::{BudgetError, Rejection};
@@ -58,14 +58,6 @@ impl Flights {
             ready_by,
         } = call;
         let key: FlightKey = Arc::new((account.name().to_owned(), association));
-        // A call that would lead a new flight and that the budget refuses at
-        // once is refused before any flight is set up (load shedding is cheap).
-        if !self.0.is_flying(&key)
-            && let Err(e) = account.line.check(caller, ready_by)
-        {
-            record_wait(&wait_span(account.name()), account.name(), &Err(e));
-            return Err(CallError::Budget(e));
-        }
         let patience = deadline.checked_sub(ANSWER_MARGIN).unwrap_or(deadline);
         let mut joins = 0;
         loop {

@@ -20,6 +20,7 @@ pub const BACKEND_ERRORS: &str = "provisioning_gateway_budget_backend_errors_tot
 pub const CLOCK_SKEW: &str = "provisioning_gateway_budget_redis_clock_skew_seconds";
 pub const COALESCED: &str = "provisioning_gateway_coalesced_calls_total";
 pub const LATE_SENDS: &str = "provisioning_gateway_upstream_late_sends_total";
+pub const CLOCK_RESETS: &str = "provisioning_gateway_budget_clock_resets_total";
 
 /// Histogram buckets in seconds: a few ms (refusals, fast upstream) to the
 /// longest waits (`--max-wait` defaults to 30 s).
@@ -96,6 +97,10 @@ fn describe() {
         "Upstream requests that left later than their slot allowed for (the next slot moved), by account"
     );
     describe_counter!(
+        CLOCK_RESETS,
+        "Times an account's next slot was found beyond any horizon the gateway sets (a clock stepped back) and reset to now, by account"
+    );
+    describe_counter!(
         COALESCED,
         "Calls that joined an identical call's upstream call (counted as they join), by account"
     );
@@ -138,4 +143,9 @@ pub fn rejection(account: &str, reason: &'static str) {
 /// Calls waiting on an account now.
 pub fn queue_depth(account: &str, depth: usize) {
     gauge!(QUEUE_DEPTH, "account" => account.to_owned()).set(depth as f64);
+}
+
+/// The store found its next slot beyond any horizon (a clock stepped back) and reset it.
+pub fn clock_reset(account: &str) {
+    counter!(CLOCK_RESETS, "account" => account.to_owned()).increment(1);
 }

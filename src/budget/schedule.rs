@@ -1,0 +1,651 @@
+//! The rules of one account's line, on one clock, with no I/O: the memory
+//! store runs them in process ([`super::store::memory`]), and `line.lua`
+//! runs the same rules inside Redis for every replica at once. Times are
+//! microseconds on the store's clock (tokio's for memory, Redis `TIME` for
+//! Redis); callers send durations, never their own clock.
+//!
+//! **The schedule.** A GCRA: `tat` is the theoretical arrival time, a grant
+//! is allowed at `tat - tau` (tau = (burst - 1) × T) and moves `tat` one
+//! interval T on. The line's tickets are in service order; the ticket at
+//! position p gets the slot
+//!
+//! ```text
+//! slot(p) = max(now, tat - tau + p·T, held + T + p·T)
+//! ```
+//!
+//! where `held` is the latest instant a granted request may still be held up
+//! on its way out (a replica says so while it is). Nothing else decides a
+//! slot: every replica reads the same state.
+//!
+//! **Invariants** (kept by every command, checked by the tests):
+//! 1. *Promise*: every waiting ticket's slot is at or before its `ready_at`
+//!    (its caller's deadline minus the upstream reserve). Admission refuses
+//!    a ticket it cannot place so, and places a new ticket only where
+//!    pushing the tickets behind it one interval on keeps their promise.
+//!    Only an upstream pushback (429) or a request held up on its way out
+//!    can break a promise; such tickets time out and leave.
+//! 2. *Spacing*: two grants are at least T apart (burst 1), and no grant
+//!    comes within T of a request that left late, or while one is held.
+//! 3. *Order*: tickets are granted in line order; a ticket whose turn came
+//!    and went unclaimed for [`Rules::grace`] (its replica is gone) is
+//!    dropped by the next claim, so a dead replica costs one slot.
+//! 4. *Fair shares*: a caller of weight w gets a finish tag 1/w past the
+//!    later of its previous tag and the tag last served (weighted fair
+//!    queueing); a new ticket goes before the tickets with a later tag,
+//!    within invariant 1.
+//! 5. *Clock*: a `tat` or hold further ahead than any command could have
+//!    set ([`Rules::horizon`]) is a clock that stepped back: it is reset to
+//!    now, and the answer says so.
+
+use std::collections::{HashMap, VecDeque};
+
+/// The settings every command of one account runs with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rules {
+    /// Emission interval T, µs (≥ 1).
+    pub interval: i64,
+    /// Slots that may go back to back after idling (≥ 1).
+    pub burst: i64,
+    /// Longest a caller may be told to wait, µs.
+    pub max_wait: i64,
+    /// Most tickets waiting at once.
+    pub max_queue: i64,
+    /// How far ahead `tat` or a hold can legitimately be, µs.
+    pub horizon: i64,
+    /// How long an unclaimed head keeps its turn, µs.
+    pub grace: i64,
+}
+
+/// Granted tickets are remembered this long, so a retried claim whose first
+/// answer was lost learns it was granted instead of taking a second slot.
+pub(crate) const REMEMBER_US: i64 = 10_000_000;
+
+impl Rules {
+    fn tau(&self) -> i64 {
+        (self.burst - 1) * self.interval
+    }
+}
+
+/// A caller's request for a place in line.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ask {
+    /// Unique per call and attempt, the same on a retried command.
+    pub ticket: String,
+    /// The caller's fairness key and weight.
+    pub lane: String,
+    pub weight: u32,
+    /// How long from now the slot is still useful, µs.
+    pub ready_in: i64,
+}
+
+/// What a command answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// The slot is this ticket's now: the request may leave.
+    Granted,
+    /// In line; the slot comes in this many µs at the latest.
+    Queued(i64),
+    /// Not admitted; a slot would come in this many µs.
+    Refused(Refusal, i64),
+    /// The ticket is not (or no longer) in line: expired, or dropped after
+    /// its turn went unclaimed.
+    Gone,
+}
+
+/// Why admission refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    QueueFull,
+    MaxWait,
+    Deadline,
+}
+
+#[derive(Debug, Clone)]
+struct Ticket {
+    id: String,
+    tag: f64,
+    ready_at: i64,
+}
+
+/// One account's line and GCRA state.
+#[derive(Debug, Default)]
+pub struct Schedule {
+    /// GCRA theoretical arrival time; `None`: no constraint.
+    tat: Option<i64>,
+    /// Waiting tickets in service order.
+    line: VecDeque<Ticket>,
+    /// Finish tag per lane with tickets recently (weighted fair queueing).
+    lanes: HashMap<String, f64>,
+    /// Virtual time: the tag of the ticket served last.
+    vtime: f64,
+    /// Granted requests held up on their way out: ticket → held until.
+    held: HashMap<String, i64>,
+    /// Recently granted tickets → when.
+    granted: HashMap<String, i64>,
+}
+
+impl Schedule {
+    /// Admits `ask` at `now`: granted at once (a free slot, nobody ahead),
+    /// queued with the slot it will have at the latest, or refused with
+    /// when a slot would come. The same ticket asked again answers as it
+    /// stands (a retry after a lost answer). Returns whether the clock was
+    /// found to have stepped back (and was reset).
+    pub fn admit(&mut self, rules: &Rules, now: i64, ask: &Ask) -> (Answer, bool) {
+        let regressed = self.tidy(rules, now);
+        if self.granted.contains_key(&ask.ticket) {
+            return (Answer::Granted, regressed);
+        }
+        if let Some(p) = self.position(&ask.ticket) {
+            return (Answer::Queued(self.slot(rules, now, p) - now), regressed);
+        }
+        let weight = f64::from(ask.weight.max(1));
+        let tag = self
+            .vtime
+            .max(self.lanes.get(&ask.lane).copied().unwrap_or(0.0))
+            + 1.0 / weight;
+        // From the tail: pass every ticket with a later tag that can still
+        // afford one interval more.
+        let mut at = self.line.len();
+        while at > 0 {
+            let t = &self.line[at - 1];
+            let pushed = self.slot(rules, now, at);
+            if t.tag <= tag || pushed > t.ready_at {
+                break;
+            }
+            at -= 1;
+        }
+        let slot = self.slot(rules, now, at);
+        let wait = slot - now;
+        let refusal = if self.line.len() as i64 >= rules.max_queue {
+            Some(Refusal::QueueFull)
+        } else if wait > rules.max_wait {
+            Some(Refusal::MaxWait)
+        } else if wait > ask.ready_in {
+            Some(Refusal::Deadline)
+        } else {
+            None
+        };
+        if let Some(why) = refusal {
+            // When a slot would come for a caller joining at the tail.
+            let tail = self.slot(rules, now, self.line.len()) - now;
+            return (Answer::Refused(why, tail.max(wait)), regressed);
+        }
+        self.lanes.insert(ask.lane.clone(), tag);
+        if at == 0 && slot <= now {
+            self.grant(rules, now, &ask.ticket, tag);
+            return (Answer::Granted, regressed);
+        }
+        let ticket = Ticket {
+            id: ask.ticket.clone(),
+            tag,
+            ready_at: now.saturating_add(ask.ready_in),
+        };
+        self.line.insert(at, ticket);
+        (Answer::Queued(wait), regressed)
+    }
+
+    /// The ticket's turn, if it has come: granted; else how long until it
+    /// comes; `Gone` if the ticket is no longer in line.
+    pub fn claim(&mut self, rules: &Rules, now: i64, ticket: &str) -> (Answer, bool) {
+        let regressed = self.tidy(rules, now);
+        if self.granted.contains_key(ticket) {
+            return (Answer::Granted, regressed);
+        }
+        let Some(mut p) = self.position(ticket) else {
+            return (Answer::Gone, regressed);
+        };
+        // Heads whose turn came and went unclaimed: their replica is gone.
+        while p > 0 && self.stale_head(rules, now) {
+            self.line.pop_front();
+            p -= 1;
+        }
+        let slot = self.slot(rules, now, p);
+        if p > 0 {
+            // Someone ahead has not claimed yet. If this ticket's own slot
+            // has come (the one ahead is late), ask again one interval on,
+            // or when that one's turn goes stale if sooner.
+            let stale_at = self.due(rules, 0).saturating_add(rules.grace);
+            let again = if slot > now {
+                slot
+            } else {
+                stale_at.min(now + rules.interval)
+            };
+            return (Answer::Queued(again - now), regressed);
+        }
+        if slot > now {
+            return (Answer::Queued(slot - now), regressed);
+        }
+        let Some(t) = self.line.pop_front() else {
+            return (Answer::Gone, regressed);
+        };
+        self.grant(rules, now, &t.id, t.tag);
+        (Answer::Granted, regressed)
+    }
+
+    /// The ticket's caller left (cancelled, deadline): the tickets behind it
+    /// move up. Returns whether the line changed.
+    pub fn leave(&mut self, rules: &Rules, now: i64, ticket: &str) -> bool {
+        self.tidy(rules, now);
+        let held = self.held.remove(ticket).is_some();
+        match self.position(ticket) {
+            Some(p) => {
+                self.line.remove(p);
+                true
+            }
+            None => held,
+        }
+    }
+
+    /// The granted request of `ticket` has not left yet: no grant until it
+    /// has, or for `hold` µs at most (its replica may be gone).
+    pub fn hold(&mut self, rules: &Rules, now: i64, ticket: &str, hold: i64) {
+        self.tidy(rules, now);
+        let until = now.saturating_add(hold.clamp(0, rules.horizon));
+        let entry = self.held.entry(ticket.to_owned()).or_insert(until);
+        *entry = (*entry).max(until);
+    }
+
+    /// The granted request of `ticket` left now, late if `late`: then no
+    /// grant within one interval of now.
+    pub fn left(&mut self, rules: &Rules, now: i64, ticket: &str, late: bool) {
+        self.tidy(rules, now);
+        self.held.remove(ticket);
+        if late {
+            self.push_tat(rules, now + rules.interval);
+        }
+    }
+
+    /// Upstream pushback (429): no grant before now + `wait` µs.
+    pub fn pushback(&mut self, rules: &Rules, now: i64, wait: i64) {
+        self.tidy(rules, now);
+        self.push_tat(rules, now.saturating_add(wait.clamp(0, rules.horizon)));
+    }
+
+    /// Waiting tickets (for depth and tests).
+    pub fn waiting(&self) -> usize {
+        self.line.len()
+    }
+
+    /// No grant before `at`.
+    fn push_tat(&mut self, rules: &Rules, at: i64) {
+        let tat = at + rules.tau();
+        self.tat = Some(self.tat.map_or(tat, |t| t.max(tat)));
+    }
+
+    fn grant(&mut self, rules: &Rules, now: i64, ticket: &str, tag: f64) {
+        let tat = self.tat.map_or(now, |t| t.max(now));
+        self.tat = Some(tat + rules.interval);
+        self.vtime = self.vtime.max(tag);
+        self.granted.insert(ticket.to_owned(), now);
+    }
+
+    fn position(&self, ticket: &str) -> Option<usize> {
+        self.line.iter().position(|t| t.id == ticket)
+    }
+
+    /// Whether the head's turn came more than the grace ago, unclaimed.
+    fn stale_head(&self, rules: &Rules, now: i64) -> bool {
+        now >= self.due(rules, 0).saturating_add(rules.grace)
+    }
+
+    /// When position `p`'s turn comes by the GCRA and the holds alone.
+    fn due(&self, rules: &Rules, p: usize) -> i64 {
+        let gcra = self.tat.map_or(i64::MIN, |t| t - rules.tau());
+        let held = self
+            .held
+            .values()
+            .copied()
+            .max()
+            .map_or(i64::MIN, |h| h + rules.interval);
+        gcra.max(held).saturating_add(p as i64 * rules.interval)
+    }
+
+    /// The slot of position `p`, at the latest.
+    fn slot(&self, rules: &Rules, now: i64, p: usize) -> i64 {
+        now.max(self.due(rules, p))
+    }
+
+    /// Drops what has expired; resets state a clock step left beyond the
+    /// horizon. Returns whether it did that.
+    fn tidy(&mut self, rules: &Rules, now: i64) -> bool {
+        self.line.retain(|t| t.ready_at >= now);
+        self.held.retain(|_, until| *until > now);
+        self.granted
+            .retain(|_, at| *at > now.saturating_sub(REMEMBER_US) && *at <= now);
+        let vtime = self.vtime;
+        self.lanes.retain(|_, tag| *tag > vtime);
+        let beyond = now.saturating_add(rules.horizon);
+        let regressed =
+            self.tat.is_some_and(|t| t > beyond) || self.held.values().any(|h| *h > beyond);
+        if regressed {
+            self.tat = Some(now);
+            self.held.clear();
+        }
+        if self.line.is_empty() && self.tat.is_some_and(|t| t <= now) {
+            self.tat = None;
+        }
+        regressed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: i64 = 1_000_000;
+
+    fn rules() -> Rules {
+        Rules {
+            interval: T,
+            burst: 1,
+            max_wait: 60 * T,
+            max_queue: 100,
+            horizon: 400 * T,
+            grace: 2 * T,
+        }
+    }
+
+    fn ask(ticket: &str, lane: &str, weight: u32, ready_in: i64) -> Ask {
+        Ask {
+            ticket: ticket.into(),
+            lane: lane.into(),
+            weight,
+            ready_in,
+        }
+    }
+
+    fn anon(ticket: &str) -> Ask {
+        ask(ticket, "anonymous", 1, 3600 * T)
+    }
+
+    /// Admits each ticket at `now`; returns the answers.
+    fn admit_all(s: &mut Schedule, now: i64, asks: &[Ask]) -> Vec<Answer> {
+        asks.iter().map(|a| s.admit(&rules(), now, a).0).collect()
+    }
+
+    /// Who gets each slot, claiming in line order at each slot from `now`.
+    fn served(s: &mut Schedule, mut now: i64, tickets: &[&str]) -> Vec<(String, i64)> {
+        let mut out = Vec::new();
+        let mut waiting: Vec<&str> = tickets.to_vec();
+        while !waiting.is_empty() {
+            let mut granted = None;
+            for (i, t) in waiting.iter().enumerate() {
+                if s.claim(&rules(), now, t).0 == Answer::Granted {
+                    granted = Some(i);
+                    break;
+                }
+            }
+            match granted {
+                Some(i) => out.push((waiting.remove(i).to_owned(), now)),
+                None => now += T / 10,
+            }
+            assert!(now < 1000 * T, "nobody served: {waiting:?}");
+        }
+        out
+    }
+
+    #[test]
+    fn a_free_slot_is_granted_at_once_and_the_next_queued_one_interval_on() {
+        let mut s = Schedule::default();
+        let answers = admit_all(&mut s, 0, &[anon("a"), anon("b"), anon("c")]);
+        assert_eq!(
+            answers,
+            [Answer::Granted, Answer::Queued(T), Answer::Queued(2 * T)]
+        );
+        // A claim before the slot says how long; at the slot it is granted.
+        assert_eq!(s.claim(&rules(), T / 4, "b").0, Answer::Queued(T * 3 / 4));
+        assert_eq!(s.claim(&rules(), T, "b").0, Answer::Granted);
+        assert_eq!(s.claim(&rules(), T, "c").0, Answer::Queued(T));
+    }
+
+    #[test]
+    fn a_burst_goes_back_to_back_after_idling_then_one_interval_apart() {
+        let r = Rules { burst: 3, ..rules() };
+        let mut s = Schedule::default();
+        for t in ["a", "b", "c"] {
+            assert_eq!(s.admit(&r, 0, &anon(t)).0, Answer::Granted, "{t}");
+        }
+        assert_eq!(s.admit(&r, 0, &anon("d")).0, Answer::Queued(T));
+        // Idle for longer than burst × T: a whole burst again, not more.
+        assert_eq!(s.claim(&r, T, "d").0, Answer::Granted);
+        let later = 10 * T;
+        for t in ["e", "f", "g"] {
+            assert_eq!(s.admit(&r, later, &anon(t)).0, Answer::Granted, "{t}");
+        }
+        assert_eq!(s.admit(&r, later, &anon("h")).0, Answer::Queued(T));
+    }
+
+    #[test]
+    fn admission_keeps_the_promise_exactly_at_the_deadline() {
+        let mut s = Schedule::default();
+        s.admit(&rules(), 0, &anon("first"));
+        // The slot is at T: useful until T exactly is admitted.
+        assert_eq!(
+            s.admit(&rules(), 0, &ask("on-time", "x", 1, T)).0,
+            Answer::Queued(T)
+        );
+        // One µs short is refused, with when a slot would come.
+        assert_eq!(
+            s.admit(&rules(), 0, &ask("late", "y", 1, 2 * T - 1)).0,
+            Answer::Refused(Refusal::Deadline, 2 * T)
+        );
+        // A deadline already passed, even with a free slot, is refused.
+        let mut idle = Schedule::default();
+        assert_eq!(
+            idle.admit(&rules(), 0, &ask("gone", "x", 1, -1)).0,
+            Answer::Refused(Refusal::Deadline, 0)
+        );
+    }
+
+    #[test]
+    fn max_wait_and_the_queue_bound_are_exact() {
+        let r = Rules {
+            max_wait: 2 * T,
+            max_queue: 3,
+            ..rules()
+        };
+        let mut s = Schedule::default();
+        assert_eq!(s.admit(&r, 0, &anon("a")).0, Answer::Granted);
+        assert_eq!(s.admit(&r, 0, &anon("b")).0, Answer::Queued(T));
+        assert_eq!(s.admit(&r, 0, &anon("c")).0, Answer::Queued(2 * T));
+        assert_eq!(
+            s.admit(&r, 0, &anon("d")).0,
+            Answer::Refused(Refusal::MaxWait, 3 * T)
+        );
+        let r = Rules {
+            max_queue: 2,
+            ..rules()
+        };
+        assert_eq!(
+            s.admit(&r, 0, &anon("e")).0,
+            Answer::Refused(Refusal::QueueFull, 3 * T)
+        );
+        assert_eq!(s.waiting(), 2);
+    }
+
+    #[test]
+    fn a_retried_command_answers_the_same_and_takes_no_second_slot() {
+        let mut s = Schedule::default();
+        assert_eq!(s.admit(&rules(), 0, &anon("a")).0, Answer::Granted);
+        assert_eq!(s.admit(&rules(), 0, &anon("a")).0, Answer::Granted);
+        assert_eq!(s.admit(&rules(), 0, &anon("b")).0, Answer::Queued(T));
+        assert_eq!(s.admit(&rules(), 0, &anon("b")).0, Answer::Queued(T));
+        assert_eq!(s.waiting(), 1);
+        assert_eq!(s.claim(&rules(), T, "b").0, Answer::Granted);
+        assert_eq!(s.claim(&rules(), T, "b").0, Answer::Granted);
+        assert_eq!(s.admit(&rules(), T, &anon("c")).0, Answer::Queued(T));
+        // Remembered for ten seconds, then the ticket is unknown.
+        assert_eq!(s.claim(&rules(), T + REMEMBER_US + 1, "b").0, Answer::Gone);
+    }
+
+    #[test]
+    fn a_caller_leaving_moves_everyone_behind_it_up() {
+        let mut s = Schedule::default();
+        admit_all(&mut s, 0, &[anon("a"), anon("b"), anon("c"), anon("d")]);
+        assert!(s.leave(&rules(), T / 2, "b"));
+        assert!(!s.leave(&rules(), T / 2, "b"), "nothing left to move");
+        assert_eq!(
+            served(&mut s, T / 2, &["c", "d"]),
+            [("c".into(), T), ("d".into(), 2 * T)]
+        );
+    }
+
+    #[test]
+    fn weighted_callers_share_the_slots_by_weight() {
+        let mut s = Schedule::default();
+        let mut asks = Vec::new();
+        for i in 0..8 {
+            asks.push(ask(&format!("a{i}"), "a", 1, 3600 * T));
+            asks.push(ask(&format!("b{i}"), "b", 3, 3600 * T));
+        }
+        s.admit(&rules(), 0, &anon("first"));
+        admit_all(&mut s, 0, &asks);
+        let names: Vec<_> = asks.iter().map(|a| a.ticket.as_str()).collect();
+        let order: Vec<String> = served(&mut s, 0, &names)
+            .into_iter()
+            .map(|(t, _)| t)
+            .take(8)
+            .collect();
+        let b = order.iter().filter(|t| t.starts_with('b')).count();
+        assert_eq!(b, 6, "three of every four slots go to weight 3: {order:?}");
+    }
+
+    #[test]
+    fn a_lone_call_is_not_stuck_behind_a_flooding_caller() {
+        let mut s = Schedule::default();
+        s.admit(&rules(), 0, &anon("first"));
+        for i in 0..10 {
+            s.admit(&rules(), 0, &ask(&format!("f{i}"), "flood", 1, 3600 * T));
+        }
+        // Goes before the flood's later calls: second in line.
+        assert_eq!(
+            s.admit(&rules(), 0, &ask("lone", "lone", 1, 3600 * T)).0,
+            Answer::Queued(2 * T)
+        );
+    }
+
+    #[test]
+    fn fair_placement_never_breaks_a_promise_already_made() {
+        let mut s = Schedule::default();
+        s.admit(&rules(), 0, &anon("first"));
+        // Two of the flood's calls, the second useful until its slot exactly.
+        s.admit(&rules(), 0, &ask("f0", "flood", 1, 3600 * T));
+        s.admit(&rules(), 0, &ask("f1", "flood", 1, 3600 * T));
+        s.admit(&rules(), 0, &ask("f2", "flood", 1, 3 * T));
+        // A fresh caller would go before f1, but f2 cannot be pushed: after it.
+        assert_eq!(
+            s.admit(&rules(), 0, &ask("lone", "lone", 1, 3600 * T)).0,
+            Answer::Queued(4 * T)
+        );
+        let order = served(&mut s, 0, &["f0", "f1", "f2", "lone"]);
+        assert_eq!(order[2], ("f2".into(), 3 * T));
+    }
+
+    #[test]
+    fn an_unclaimed_turn_goes_stale_and_the_next_caller_takes_the_line() {
+        let mut s = Schedule::default();
+        admit_all(&mut s, 0, &[anon("a"), anon("dead"), anon("b")]);
+        // `dead` never claims its slot at T; `b`, due at 2T, waits for the
+        // grace (2T) to run out on it, then goes.
+        assert_eq!(s.claim(&rules(), 2 * T, "b").0, Answer::Queued(T));
+        assert_eq!(s.claim(&rules(), 3 * T, "b").0, Answer::Granted);
+        assert_eq!(s.claim(&rules(), 3 * T, "dead").0, Answer::Gone);
+    }
+
+    #[test]
+    fn a_late_head_is_asked_for_again_one_interval_on() {
+        let mut s = Schedule::default();
+        let r = Rules {
+            grace: 10 * T,
+            ..rules()
+        };
+        for t in ["a", "late", "b"] {
+            s.admit(&r, 0, &anon(t));
+        }
+        // `b`'s own slot (2T) has come, `late` has not claimed: one interval.
+        assert_eq!(s.claim(&r, 2 * T, "b").0, Answer::Queued(T));
+        assert_eq!(s.claim(&r, 2 * T, "late").0, Answer::Granted);
+        assert_eq!(s.claim(&r, 3 * T, "b").0, Answer::Granted);
+    }
+
+    #[test]
+    fn a_held_request_holds_every_grant_until_it_leaves_then_one_interval() {
+        let mut s = Schedule::default();
+        admit_all(&mut s, 0, &[anon("a"), anon("b")]);
+        // `a` did not leave by its slack: held for up to one interval.
+        s.hold(&rules(), T / 100, "a", T);
+        assert_eq!(s.claim(&rules(), T, "b").0, Answer::Queued(T / 100 + T));
+        s.hold(&rules(), T / 2, "a", T);
+        assert_eq!(
+            s.claim(&rules(), T, "b").0,
+            Answer::Queued(T / 2 + T),
+            "held again"
+        );
+        // It leaves at 1.2 T: nothing within one interval of that.
+        s.left(&rules(), T * 6 / 5, "a", true);
+        assert_eq!(s.claim(&rules(), T * 6 / 5, "b").0, Answer::Queued(T));
+        assert_eq!(s.claim(&rules(), T * 11 / 5, "b").0, Answer::Granted);
+    }
+
+    #[test]
+    fn a_hold_from_a_replica_that_died_lapses() {
+        let mut s = Schedule::default();
+        admit_all(&mut s, 0, &[anon("a"), anon("b")]);
+        s.hold(&rules(), T / 100, "a", T);
+        // Never renewed, never left: the line goes on one interval after it lapses.
+        assert_eq!(s.claim(&rules(), T * 2 + T / 100, "b").0, Answer::Granted);
+    }
+
+    #[test]
+    fn a_request_that_never_left_frees_the_line() {
+        let mut s = Schedule::default();
+        admit_all(&mut s, 0, &[anon("a"), anon("b")]);
+        s.hold(&rules(), T / 100, "a", 10 * T);
+        s.left(&rules(), T / 2, "a", false);
+        assert_eq!(s.claim(&rules(), T, "b").0, Answer::Granted);
+    }
+
+    #[test]
+    fn pushback_holds_the_line_and_never_shortens() {
+        let mut s = Schedule::default();
+        admit_all(&mut s, 0, &[anon("a"), anon("b"), anon("c")]);
+        s.pushback(&rules(), 0, 5 * T);
+        s.pushback(&rules(), 0, T);
+        assert_eq!(s.claim(&rules(), T, "b").0, Answer::Queued(4 * T));
+        assert_eq!(s.claim(&rules(), 5 * T, "b").0, Answer::Granted);
+        assert_eq!(s.claim(&rules(), 5 * T, "c").0, Answer::Queued(T));
+    }
+
+    #[test]
+    fn a_next_slot_beyond_the_horizon_is_a_clock_step_and_is_reset() {
+        let r = rules();
+        let mut s = Schedule::default();
+        // Granted and one waiting, an hour from now on the clock...
+        let hour = 3600 * T;
+        admit_all(&mut s, hour, &[anon("a"), anon("b")]);
+        // ...which then steps back an hour: the next slot is an hour out.
+        let (answer, reset) = s.admit(&r, 0, &anon("c"));
+        assert!(reset, "reset reported");
+        assert_eq!(answer, Answer::Queued(T), "one interval after the waiting one");
+        assert_eq!(s.claim(&r, 0, "b").0, Answer::Granted);
+        // Within the horizon, nothing is reset.
+        let (_, reset) = s.admit(&r, 0, &anon("d"));
+        assert!(!reset);
+        let mut far = Schedule::default();
+        far.pushback(&r, 0, r.horizon);
+        let (answer, reset) = far.admit(&r, 0, &anon("x"));
+        let kept = Answer::Refused(Refusal::MaxWait, r.horizon);
+        assert_eq!((answer, reset), (kept, false), "at the horizon: kept");
+    }
+
+    #[test]
+    fn expired_tickets_leave_on_their_own() {
+        let mut s = Schedule::default();
+        s.admit(&rules(), 0, &anon("a"));
+        s.admit(&rules(), 0, &ask("short", "x", 1, T * 3 / 2));
+        s.admit(&rules(), 0, &anon("b"));
+        s.pushback(&rules(), 0, 3 * T);
+        assert_eq!(s.claim(&rules(), 2 * T, "short").0, Answer::Gone);
+        assert_eq!(s.claim(&rules(), 3 * T, "b").0, Answer::Granted);
+    }
+}
