@@ -16,7 +16,7 @@ use std::time::Duration;
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
-use super::store::{Answer, Ask, Refusal, Store, duration, micros, new_ticket};
+use super::store::{Answer, Ask, BackendUnavailable, Refusal, Store, duration, micros, new_ticket};
 use super::{BudgetError, Rejection};
 use crate::config::BudgetConfig;
 use crate::domain::Caller;
@@ -100,7 +100,7 @@ impl Line {
         moved.mark_unchanged();
         // From here on, a caller that leaves takes its ticket out of the line.
         let mut waiter = Waiter::new(self, &ask.ticket);
-        let first = self.ask(self.store.admit(&ask)).await?;
+        let (first, mut asked) = self.ask(&ask.ticket, self.store.admit(&ask)).await?;
         let position = match first {
             Answer::Queued(wait) => {
                 usize::try_from(wait / micros(self.interval).max(1)).unwrap_or(0) + 1
@@ -120,7 +120,9 @@ impl Line {
                     return Ok(Turn {
                         position,
                         waited: now.saturating_duration_since(joined),
-                        granted_at: now,
+                        // The slot was taken when it was asked for, whenever
+                        // the answer came: lateness counts from there.
+                        granted_at: asked,
                         ticket: ask.ticket,
                     });
                 }
@@ -150,7 +152,7 @@ impl Line {
                         ready_in: until(Instant::now(), ready_by),
                         ..ask.clone()
                     };
-                    answer = self.ask(self.store.admit(&again)).await?;
+                    (answer, asked) = self.ask(&ask.ticket, self.store.admit(&again)).await?;
                     continue;
                 }
                 Answer::Gone => {
@@ -171,22 +173,65 @@ impl Line {
                     }
                 }
             }
-            if Instant::now() > ready_by {
+            // The deadline came before the slot: its turn cannot come in time.
+            if Instant::now() >= ready_by && at > ready_by {
                 return Err(self.timed_out());
             }
-            answer = self.ask(self.store.claim(&ask)).await?;
+            (answer, asked) = self.ask(&ask.ticket, self.store.claim(&ask)).await?;
             admitted_now = false;
         }
     }
 
-    /// One store command, unless the gateway shuts down first.
+    /// One store command for `ticket`, unless the gateway shuts down
+    /// first; with when it was asked. Where spacing is promised, an answer
+    /// later than the slack (a Redis reply held up, or several tries) may
+    /// bring a slot taken when it was asked: the line is held meanwhile, on
+    /// every replica, until the answer is known, so no other replica's slot
+    /// comes while this one's request has not left (see [`super::spacing`],
+    /// which lets the line go once it has).
     async fn ask(
         &self,
-        command: impl Future<Output = Result<Answer, super::store::BackendUnavailable>>,
-    ) -> Result<Answer, BudgetError> {
+        ticket: &str,
+        command: impl Future<Output = Result<Answer, BackendUnavailable>>,
+    ) -> Result<(Answer, Instant), BudgetError> {
+        let asked = Instant::now();
         if self.closing.is_cancelled() {
             return Err(BudgetError::ShuttingDown);
         }
+        let mut command = std::pin::pin!(command);
+        let answer = match self.slack {
+            None => self.unless_closing(&mut command).await,
+            Some(slack) => {
+                tokio::select! {
+                    biased;
+                    answer = self.unless_closing(&mut command) => answer,
+                    () = sleep_until(asked + slack) => {
+                        let holding = async {
+                            loop {
+                                self.store.hold(ticket, self.interval).await;
+                                tokio::time::sleep(self.interval / 2).await;
+                            }
+                        };
+                        let answer = tokio::select! {
+                            biased;
+                            answer = self.unless_closing(&mut command) => answer,
+                            () = holding => unreachable!("holds until the answer"),
+                        };
+                        if !matches!(answer, Ok(Answer::Granted)) {
+                            self.store.left(ticket, false).await;
+                        }
+                        answer
+                    }
+                }
+            }
+        };
+        Ok((answer?, asked))
+    }
+
+    async fn unless_closing(
+        &self,
+        command: impl Future<Output = Result<Answer, BackendUnavailable>>,
+    ) -> Result<Answer, BudgetError> {
         tokio::select! {
             biased;
             () = self.closing.cancelled() => Err(BudgetError::ShuttingDown),
@@ -302,5 +347,208 @@ impl Drop for Waiter<'_> {
             // The caller is gone; its ticket leaves the line on its own.
             runtime.spawn(async move { store.leave(&ticket).await });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::num::NonZeroU32;
+
+    use futures::FutureExt;
+    use tokio::task::JoinHandle;
+
+    use super::*;
+    use crate::budget::store::Rules;
+    use crate::budget::store::memory::MemoryStore;
+
+    /// The default interval: 1/s with a 10 ms margin.
+    const T: Duration = Duration::from_millis(1010);
+    const FAR: Duration = Duration::from_secs(3600);
+
+    fn line_with(store: &Arc<MemoryStore>) -> Arc<Line> {
+        Line::new("test", Arc::clone(store) as Arc<dyn Store>, &config())
+    }
+
+    fn config() -> BudgetConfig {
+        BudgetConfig::with_max_queue(100)
+    }
+
+    fn store() -> Arc<MemoryStore> {
+        let c = config();
+        Arc::new(MemoryStore::new("test", Rules::of(&c, c.interval())))
+    }
+
+    fn anon() -> Caller {
+        Caller::anonymous()
+    }
+
+    /// A caller of `who` in line in a task of its own, useful until
+    /// `ready_by`; yields when it was served. Returns once it is in line.
+    async fn join(q: &Arc<Line>, who: &Caller, ready_by: Instant) -> JoinHandle<Instant> {
+        let depth = q.depth();
+        let (q2, who) = (Arc::clone(q), who.clone());
+        let task = tokio::spawn(async move {
+            q2.wait_turn(&who, ready_by).await.expect("served");
+            Instant::now()
+        });
+        until(|| q.depth() == depth + 1).await;
+        task
+    }
+
+    /// Yields to the other tasks, without moving the clock, until `done`.
+    async fn until(done: impl Fn() -> bool) {
+        for _ in 0..1000 {
+            if done() {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("never happened");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiters_are_served_in_order_one_interval_apart() {
+        let q = line_with(&store());
+        let start = Instant::now();
+        let first = q.wait_turn(&anon(), start + FAR).now_or_never();
+        let first = first.expect("a free slot on the first poll").unwrap();
+        assert_eq!((first.position, first.waited), (0, Duration::ZERO));
+        let mut tasks = Vec::new();
+        for _ in 0..4 {
+            tasks.push(join(&q, &anon(), start + FAR).await);
+        }
+        for (n, task) in tasks.into_iter().enumerate() {
+            assert_eq!(task.await.unwrap() - start, T * (n as u32 + 1));
+        }
+        assert_eq!(q.depth(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_leaving_the_middle_of_the_line_gives_its_slot_to_the_next() {
+        let store = store();
+        let q = line_with(&store);
+        let start = Instant::now();
+        q.wait_turn(&anon(), start + FAR).await.unwrap();
+        let head = join(&q, &anon(), start + FAR).await;
+        let middle = join(&q, &anon(), start + FAR).await;
+        let last = join(&q, &anon(), start + FAR).await;
+        tokio::time::advance(T / 2).await;
+        middle.abort();
+        until(|| store.waiting() == 2).await;
+        assert_eq!(head.await.unwrap() - start, T, "the head at its slot");
+        assert_eq!(
+            last.await.unwrap() - start,
+            T * 2,
+            "the last one at the slot the one that left would have had"
+        );
+        assert!(middle.await.unwrap_err().is_cancelled());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn hopeless_calls_are_refused_at_once_with_retry_after() {
+        let q = line_with(&store());
+        let start = Instant::now();
+        q.wait_turn(&anon(), start + FAR).await.unwrap();
+        let _waiting = join(&q, &anon(), start + FAR).await;
+        // The next slot is 2T out: a call useful for 1.5 T is refused on its
+        // first poll, and told when a slot would come.
+        let refused = q.wait_turn(&anon(), start + T * 3 / 2).now_or_never();
+        match refused.expect("refused on the first poll") {
+            Err(BudgetError::Exhausted {
+                reason: Rejection::Deadline,
+                retry_after,
+            }) => assert_eq!(retry_after, T * 2),
+            other => panic!("admitted or refused otherwise: {other:?}"),
+        }
+        assert_eq!(q.retry_after(), T * 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_useful_until_its_slot_exactly_is_served_at_it() {
+        let q = line_with(&store());
+        let start = Instant::now();
+        q.wait_turn(&anon(), start + FAR).await.unwrap();
+        let at = join(&q, &anon(), start + T).await;
+        assert_eq!(at.await.unwrap() - start, T);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_whose_slot_moved_past_its_deadline_times_out_then() {
+        let q = line_with(&store());
+        let start = Instant::now();
+        q.wait_turn(&anon(), start + FAR).await.unwrap();
+        let waiting = {
+            let q = Arc::clone(&q);
+            tokio::spawn(async move { q.wait_turn(&anon(), start + T * 2).await.map(drop) })
+        };
+        until(|| q.depth() == 1).await;
+        // A 429: no slot for 5 s.
+        q.pushback(Some(Duration::from_secs(5))).await;
+        match waiting.await.unwrap() {
+            Err(BudgetError::Exhausted {
+                reason: Rejection::TimedOut,
+                ..
+            }) => assert_eq!(Instant::now() - start, T * 2, "at its deadline"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pushback_delays_the_next_turn_and_backs_off() {
+        let q = line_with(&store());
+        q.wait_turn(&anon(), Instant::now() + FAR).await.unwrap();
+        assert_eq!(q.pushback(None).await, T);
+        assert_eq!(q.pushback(None).await, T * 2);
+        q.reset_pushback();
+        assert_eq!(q.pushback(None).await, T, "the backoff starts over");
+        let seven = Duration::from_secs(7);
+        assert_eq!(q.pushback(Some(seven)).await, seven);
+        let start = Instant::now();
+        q.wait_turn(&anon(), Instant::now() + FAR).await.unwrap();
+        assert_eq!(Instant::now() - start, seven);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn weighted_callers_share_slots_by_weight_through_the_line() {
+        let q = line_with(&store());
+        let start = Instant::now();
+        q.wait_turn(&anon(), start + FAR).await.unwrap();
+        let (light, heavy) = (
+            Caller::new("light", NonZeroU32::MIN),
+            Caller::new("heavy", NonZeroU32::new(3).unwrap()),
+        );
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            tasks.push(("light", join(&q, &light, start + FAR).await));
+            tasks.push(("heavy", join(&q, &heavy, start + FAR).await));
+        }
+        let mut served = Vec::new();
+        for (who, task) in tasks {
+            served.push((task.await.unwrap(), who));
+        }
+        served.sort();
+        let heavy_first_8 = served[..8].iter().filter(|(_, w)| *w == "heavy").count();
+        assert_eq!(heavy_first_8, 6, "{served:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn close_answers_waiters_and_newcomers_with_shutting_down() {
+        let q = line_with(&store());
+        q.wait_turn(&anon(), Instant::now() + FAR).await.unwrap();
+        let waiting = {
+            let q = Arc::clone(&q);
+            tokio::spawn(async move { q.wait_turn(&anon(), Instant::now() + FAR).await.map(drop) })
+        };
+        until(|| q.depth() == 1).await;
+        q.close();
+        assert!(matches!(
+            waiting.await.unwrap(),
+            Err(BudgetError::ShuttingDown)
+        ));
+        assert!(matches!(
+            q.wait_turn(&anon(), Instant::now() + FAR).await,
+            Err(BudgetError::ShuttingDown)
+        ));
+        assert_eq!(q.depth(), 0);
     }
 }

@@ -136,7 +136,9 @@ impl RedisStore {
     {
         let (generation, conn) = self.lock().clone().ok_or(StoreError::NotConnected)?;
         let result = self.bounded(command(conn)).await;
-        if matches!(result, Err(StoreError::Redis(_))) {
+        // A reply that only came late (the connection's own response
+        // timeout, or ours) keeps the connection.
+        if matches!(&result, Err(StoreError::Redis(e)) if !e.is_timeout()) {
             let mut live = self.lock();
             if live.as_ref().is_some_and(|(g, _)| *g == generation) {
                 *live = None;

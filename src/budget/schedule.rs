@@ -35,7 +35,8 @@
 //!    within invariant 1.
 //! 5. *Clock*: a `tat` or hold further ahead than any command could have
 //!    set ([`Rules::horizon`]) is a clock that stepped back: it is reset to
-//!    now, and the answer says so.
+//!    one interval from now (a grant may have gone just before), and the
+//!    answer says so.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -318,7 +319,9 @@ impl Schedule {
         let regressed =
             self.tat.is_some_and(|t| t > beyond) || self.held.values().any(|h| *h > beyond);
         if regressed {
-            self.tat = Some(now);
+            // When the last grant was is lost with the clock: one could have
+            // gone just now.
+            self.tat = Some(now + rules.interval);
             self.held.clear();
         }
         if self.line.is_empty() && self.tat.is_some_and(|t| t <= now) {
@@ -400,7 +403,10 @@ mod tests {
 
     #[test]
     fn a_burst_goes_back_to_back_after_idling_then_one_interval_apart() {
-        let r = Rules { burst: 3, ..rules() };
+        let r = Rules {
+            burst: 3,
+            ..rules()
+        };
         let mut s = Schedule::default();
         for t in ["a", "b", "c"] {
             assert_eq!(s.admit(&r, 0, &anon(t)).0, Answer::Granted, "{t}");
@@ -626,8 +632,10 @@ mod tests {
         // ...which then steps back an hour: the next slot is an hour out.
         let (answer, reset) = s.admit(&r, 0, &anon("c"));
         assert!(reset, "reset reported");
-        assert_eq!(answer, Answer::Queued(T), "one interval after the waiting one");
-        assert_eq!(s.claim(&r, 0, "b").0, Answer::Granted);
+        // One interval from now for the waiting one, and one more after it.
+        assert_eq!(answer, Answer::Queued(2 * T));
+        assert_eq!(s.claim(&r, 0, "b").0, Answer::Queued(T));
+        assert_eq!(s.claim(&r, T, "b").0, Answer::Granted);
         // Within the horizon, nothing is reset.
         let (_, reset) = s.admit(&r, 0, &anon("d"));
         assert!(!reset);

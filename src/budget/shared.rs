@@ -253,7 +253,17 @@ async fn probe(backend: Weak<RedisBackend>) {
         let result = if degraded || !b.store.is_connected() {
             b.reconnect().await
         } else {
-            b.check_skew(false).await
+            // Like any command: only consecutive failures are an outage.
+            let mut result = b.check_skew(false).await;
+            for _ in 1..FAILURES_TO_DEGRADE {
+                if result.is_ok() {
+                    break;
+                }
+                b.failed();
+                tokio::time::sleep(RETRY_PAUSE).await;
+                result = b.check_skew(false).await;
+            }
+            result
         };
         match result {
             Ok(()) => b.recover(),

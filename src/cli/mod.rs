@@ -143,7 +143,7 @@ pub struct BackendArgs {
     /// PEM file of the CA(s) that sign the Redis servers' certificates (`rediss…` with a private CA); default: the Mozilla root store.
     #[arg(long, env = "GATEWAY_REDIS_CA_FILE")]
     pub redis_ca_file: Option<PathBuf>,
-    /// Prefix of the budget keys in Redis; the account name follows it.
+    /// Prefix of the budget keys in Redis (the account name follows it) and of the `moved` channel.
     #[arg(
         long,
         env = "GATEWAY_REDIS_KEY_PREFIX",

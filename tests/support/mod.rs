@@ -9,6 +9,7 @@ pub mod otlp;
 pub mod pki;
 pub mod process;
 pub mod redis;
+pub mod stall;
 pub mod topology;
 
 use std::net::SocketAddr;

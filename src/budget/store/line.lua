@@ -32,7 +32,7 @@
 -- Invariants kept (schedule.rs): every waiting ticket's slot is at or
 -- before its ready_at; grants T apart (burst 1) and none while a request is
 -- held; grants in line order; a tat or hold beyond now + horizon is a clock
--- that stepped back and is reset to now (clock_reset = 1).
+-- that stepped back and is reset to now + T (clock_reset = 1).
 
 -- Redis < 5 replicates a script by its source, which forbids a write after
 -- TIME; effects replication makes it safe (the default from 5, the only
@@ -92,8 +92,9 @@ do
     clock_reset = 1
   end
   if clock_reset == 1 then
-    tat = now
-    redis.call('SET', K_TAT, fmt(now))
+    -- When the last grant was is lost with the clock: one may have just gone.
+    tat = now + T
+    redis.call('SET', K_TAT, fmt(tat))
     redis.call('DEL', K_HELD)
     held = {}
   end
