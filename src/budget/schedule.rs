@@ -247,13 +247,15 @@ impl Schedule {
     }
 
     /// The granted request of `ticket` left now, late if `late`: then no
-    /// grant within one interval of now.
-    pub fn left(&mut self, rules: &Rules, now: i64, ticket: &str, late: bool) {
+    /// grant within one interval of now. Returns whether it held the line
+    /// (which now moves).
+    pub fn left(&mut self, rules: &Rules, now: i64, ticket: &str, late: bool) -> bool {
         self.tidy(rules, now);
-        self.held.remove(ticket);
+        let held = self.held.remove(ticket).is_some();
         if late {
             self.push_tat(rules, now + rules.interval);
         }
+        held
     }
 
     /// Upstream pushback (429): no grant before now + `wait` µs.

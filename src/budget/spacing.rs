@@ -231,4 +231,95 @@ mod tests {
         // Asked after the fact, it answers at once.
         assert_eq!(clock.sent().now_or_never(), Some(at));
     }
+
+    use crate::budget::store::memory::MemoryStore;
+    use crate::budget::store::{Rules, Store};
+    use crate::config::BudgetConfig;
+    use crate::domain::Caller;
+
+    /// The default interval: 1/s with a 10 ms margin (slack 5 ms).
+    const T: Duration = Duration::from_millis(1010);
+    const FAR: Duration = Duration::from_secs(3600);
+
+    fn line() -> Arc<Line> {
+        let c = BudgetConfig::with_max_queue(100);
+        let store = MemoryStore::new("test", Rules::of(&c, c.interval()));
+        Line::new("test", Arc::new(store) as Arc<dyn Store>, &c)
+    }
+
+    /// Takes the free slot; returns the attempt's clock.
+    async fn granted(q: &Line) -> SendClock {
+        let turn = q.wait_turn(&Caller::anonymous(), Instant::now() + FAR).await;
+        q.send_clock(turn.unwrap())
+    }
+
+    /// A caller waiting in a task of its own; yields when it was served.
+    fn waiting(q: &Arc<Line>) -> tokio::task::JoinHandle<Instant> {
+        let q = Arc::clone(q);
+        tokio::spawn(async move {
+            q.wait_turn(&Caller::anonymous(), Instant::now() + FAR)
+                .await
+                .unwrap();
+            Instant::now()
+        })
+    }
+
+    /// An attempt whose request leaves after `after` (stamped as the
+    /// connection would), or never, and that ends `then` later.
+    async fn attempt(clock: &SendClock, after: Option<Duration>, ends: Duration) {
+        if let Some(after) = after {
+            tokio::time::sleep(after).await;
+            clock.stamp();
+            tokio::time::sleep(ends).await;
+        } else {
+            tokio::time::sleep(ends).await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_held_up_holds_every_grant_until_it_leaves_then_one_interval() {
+        let q = line();
+        let start = Instant::now();
+        let clock = granted(&q).await;
+        let next = waiting(&q);
+        // Held up on its way out for three intervals (a SYN dropped twice).
+        q.keep_spacing(attempt(&clock, Some(T * 3), T / 10), &clock)
+            .await;
+        assert_eq!(next.await.unwrap() - start, T * 4, "one interval after it left");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_that_never_leaves_lets_the_line_go_when_it_gives_up() {
+        let q = line();
+        let start = Instant::now();
+        let clock = granted(&q).await;
+        let next = waiting(&q);
+        // No connection for two intervals, then the attempt gives up.
+        q.keep_spacing(attempt(&clock, None, T * 2), &clock).await;
+        assert_eq!(next.await.unwrap() - start, T * 2, "as it gave up");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_send_a_little_late_moves_the_next_slot_to_one_interval_after_it() {
+        let q = line();
+        let start = Instant::now();
+        let clock = granted(&q).await;
+        let next = waiting(&q);
+        // Out 60 ms after its grant, past the 5 ms slack.
+        let late = Duration::from_millis(60);
+        q.keep_spacing(attempt(&clock, Some(late), T / 10), &clock)
+            .await;
+        assert_eq!(next.await.unwrap() - start, late + T);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_send_on_time_costs_the_line_nothing() {
+        let q = line();
+        let start = Instant::now();
+        let clock = granted(&q).await;
+        let next = waiting(&q);
+        q.keep_spacing(attempt(&clock, Some(Duration::ZERO), T * 2), &clock)
+            .await;
+        assert_eq!(next.await.unwrap() - start, T, "at its slot");
+    }
 }

@@ -21,7 +21,9 @@
 --   admit:    9 lane  10 weight (>= 1)  11 ready_in µs
 --   leave:    9 channel: PUBLISHed the account name when the line moved
 --             10 the account name
---   hold:     9 hold µs       left: 9 late (1) or not (0)
+--   hold:     9 hold µs
+--   left:     9 late (1) or not (0); 10, 11 as leave's 9, 10 (published
+--             when the request held the line)
 --   pushback: 9 wait µs
 --
 -- Answer {code, wait µs, clock_reset (0|1), refusal}
@@ -297,9 +299,12 @@ elseif cmd == 'hold' then
   end
   answer = {0, 0}
 elseif cmd == 'left' then
-  redis.call('HDEL', K_HELD, ticket)
+  local was_held = redis.call('HDEL', K_HELD, ticket) == 1
   if ARGV[9] == '1' then
     push_tat(now + T)
+  end
+  if was_held then
+    redis.call('PUBLISH', ARGV[10], ARGV[11])
   end
   answer = {0, 0}
 elseif cmd == 'pushback' then

@@ -102,7 +102,9 @@ impl Store for MemoryStore {
 
     fn left<'a>(&'a self, ticket: &'a str, late: bool) -> BoxFuture<'a, ()> {
         let now = self.now();
-        self.lock().left(&self.rules, now, ticket, late);
+        if self.lock().left(&self.rules, now, ticket, late) {
+            self.moved.send_modify(|n| *n = n.wrapping_add(1));
+        }
         futures::future::ready(()).boxed()
     }
 

@@ -105,7 +105,8 @@ impl RedisLine {
     }
 
     pub async fn left(&self, ticket: &str, late: bool) -> Result<Reply, StoreError> {
-        self.call("left", ticket, &[if late { "1" } else { "0" }])
+        let late = if late { "1" } else { "0" };
+        self.call("left", ticket, &[late, &self.channel, &self.account])
             .await
     }
 
