@@ -236,20 +236,8 @@ async fn real_one_request_per_second() {
 #[tokio::test]
 async fn a_request_held_up_on_its_way_out_holds_back_the_next_slots() {
     use provisioning_gateway::mock::{Mock, MockConfig};
-    use tokio::net::{TcpSocket, TcpStream};
 
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let listener = socket.listen(1).unwrap();
-    let addr = listener.local_addr().unwrap();
-    // Connections nobody accepts yet, until one more cannot connect.
-    let mut unaccepted = Vec::new();
-    while let Ok(Ok(stream)) =
-        tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await
-    {
-        unaccepted.push(stream);
-        assert!(unaccepted.len() < 16, "the accept queue never filled");
-    }
+    let (listener, addr, unaccepted) = full_accept_queue().await;
     let overflows = listen_overflows();
     let mock = Mock::new(MockConfig {
         api_key: Some(crate::support::API_KEY.into()),
@@ -275,14 +263,7 @@ async fn a_request_held_up_on_its_way_out_holds_back_the_next_slots() {
     let first = call(0);
     // Once the kernel has dropped the gateway's SYN, the upstream accepts
     // again (the SYN comes back a second later) and the others call.
-    let started = Instant::now();
-    while listen_overflows() <= overflows {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "no SYN dropped"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    until_syn_dropped(overflows).await;
     tokio::spawn(mock.clone().serve(listener, stop.cancelled_owned()));
     let others: Vec<_> = (1..=8).map(call).collect();
     first.await.unwrap().unwrap();
@@ -315,9 +296,45 @@ async fn a_request_held_up_on_its_way_out_holds_back_the_next_slots() {
     drop(unaccepted);
 }
 
+/// A listener whose accept queue is full (connections nobody accepts yet,
+/// until one more cannot connect): the kernel drops the next SYN to it.
+pub(crate) async fn full_accept_queue() -> (
+    tokio::net::TcpListener,
+    std::net::SocketAddr,
+    Vec<tokio::net::TcpStream>,
+) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(1).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut unaccepted = Vec::new();
+    while let Ok(Ok(stream)) = tokio::time::timeout(
+        Duration::from_millis(200),
+        tokio::net::TcpStream::connect(addr),
+    )
+    .await
+    {
+        unaccepted.push(stream);
+        assert!(unaccepted.len() < 16, "the accept queue never filled");
+    }
+    (listener, addr, unaccepted)
+}
+
+/// Waits until the kernel has dropped a SYN since it counted `overflows`.
+pub(crate) async fn until_syn_dropped(overflows: u64) {
+    let started = Instant::now();
+    while listen_overflows() <= overflows {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no SYN dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// The kernel's count of connection attempts dropped because a listener's
 /// accept queue was full (`TcpExt: ListenOverflows` in /proc/net/netstat).
-fn listen_overflows() -> u64 {
+pub(crate) fn listen_overflows() -> u64 {
     let netstat = std::fs::read_to_string("/proc/net/netstat").expect("/proc/net/netstat");
     let mut tcp_ext = netstat.lines().filter(|l| l.starts_with("TcpExt:"));
     let (names, values) = (tcp_ext.next().unwrap(), tcp_ext.next().unwrap());

@@ -110,10 +110,7 @@ async fn a_caller_leaving_on_one_replica_gives_its_slot_to_a_caller_on_another()
     until_degraded_is(&apps, false, Duration::from_secs(2)).await;
     let skip = warm_up(&apps, &mock).await;
     let (a, b) = (apps[0].client().await, apps[1].client().await);
-    type Client = provisioning_gateway::pb::association_service_client::AssociationServiceClient<
-        tonic::transport::Channel,
-    >;
-    let call = |client: &Client, n| {
+    let call = |client: &crate::support::GrpcClient, n| {
         let mut c = client.clone();
         tokio::spawn(async move { c.delete_association(request(n)).await })
     };
@@ -294,4 +291,61 @@ async fn a_pushback_received_while_degraded_reaches_redis_when_it_returns() {
         "the other replica called {served:?} after the 429 with Retry-After: 2"
     );
     drop(redis);
+}
+
+/// A request held up on its way out on replica A (a real dropped SYN, as in
+/// `budget::a_request_held_up_on_its_way_out_holds_back_the_next_slots`)
+/// while replica B has callers waiting: no arrival within the vendor's
+/// interval of another, and all are accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_held_up_on_one_replica_holds_the_line_on_another() {
+    use crate::budget::{full_accept_queue, listen_overflows, until_syn_dropped};
+    use provisioning_gateway::mock::{Mock, MockConfig};
+
+    let redis = RedisServer::start();
+    let (listener, addr, unaccepted) = full_accept_queue().await;
+    let overflows = listen_overflows();
+    let mock = Mock::new(MockConfig {
+        api_key: Some(crate::support::API_KEY.into()),
+        rate_per_second: 10,
+    });
+    let stop = tokio_util::sync::CancellationToken::new();
+    let opts = crate::support::Opts {
+        rate_per_second: 10,
+        account_name: "held-up".into(),
+        ..Default::default()
+    }
+    .redis(&redis.url(), RedisFallback::Deny, 2);
+    let a = spawn_gateway(opts.clone(), mock.clone(), addr, stop.clone()).await;
+    let b = spawn_gateway(opts, mock.clone(), addr, stop.clone()).await;
+    for app in [&a, &b] {
+        until_degraded_is(std::slice::from_ref(app), false, Duration::from_secs(2)).await;
+    }
+    let call = |client: &crate::support::GrpcClient, n| {
+        let mut c = client.clone();
+        tokio::spawn(async move { c.delete_association(request(n)).await })
+    };
+    let first = call(&a.client().await, 0);
+    until_syn_dropped(overflows).await;
+    let on_b = b.client().await;
+    let others: Vec<_> = (1..=6).map(|n| call(&on_b, n)).collect();
+    // B's callers are in line behind the held-up request before it connects.
+    tokio::spawn(mock.clone().serve(listener, stop.cancelled_owned()));
+    first.await.unwrap().unwrap();
+    for other in others {
+        other.await.unwrap().unwrap();
+    }
+    let arrivals = mock.arrivals();
+    assert_eq!(arrivals.len(), 7);
+    assert!(
+        resource(&arrivals[0]) == "number-key-0",
+        "the held-up request went first"
+    );
+    let gaps: Vec<_> = arrivals.windows(2).map(|w| w[1].at - w[0].at).collect();
+    assert!(
+        arrivals.iter().all(|a| a.status == 204)
+            && gaps.iter().all(|g| *g >= Duration::from_millis(100)),
+        "arrivals closer than the vendor's 100 ms: {gaps:?}"
+    );
+    drop(unaccepted);
 }

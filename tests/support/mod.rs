@@ -73,6 +73,9 @@ impl Opts {
     }
 }
 
+/// A client of the gateway's gRPC API.
+pub type GrpcClient = AssociationServiceClient<Channel>;
+
 impl Default for Opts {
     fn default() -> Self {
         Self {
