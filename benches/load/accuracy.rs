@@ -25,8 +25,13 @@ use crate::report::{table, verdict, write};
 use crate::systems::{GatewayBin, emulator, scrape};
 use provisioning_gateway::telemetry::metrics::LATE_SENDS;
 
-/// Each caller's deadline.
+/// The longest caller deadline; caller i calls with a deadline of
+/// 1 + (i mod 10) seconds, so deadlines spread over 1 to 10 s.
 const DEADLINE: Duration = Duration::from_secs(10);
+
+fn deadline_of(caller: usize) -> Duration {
+    Duration::from_secs(1 + (caller % 10) as u64)
+}
 const RATE_TARGET: f64 = 0.98;
 
 /// Whether this build of the binary has the Redis budget backend.
@@ -38,7 +43,7 @@ fn has_redis_backend() -> bool {
 }
 
 /// A throwaway `redis-server` on a free loopback port (no persistence).
-async fn redis_server() -> anyhow::Result<(tokio::process::Child, SocketAddr)> {
+pub async fn redis_server() -> anyhow::Result<(tokio::process::Child, SocketAddr)> {
     // `--port 0` would mean "no TCP listener": pick a free port ourselves.
     let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
     let child = tokio::process::Command::new("redis-server")
@@ -63,11 +68,13 @@ struct Tally {
     outcomes: BTreeMap<String, u64>,
     late: u64,
     hung: u64,
+    /// How long each refusal at admission took to come back.
+    refusal_latency: Vec<Duration>,
 }
 
-/// One caller: calls with a 10 s deadline, one after another; when refused
-/// it comes back after the RetryInfo delay, as a well-behaved client does.
-async fn caller(addr: SocketAddr, end: Instant) -> Tally {
+/// One caller: calls with its deadline, one after another; when refused it
+/// comes back after the RetryInfo delay, as a well-behaved client does.
+async fn caller(addr: SocketAddr, end: Instant, deadline: Duration) -> Tally {
     let mut tally = Tally::default();
     let Ok(mut client) = AssociationServiceClient::connect(format!("http://{addr}")).await else {
         tally.hung += 1;
@@ -75,10 +82,11 @@ async fn caller(addr: SocketAddr, end: Instant) -> Tally {
     };
     while Instant::now() < end {
         let mut req = tonic::Request::new(request());
-        req.set_timeout(DEADLINE);
+        req.set_timeout(deadline);
         let t0 = Instant::now();
-        let answer = tokio::time::timeout(DEADLINE * 2, client.delete_association(req)).await;
-        if t0.elapsed() > DEADLINE {
+        let answer = tokio::time::timeout(deadline * 2, client.delete_association(req)).await;
+        let took = t0.elapsed();
+        if took > deadline {
             tally.late += 1;
         }
         let (outcome, back_off) = match answer {
@@ -94,6 +102,9 @@ async fn caller(addr: SocketAddr, end: Instant) -> Tally {
                     .and_then(|r| r.retry_delay),
             ),
         };
+        if outcome.contains("BUDGET_EXHAUSTED") && !outcome.ends_with("timed_out") {
+            tally.refusal_latency.push(took);
+        }
         *tally.outcomes.entry(outcome).or_default() += 1;
         if let Some(delay) = back_off {
             tokio::time::sleep(
@@ -111,32 +122,49 @@ async fn caller(addr: SocketAddr, end: Instant) -> Tally {
 pub fn replot(opts: &Opts) -> anyhow::Result<()> {
     let path = crate::systems::results_dir().join("accuracy.json");
     let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
-    let r = &doc["results"];
-    let times: Vec<f64> = serde_json::from_value(r["arrival_times_s"].clone())?;
-    let title = format!(
-        "Upstream arrivals: {} callers, {} replica(s), budget 1 rps (T = 1010 ms)",
-        r["callers"], r["replicas"]
-    );
-    let svg = opts.svg_dir.join("bench-arrivals.svg");
-    crate::plot::arrivals(&svg, &title, &times, 1000.0, &[])?;
-    println!("wrote {} from {}", svg.display(), path.display());
+    let runs = doc["results"]["runs"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    for r in &runs {
+        let times: Vec<f64> = serde_json::from_value(r["arrival_times_s"].clone())?;
+        let backend = r["backend"].as_str().unwrap_or("memory");
+        let title = format!(
+            "Upstream arrivals: {} callers, {} replica(s) ({backend}), budget 1 rps (T = 1010 ms)",
+            r["callers"], r["replicas"]
+        );
+        let svg = opts.svg_dir.join(svg_name(backend));
+        crate::plot::arrivals(&svg, &title, &times, 1000.0, &[])?;
+        println!("wrote {} from {}", svg.display(), path.display());
+    }
     Ok(())
 }
 
+/// The arrivals picture of a run on `backend`.
+fn svg_name(backend: &str) -> String {
+    if backend == "redis" {
+        "bench-arrivals.svg".into()
+    } else {
+        format!("bench-arrivals-{backend}.svg")
+    }
+}
+
+/// Both backends, one after the other in one run: one replica on the
+/// in-memory budget, then `--replicas` (default 3) sharing one line in Redis.
 pub async fn run(opts: &Opts) -> anyhow::Result<()> {
-    let redis_available = has_redis_backend();
-    let replicas = opts.replicas.unwrap_or(if redis_available { 3 } else { 1 });
-    if replicas > 1 && !redis_available {
-        bail!(
-            "PENDING: {replicas} replicas share a budget only through the Redis backend, \
-             which this build does not have yet (--budget-backend); run with --replicas 1"
-        );
+    let mut results = vec![run_one(opts, 1).await?];
+    let replicas = opts.replicas.unwrap_or(3);
+    if replicas > 1 {
+        if !has_redis_backend() {
+            bail!("{replicas} replicas share a budget only through the Redis backend");
+        }
+        results.push(run_one(opts, replicas).await?);
     }
-    if !redis_available {
-        println!(
-            "  PENDING: 3 replicas on one Redis needs the Redis budget backend; measuring 1 replica (in-memory budget)"
-        );
-    }
+    write("accuracy", json!({ "runs": results }));
+    Ok(())
+}
+
+async fn run_one(opts: &Opts, replicas: usize) -> anyhow::Result<serde_json::Value> {
     let (mock, upstream) = emulator(1).await?;
     let redis = if replicas > 1 {
         Some(redis_server().await?)
@@ -147,25 +175,28 @@ pub async fn run(opts: &Opts) -> anyhow::Result<()> {
     let mut flags = vec!["--rate-per-second", "1"];
     if let Some(url) = &redis_url {
         flags.extend(["--budget-backend", "redis", "--redis-url", url]);
+        flags.extend(["--expected-replicas", "3"]);
     }
     let mut gateways = Vec::new();
     for r in 0..replicas {
         gateways.push(GatewayBin::start(&format!("accuracy-{r}"), upstream, &flags, &[]).await?);
     }
+    let backend = if replicas > 1 { "redis" } else { "memory" };
     println!(
-        "  {} callers, {replicas} replica(s), {:?}, deadline {DEADLINE:?} per call",
+        "\n  {backend}: {} callers, {replicas} replica(s), {:?}, deadlines 1 to 10 s",
         opts.callers, opts.duration
     );
     let started = Instant::now();
     let end = started + opts.duration;
     let callers: Vec<_> = (0..opts.callers)
-        .map(|i| tokio::spawn(caller(gateways[i % replicas].addr, end)))
+        .map(|i| tokio::spawn(caller(gateways[i % replicas].addr, end, deadline_of(i))))
         .collect();
     let mut tally = Tally::default();
     for c in futures::future::join_all(callers).await {
         let t = c?;
         tally.late += t.late;
         tally.hung += t.hung;
+        tally.refusal_latency.extend(t.refusal_latency);
         for (k, v) in t.outcomes {
             *tally.outcomes.entry(k).or_default() += v;
         }
@@ -211,6 +242,13 @@ pub async fn run(opts: &Opts) -> anyhow::Result<()> {
         .map(|(_, v)| v)
         .sum();
     let admitted = total - refused + timed_out;
+    let served_share = ok as f64 / admitted.max(1) as f64;
+    let mut refusals = tally.refusal_latency.clone();
+    refusals.sort();
+    let p99 = refusals
+        .get((refusals.len().saturating_sub(1)) * 99 / 100)
+        .copied()
+        .unwrap_or_default();
     table(
         &["figure", "value", "target"],
         &[
@@ -244,35 +282,37 @@ pub async fn run(opts: &Opts) -> anyhow::Result<()> {
                 String::new(),
             ],
             vec![
+                "refusal answered, p99".into(),
+                format!("{:.2} ms", p99.as_secs_f64() * 1e3),
+                format!("< 5 ms: {}", verdict(p99 < Duration::from_millis(5))),
+            ],
+            vec![
                 "admitted and served within deadline".into(),
-                format!("{:.1} %", 100.0 * ok as f64 / admitted.max(1) as f64),
-                String::new(),
+                format!("{:.2} % ({ok} of {admitted})", 100.0 * served_share),
+                format!("≥ 99 %: {}", verdict(served_share >= 0.99)),
             ],
         ],
     );
     println!("  answers: {:?}", tally.outcomes);
     println!("  upstream requests that left late (next slot moved): {late_sends}");
-    let svg = opts.svg_dir.join("bench-arrivals.svg");
+    let svg = opts.svg_dir.join(svg_name(backend));
     let title = format!(
-        "Upstream arrivals: {} callers, {replicas} replica(s), budget 1 rps (T = 1010 ms)",
+        "Upstream arrivals: {} callers, {replicas} replica(s) ({backend}), budget 1 rps (T = 1010 ms)",
         opts.callers
     );
     crate::plot::arrivals(&svg, &title, &times, 1000.0, &[])?;
     println!("wrote {}", svg.display());
-    write(
-        "accuracy",
-        json!({
-            "replicas": replicas, "backend": if replicas > 1 { "redis" } else { "memory" },
-            "callers": opts.callers, "duration_s": opts.duration.as_secs_f64(),
-            "deadline_s": DEADLINE.as_secs_f64(),
-            "upstream_rate_ratio": rate, "min_gap_ms": min_gap * 1e3, "vendor_429s": vendor_429,
-            "arrivals": times.len(), "calls": total, "ok": ok, "refused": refused - timed_out,
-            "timed_out_in_queue": timed_out, "late": tally.late, "hung": tally.hung,
-            "late_sends": late_sends,
-            "served_share_of_admitted": ok as f64 / admitted.max(1) as f64,
-            "outcomes": tally.outcomes, "arrival_times_s": times,
-        }),
-    );
     drop(redis);
-    Ok(())
+    Ok(json!({
+        "replicas": replicas, "backend": backend,
+        "callers": opts.callers, "duration_s": opts.duration.as_secs_f64(),
+        "deadlines_s": "1 + (caller mod 10)",
+        "upstream_rate_ratio": rate, "min_gap_ms": min_gap * 1e3, "vendor_429s": vendor_429,
+        "arrivals": times.len(), "calls": total, "ok": ok, "refused": refused - timed_out,
+        "timed_out_in_queue": timed_out, "late": tally.late, "hung": tally.hung,
+        "refusal_p99_ms": p99.as_secs_f64() * 1e3,
+        "late_sends": late_sends,
+        "served_share_of_admitted": served_share,
+        "outcomes": tally.outcomes, "arrival_times_s": times,
+    }))
 }

@@ -8,7 +8,9 @@
 //!   overhead   gateway vs bare tonic echo + direct HTTP, concurrency 1 and 64
 //!   flood      refusals per second vs echo throughput; upstream stays in budget
 //!   tracing    release binary with OTLP export on vs off
-//!   accuracy   callers against replicas at 1 rps: rate used, smallest gap
+//!   accuracy   callers against replicas at 1 rps, memory then Redis: rate
+//!              used, smallest gap, admitted calls served, refusal latency
+//!   fairness   two callers weighted 1:3 flooding (on two replicas on Redis)
 //!   memory     RSS with 10,000 queued callers; budget state for 10,000 accounts
 //!   all        every scenario above (memory first)
 //!   replot     redraw the arrivals picture from the last accuracy.json
@@ -18,7 +20,7 @@
 //!   --concurrency LIST   e.g. 1,64 (overhead, tracing; default 1,64)
 //!   --duration DURATION  accuracy run length (default 60s)
 //!   --callers N          accuracy callers (default 200)
-//!   --replicas N         accuracy replicas (default 3 with the Redis backend, else 1)
+//!   --replicas N         accuracy replicas on Redis (default 3; 1: memory only)
 //!   --svg-dir DIR        where pictures go (default target/bench-results)
 //!   --only NAME          overhead: run only the system named NAME (for profiling)
 //! ```
@@ -33,6 +35,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 
 mod accuracy;
+mod fairness;
 mod flood;
 mod harness;
 mod memory;
@@ -74,7 +77,9 @@ impl Default for Opts {
 
 /// In the order `all` runs them: memory first, while this process's own heap
 /// is still fresh (one of its figures is an in-process RSS delta).
-const SCENARIOS: &[&str] = &["memory", "overhead", "flood", "tracing", "accuracy"];
+const SCENARIOS: &[&str] = &[
+    "memory", "overhead", "flood", "tracing", "accuracy", "fairness",
+];
 
 fn parse(args: &[String]) -> anyhow::Result<(Vec<String>, Opts)> {
     let mut opts = Opts::default();
@@ -134,6 +139,7 @@ fn main() -> anyhow::Result<()> {
                 "flood" => flood::run(&opts).await?,
                 "tracing" => tracing_cost::run(&opts).await?,
                 "accuracy" => accuracy::run(&opts).await?,
+                "fairness" => fairness::run(&opts).await?,
                 "memory" => memory::run(&opts).await?,
                 "replot" => accuracy::replot(&opts)?,
                 // Internal: the memory scenario's bare tonic floor, as a child.

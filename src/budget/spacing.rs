@@ -249,7 +249,9 @@ mod tests {
 
     /// Takes the free slot; returns the attempt's clock.
     async fn granted(q: &Line) -> SendClock {
-        let turn = q.wait_turn(&Caller::anonymous(), Instant::now() + FAR).await;
+        let turn = q
+            .wait_turn(&Caller::anonymous(), Instant::now() + FAR)
+            .await;
         q.send_clock(turn.unwrap())
     }
 
@@ -285,7 +287,11 @@ mod tests {
         // Held up on its way out for three intervals (a SYN dropped twice).
         q.keep_spacing(attempt(&clock, Some(T * 3), T / 10), &clock)
             .await;
-        assert_eq!(next.await.unwrap() - start, T * 4, "one interval after it left");
+        assert_eq!(
+            next.await.unwrap() - start,
+            T * 4,
+            "one interval after it left"
+        );
     }
 
     #[tokio::test(start_paused = true)]
