@@ -101,9 +101,15 @@ impl Line {
         // From here on, a caller that leaves takes its ticket out of the line.
         let mut waiter = Waiter::new(self, &ask.ticket);
         let (first, mut asked) = self.ask(&ask.ticket, self.store.admit(&ask)).await?;
+        // Slots before its own, as its first answer tells.
         let position = match first {
             Answer::Queued(wait) => {
-                usize::try_from(wait / micros(self.interval).max(1)).unwrap_or(0) + 1
+                let t = u64::try_from(micros(self.interval)).unwrap_or(1).max(1);
+                let slots = u64::try_from(wait)
+                    .unwrap_or(0)
+                    .div_ceil(t)
+                    .saturating_sub(1);
+                usize::try_from(slots).unwrap_or(usize::MAX)
             }
             _ => 0,
         };
@@ -417,9 +423,15 @@ mod tests {
         for _ in 0..4 {
             tasks.push(join(&q, &anon(), start + FAR).await);
         }
+        // The fifth in line is told four slots come before its own.
+        let q2 = Arc::clone(&q);
+        let told = tokio::spawn(async move { q2.wait_turn(&anon(), start + FAR).await });
+        until(|| q.depth() == 5).await;
         for (n, task) in tasks.into_iter().enumerate() {
             assert_eq!(task.await.unwrap() - start, T * (n as u32 + 1));
         }
+        let turn = told.await.unwrap().unwrap();
+        assert_eq!((turn.position, turn.waited), (4, T * 5));
         assert_eq!(q.depth(), 0);
     }
 
