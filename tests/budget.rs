@@ -51,13 +51,45 @@ async fn concurrent_callers_are_all_served_and_arrivals_keep_the_interval() {
     );
 }
 
-#[tokio::test]
-async fn a_caller_that_cancels_does_not_waste_a_slot() {
+/// The tests below run on both backends: in memory, and on Redis (one
+/// replica on its own `redis-server`): one behaviour.
+macro_rules! on_both_backends {
+    ($($test:ident),* $(,)?) => {
+        mod in_memory {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    super::$test(super::Opts::default()).await
+                }
+            )*
+        }
+        mod on_redis {
+            use provisioning_gateway::config::RedisFallback;
+            use crate::support::redis::RedisServer;
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    let redis = RedisServer::start();
+                    let opts = super::Opts::default().redis(&redis.url(), RedisFallback::Deny, 1);
+                    super::$test(opts).await
+                }
+            )*
+        }
+    };
+}
+
+on_both_backends!(
+    a_caller_that_cancels_does_not_waste_a_slot,
+    a_call_that_cannot_be_served_in_time_is_refused_at_once,
+    the_queue_bound_is_exact_and_sheds_load_with_queue_full,
+);
+
+async fn a_caller_that_cancels_does_not_waste_a_slot(base: Opts) {
     // 2/s: T = 540 ms, wide enough to tell "next slot" from "the one after".
     let app = spawn_app(Opts {
         rate_per_second: 2,
         account_name: "cancels".into(),
-        ..Opts::default()
+        ..base
     })
     .await;
     let depth = series(QUEUE_DEPTH, "cancels");
@@ -91,11 +123,10 @@ async fn a_caller_that_cancels_does_not_waste_a_slot() {
     );
 }
 
-#[tokio::test]
-async fn a_call_that_cannot_be_served_in_time_is_refused_at_once() {
+async fn a_call_that_cannot_be_served_in_time_is_refused_at_once(base: Opts) {
     let app = spawn_app(Opts {
         rate_per_second: 1,
-        ..Opts::default()
+        ..base
     })
     .await;
     let mut client = app.client().await;
@@ -127,8 +158,7 @@ async fn a_call_that_cannot_be_served_in_time_is_refused_at_once() {
     );
 }
 
-#[tokio::test]
-async fn the_queue_bound_is_exact_and_sheds_load_with_queue_full() {
+async fn the_queue_bound_is_exact_and_sheds_load_with_queue_full(base: Opts) {
     // 1/s with a 500 ms margin: T = 1.5 s, the time the steps below take
     // with the first caller in line still waiting for its slot.
     let app = spawn_app(Opts {
@@ -136,7 +166,7 @@ async fn the_queue_bound_is_exact_and_sheds_load_with_queue_full() {
         safety_margin: Duration::from_millis(500),
         max_queue: 2,
         account_name: "queue-bound".into(),
-        ..Opts::default()
+        ..base
     })
     .await;
     let depth = series(QUEUE_DEPTH, "queue-bound");
