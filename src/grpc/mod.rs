@@ -2,7 +2,8 @@
 //! (admit → size and parse → flight → attempts → answer); [`flight`] shares one run
 //! among identical calls; [`attempt`] waits for a slot, sends, and decides on
 //! retries; [`report`] writes the call's one log event and metrics;
-//! [`status`] is the mapping table; [`accounts`] the per-account registry.
+//! [`status`] is the mapping table; [`accounts`] the per-account registry;
+//! [`lanes`] bounds the fair-share lanes anonymous callers may open.
 //!
 //! Imports the mechanisms (`auth`, `budget`, `coalesce`, `upstream`,
 //! `telemetry`) and the leaves; nothing imports it but `startup`.
@@ -10,6 +11,7 @@
 mod accounts;
 mod attempt;
 mod flight;
+mod lanes;
 mod report;
 mod service;
 pub(crate) mod status;

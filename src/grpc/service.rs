@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status};
 use super::accounts::{Account, Accounts};
 use super::attempt::Sender;
 use super::flight::{Call, Flights};
+use super::lanes::AnonymousLanes;
 use super::report::{Report, UNKNOWN};
 use super::status::CallError;
 use crate::auth::{Authenticator, Identity};
@@ -45,6 +46,7 @@ pub(crate) struct Gateway {
     sender: Sender,
     limits: CallLimits,
     flights: Arc<Flights>,
+    lanes: Arc<AnonymousLanes>,
 }
 
 #[tonic::async_trait]
@@ -66,6 +68,12 @@ impl AssociationService for Gateway {
             Err((account, error)) => return report.answer(account, UNKNOWN, started, Err(error)),
         };
         let caller = self.auth.label(&identity);
+        // The fair-share lane: the identity, or a bounded anonymous one.
+        let lane = if identity.authenticated {
+            identity.caller.clone()
+        } else {
+            self.lanes.lane(request.remote_addr(), &identity.caller)
+        };
 
         // 2. Size, then parse: a refusal here costs no budget and sends nothing.
         let size = request.get_ref().encoded_len();
@@ -81,7 +89,7 @@ impl AssociationService for Gateway {
             Ok(association) => {
                 let call = Call {
                     account,
-                    caller: &identity.caller,
+                    caller: &lane,
                     deadline,
                     ready_by: self.ready_by(deadline),
                 };
@@ -114,6 +122,7 @@ impl Gateway {
             },
             limits,
             flights: Arc::default(),
+            lanes: Arc::default(),
         }
     }
 
