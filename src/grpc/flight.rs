@@ -218,9 +218,17 @@ mod tests {
             (result, report, Instant::now())
         }
 
-        fn is_flying(&self) -> bool {
+        /// Waits, yielding without moving the clock, until a flight for the
+        /// association is in progress.
+        async fn until_flying(&self) {
             let key = Arc::new(("test".to_owned(), self.association.clone()));
-            self.flights.0.is_flying(&key)
+            for _ in 0..100 {
+                if self.flights.0.is_flying(&key) {
+                    return;
+                }
+                tokio::task::yield_now().await;
+            }
+            panic!("no flight started");
         }
     }
 
@@ -257,13 +265,7 @@ mod tests {
                 refused_at
             }
         });
-        for _ in 0..100 {
-            if setup.is_flying() {
-                break;
-            }
-            tokio::task::yield_now().await;
-        }
-        assert!(setup.is_flying(), "the first call leads a flight");
+        setup.until_flying().await;
         let (result, report, answered) = setup.call(started + Duration::from_secs(60)).await;
         let refused_at = leaders.await.unwrap();
         assert!(timed_out(&result), "{result:?}");
@@ -277,5 +279,24 @@ mod tests {
                 .map(|at| *at - started)
                 .collect::<Vec<_>>()
         );
+    }
+
+    /// A follower whose deadline is its leader's has no more time to try
+    /// again with: it answers the leader's refusal, as a follower.
+    #[tokio::test(start_paused = true)]
+    async fn a_follower_with_its_leaders_deadline_answers_the_leaders_refusal() {
+        let setup = Setup::new();
+        let deadline = Instant::now() + Duration::from_millis(300);
+        let leader = tokio::spawn({
+            let setup = Arc::clone(&setup);
+            async move { setup.call(deadline).await }
+        });
+        setup.until_flying().await;
+        let (result, report, answered) = setup.call(deadline).await;
+        let (led, _, refused_at) = leader.await.unwrap();
+        assert!(timed_out(&led), "{led:?}");
+        assert!(timed_out(&result), "{result:?}");
+        assert!(report.coalesced, "answered as the leader's follower");
+        assert_eq!(answered, refused_at);
     }
 }
