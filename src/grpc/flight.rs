@@ -127,3 +127,168 @@ impl Flights {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use futures::FutureExt;
+    use futures::future::BoxFuture;
+
+    use super::*;
+    use crate::budget::{BackendUnavailable, Decision, Limiter, Line};
+    use crate::config::{AccountConfig, BudgetConfig, endpoint_url};
+    use crate::keys::{ApiKey, KeyCell, KeySource};
+    use crate::pb;
+    use crate::upstream::Upstream;
+
+    /// A budget that admits every call and never grants a slot: each call
+    /// waits in line until its `ready_by` and is refused `TimedOut`, as
+    /// under an upstream pushback that came after it was admitted.
+    struct NoSlot;
+
+    impl Limiter for NoSlot {
+        fn acquire(&self) -> BoxFuture<'_, Result<Decision, BackendUnavailable>> {
+            futures::future::pending().boxed()
+        }
+
+        fn pushback(&self, _: Duration) -> BoxFuture<'_, ()> {
+            async {}.boxed()
+        }
+    }
+
+    /// Flights on one account whose budget never grants a slot.
+    struct Setup {
+        flights: Flights,
+        account: Arc<Account>,
+        sender: Sender,
+        association: Association,
+    }
+
+    impl Setup {
+        fn new() -> Arc<Self> {
+            let budget = BudgetConfig::with_max_queue(100);
+            let key = KeySource::Fixed(ApiKey::new("k").unwrap());
+            let endpoint = endpoint_url("http://127.0.0.1:9").unwrap();
+            let request = pb::DeleteAssociationRequest {
+                resource_type: pb::ResourceType::Number as i32,
+                channel: pb::Channel::Sms as i32,
+                application_id: "app-1".into(),
+                entity_id: None,
+                resource_id: "number-key-0".into(),
+            };
+            Arc::new(Self {
+                flights: Flights::default(),
+                account: Arc::new(Account {
+                    config: AccountConfig::new("test", endpoint, key.clone()),
+                    line: Line::spawn("test", Arc::new(NoSlot), &budget),
+                    key: Arc::new(KeyCell::load(key).unwrap()),
+                }),
+                sender: Sender {
+                    upstream: Upstream::new(Duration::from_secs(1)).unwrap(),
+                    timeout: Duration::from_secs(1),
+                },
+                association: Association::try_from(request).unwrap(),
+            })
+        }
+
+        /// The call with `deadline` (ready by 100 ms before it), and when it
+        /// was answered.
+        async fn call(&self, deadline: Instant) -> (Result<(), CallError>, Report, Instant) {
+            let call = Call {
+                account: &self.account,
+                caller: &Caller::anonymous(),
+                deadline,
+                ready_by: deadline - Duration::from_millis(100),
+            };
+            let mut report = Report::default();
+            let association = self.association.clone();
+            let result = self
+                .flights
+                .fly(&self.sender, call, association, &mut report)
+                .await;
+            (result, report, Instant::now())
+        }
+
+        /// Waits, yielding without moving the clock, until a flight for the
+        /// association is in progress.
+        async fn until_flying(&self) {
+            let key = Arc::new(("test".to_owned(), self.association.clone()));
+            for _ in 0..100 {
+                if self.flights.0.is_flying(&key) {
+                    return;
+                }
+                tokio::task::yield_now().await;
+            }
+            panic!("no flight started");
+        }
+    }
+
+    fn timed_out(result: &Result<(), CallError>) -> bool {
+        matches!(
+            result,
+            Err(CallError::Budget(BudgetError::Exhausted {
+                reason: Rejection::TimedOut,
+                ..
+            }))
+        )
+    }
+
+    /// A follower refused under its leader's shorter deadline tries again
+    /// (joining the next identical call's flight), three times at most: then
+    /// it answers that refusal, though it still has time. Four identical
+    /// calls with short deadlines come one after another, each the moment
+    /// the one before is refused, so the follower joins each in turn.
+    #[tokio::test(start_paused = true)]
+    async fn a_follower_refused_under_shorter_deadlines_tries_again_three_times_at_most() {
+        let setup = Setup::new();
+        let started = Instant::now();
+        let leaders = tokio::spawn({
+            let setup = Arc::clone(&setup);
+            async move {
+                let mut refused_at = Vec::new();
+                for _ in 0..4 {
+                    let deadline = Instant::now() + Duration::from_millis(300);
+                    let (result, report, at) = setup.call(deadline).await;
+                    assert!(timed_out(&result), "{result:?}");
+                    assert!(!report.coalesced, "each leads its own flight");
+                    refused_at.push(at);
+                }
+                refused_at
+            }
+        });
+        setup.until_flying().await;
+        let (result, report, answered) = setup.call(started + Duration::from_secs(60)).await;
+        let refused_at = leaders.await.unwrap();
+        assert!(timed_out(&result), "{result:?}");
+        assert!(report.coalesced);
+        assert_eq!(
+            answered - started,
+            refused_at[2] - started,
+            "answered with the third leader's refusal (leaders refused at {:?})",
+            refused_at
+                .iter()
+                .map(|at| *at - started)
+                .collect::<Vec<_>>()
+        );
+    }
+
+    /// A follower whose deadline is its leader's has no more time to try
+    /// again with: it answers the leader's refusal, as a follower.
+    #[tokio::test(start_paused = true)]
+    async fn a_follower_with_its_leaders_deadline_answers_the_leaders_refusal() {
+        let setup = Setup::new();
+        let deadline = Instant::now() + Duration::from_millis(300);
+        let leader = tokio::spawn({
+            let setup = Arc::clone(&setup);
+            async move { setup.call(deadline).await }
+        });
+        setup.until_flying().await;
+        let (result, report, answered) = setup.call(deadline).await;
+        let (led, _, refused_at) = leader.await.unwrap();
+        assert!(timed_out(&led), "{led:?}");
+        assert!(timed_out(&result), "{result:?}");
+        assert!(report.coalesced, "answered as the leader's follower");
+        assert_eq!(answered, refused_at);
+    }
+}

@@ -344,24 +344,27 @@ mod tests {
         assert_eq!(info.metadata["retry_after_ms"], "1010");
         assert_eq!(info.metadata["rejection"], "queue_full");
         assert_eq!(info.metadata["account"], "default");
-        // Reused per thread only while identical: right after the same
-        // refusal for another account, another status.
-        let other = CallError::Budget(BudgetError::Exhausted {
-            reason: Rejection::QueueFull,
-            retry_after: Duration::from_micros(1_000_001),
-        })
-        .to_status("other");
-        let info = other.get_error_details().error_info().cloned().unwrap();
-        assert_eq!(info.metadata["account"], "other");
-        let c = refusal(Duration::from_millis(1011));
-        assert_ne!(a.details(), c.details());
-        let deadline = CallError::Budget(BudgetError::Exhausted {
-            reason: Rejection::Deadline,
-            retry_after: Duration::from_micros(1_000_001),
-        })
-        .to_status("other");
-        let info = deadline.get_error_details().error_info().cloned().unwrap();
-        assert_eq!(info.metadata["rejection"], "deadline");
+        // Reused per thread only while identical: each refusal below differs
+        // from the one right before it in one thing only (the rounded delay,
+        // the reason, the account), and gets a status of its own.
+        let later = refusal(Duration::from_millis(1011));
+        assert_ne!(a.details(), later.details());
+        let retry = later.get_error_details().retry_info().unwrap().retry_delay;
+        assert_eq!(retry, Some(Duration::from_millis(1020)));
+        let refused = |reason, account| {
+            let status = CallError::Budget(BudgetError::Exhausted {
+                reason,
+                retry_after: Duration::from_millis(1011),
+            })
+            .to_status(account);
+            status.get_error_details().error_info().cloned().unwrap()
+        };
+        let deadline = refused(Rejection::Deadline, "default");
+        assert_eq!(deadline.metadata["rejection"], "deadline");
+        assert_eq!(deadline.metadata["account"], "default");
+        let other = refused(Rejection::Deadline, "other");
+        assert_eq!(other.metadata["rejection"], "deadline");
+        assert_eq!(other.metadata["account"], "other");
     }
 
     #[test]
