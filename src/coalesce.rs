@@ -266,6 +266,14 @@ where
         Joining(self.join(key, deadline, work))
     }
 
+    /// Whether a flight for `key` is in progress (a call now would follow it).
+    #[cfg(test)]
+    pub(crate) fn is_flying(&self, key: &K) -> bool {
+        self.lock()
+            .get(key)
+            .is_some_and(|e| e.flight.strong_count() > 0)
+    }
+
     /// Flights in progress.
     #[cfg(test)]
     fn in_flight(&self) -> usize {

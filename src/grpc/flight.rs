@@ -134,9 +134,11 @@ mod tests {
 
     use futures::FutureExt;
     use futures::future::BoxFuture;
+    use tokio::sync::watch;
 
     use super::*;
-    use crate::budget::{BackendUnavailable, Decision, Limiter, Line};
+    use crate::budget::Line;
+    use crate::budget::store::{Answer, Ask, BackendUnavailable, Store};
     use crate::config::{AccountConfig, BudgetConfig, endpoint_url};
     use crate::keys::{ApiKey, KeyCell, KeySource};
     use crate::pb;
@@ -145,15 +147,34 @@ mod tests {
     /// A budget that admits every call and never grants a slot: each call
     /// waits in line until its `ready_by` and is refused `TimedOut`, as
     /// under an upstream pushback that came after it was admitted.
-    struct NoSlot;
+    struct NoSlot(watch::Sender<u64>);
 
-    impl Limiter for NoSlot {
-        fn acquire(&self) -> BoxFuture<'_, Result<Decision, BackendUnavailable>> {
-            futures::future::pending().boxed()
+    /// Always in line, an hour from its slot.
+    fn queued() -> BoxFuture<'static, Result<Answer, BackendUnavailable>> {
+        futures::future::ready(Ok(Answer::Queued(3_600_000_000))).boxed()
+    }
+
+    impl Store for NoSlot {
+        fn admit<'a>(&'a self, _: &'a Ask) -> BoxFuture<'a, Result<Answer, BackendUnavailable>> {
+            queued()
         }
-
+        fn claim<'a>(&'a self, _: &'a Ask) -> BoxFuture<'a, Result<Answer, BackendUnavailable>> {
+            queued()
+        }
+        fn leave<'a>(&'a self, _: &'a str) -> BoxFuture<'a, ()> {
+            async {}.boxed()
+        }
+        fn hold<'a>(&'a self, _: &'a str, _: Duration) -> BoxFuture<'a, ()> {
+            async {}.boxed()
+        }
+        fn left<'a>(&'a self, _: &'a str, _: bool) -> BoxFuture<'a, ()> {
+            async {}.boxed()
+        }
         fn pushback(&self, _: Duration) -> BoxFuture<'_, ()> {
             async {}.boxed()
+        }
+        fn moved(&self) -> watch::Receiver<u64> {
+            self.0.subscribe()
         }
     }
 
@@ -181,7 +202,7 @@ mod tests {
                 flights: Flights::default(),
                 account: Arc::new(Account {
                     config: AccountConfig::new("test", endpoint, key.clone()),
-                    line: Line::spawn("test", Arc::new(NoSlot), &budget),
+                    line: Line::new("test", Arc::new(NoSlot(watch::Sender::new(0))), &budget),
                     key: Arc::new(KeyCell::load(key).unwrap()),
                 }),
                 sender: Sender {
