@@ -362,7 +362,7 @@ async fn script_keys_expire_and_the_script_comes_back_after_a_flush_and_a_restar
     line.admit(&anon("a")).await.unwrap();
     line.admit(&anon("b")).await.unwrap();
     let mut c = raw(&redis).await;
-    for key in ["t:keys", "t:keys:line", "t:keys:tickets", "t:keys:lanes"] {
+    for key in ["t:keys", "t:keys:line"] {
         let ttl: i64 = redis::cmd("PTTL")
             .arg(key)
             .query_async(&mut c)

@@ -57,9 +57,10 @@ pub struct Rules {
     pub grace: i64,
 }
 
-/// Granted tickets are remembered this long, so a retried claim whose first
-/// answer was lost learns it was granted instead of taking a second slot.
-pub(crate) const REMEMBER_US: i64 = 10_000_000;
+/// The last granted tickets remembered, so a retried command whose answer
+/// was lost learns it was granted instead of taking a second slot (beyond
+/// them, a retry is admitted again: the lost slot goes unused, never twice).
+pub(crate) const RECENT: usize = 16;
 
 impl Rules {
     fn tau(&self) -> i64 {
@@ -104,6 +105,7 @@ pub enum Refusal {
 #[derive(Debug, Clone)]
 struct Ticket {
     id: String,
+    lane: String,
     tag: f64,
     ready_at: i64,
 }
@@ -115,14 +117,12 @@ pub struct Schedule {
     tat: Option<i64>,
     /// Waiting tickets in service order.
     line: VecDeque<Ticket>,
-    /// Finish tag per lane with tickets recently (weighted fair queueing).
-    lanes: HashMap<String, f64>,
     /// Virtual time: the tag of the ticket served last.
     vtime: f64,
     /// Granted requests held up on their way out: ticket → held until.
     held: HashMap<String, i64>,
-    /// Recently granted tickets → when.
-    granted: HashMap<String, i64>,
+    /// The last [`RECENT`] granted tickets.
+    granted: VecDeque<String>,
 }
 
 impl Schedule {
@@ -133,17 +133,20 @@ impl Schedule {
     /// found to have stepped back (and was reset).
     pub fn admit(&mut self, rules: &Rules, now: i64, ask: &Ask) -> (Answer, bool) {
         let regressed = self.tidy(rules, now);
-        if self.granted.contains_key(&ask.ticket) {
+        if self.granted.contains(&ask.ticket) {
             return (Answer::Granted, regressed);
         }
         if let Some(p) = self.position(&ask.ticket) {
             return (Answer::Queued(self.slot(rules, now, p) - now), regressed);
         }
-        let weight = f64::from(ask.weight.max(1));
-        let tag = self
-            .vtime
-            .max(self.lanes.get(&ask.lane).copied().unwrap_or(0.0))
-            + 1.0 / weight;
+        // The lane's finish tag: its last ticket waiting, or the virtual time.
+        let last = self
+            .line
+            .iter()
+            .filter(|t| t.lane == ask.lane)
+            .map(|t| t.tag)
+            .fold(self.vtime, f64::max);
+        let tag = last + 1.0 / f64::from(ask.weight.max(1));
         // From the tail: pass every ticket with a later tag that can still
         // afford one interval more.
         let mut at = self.line.len();
@@ -171,13 +174,13 @@ impl Schedule {
             let tail = self.slot(rules, now, self.line.len()) - now;
             return (Answer::Refused(why, tail.max(wait)), regressed);
         }
-        self.lanes.insert(ask.lane.clone(), tag);
         if at == 0 && slot <= now {
             self.grant(rules, now, &ask.ticket, tag);
             return (Answer::Granted, regressed);
         }
         let ticket = Ticket {
             id: ask.ticket.clone(),
+            lane: ask.lane.clone(),
             tag,
             ready_at: now.saturating_add(ask.ready_in),
         };
@@ -189,7 +192,7 @@ impl Schedule {
     /// comes; `Gone` if the ticket is no longer in line.
     pub fn claim(&mut self, rules: &Rules, now: i64, ticket: &str) -> (Answer, bool) {
         let regressed = self.tidy(rules, now);
-        if self.granted.contains_key(ticket) {
+        if self.granted.iter().any(|t| t == ticket) {
             return (Answer::Granted, regressed);
         }
         let Some(mut p) = self.position(ticket) else {
@@ -279,7 +282,10 @@ impl Schedule {
         let tat = self.tat.map_or(now, |t| t.max(now));
         self.tat = Some(tat + rules.interval);
         self.vtime = self.vtime.max(tag);
-        self.granted.insert(ticket.to_owned(), now);
+        self.granted.push_back(ticket.to_owned());
+        if self.granted.len() > RECENT {
+            self.granted.pop_front();
+        }
     }
 
     fn position(&self, ticket: &str) -> Option<usize> {
@@ -313,10 +319,6 @@ impl Schedule {
     fn tidy(&mut self, rules: &Rules, now: i64) -> bool {
         self.line.retain(|t| t.ready_at >= now);
         self.held.retain(|_, until| *until > now);
-        self.granted
-            .retain(|_, at| *at > now.saturating_sub(REMEMBER_US) && *at <= now);
-        let vtime = self.vtime;
-        self.lanes.retain(|_, tag| *tag > vtime);
         let beyond = now.saturating_add(rules.horizon);
         let regressed =
             self.tat.is_some_and(|t| t > beyond) || self.held.values().any(|h| *h > beyond);
@@ -482,8 +484,14 @@ mod tests {
         assert_eq!(s.claim(&rules(), T, "b").0, Answer::Granted);
         assert_eq!(s.claim(&rules(), T, "b").0, Answer::Granted);
         assert_eq!(s.admit(&rules(), T, &anon("c")).0, Answer::Queued(T));
-        // Remembered for ten seconds, then the ticket is unknown.
-        assert_eq!(s.claim(&rules(), T + REMEMBER_US + 1, "b").0, Answer::Gone);
+        // Remembered for the last 16 grants, then the ticket is unknown.
+        assert_eq!(s.claim(&rules(), 2 * T, "c").0, Answer::Granted);
+        for i in 0..RECENT - 2 {
+            s.admit(&rules(), 100 * T * (i as i64 + 2), &anon(&format!("x{i}")));
+        }
+        assert_eq!(s.claim(&rules(), 100 * T * 20, "b").0, Answer::Granted);
+        s.admit(&rules(), 100 * T * 21, &anon("last"));
+        assert_eq!(s.claim(&rules(), 100 * T * 21, "b").0, Answer::Gone);
     }
 
     #[test]

@@ -1,26 +1,28 @@
 -- One account's line and GCRA, shared by every replica: the rules of
 -- src/budget/schedule.rs (read its module docs for the invariants), run
 -- atomically on Redis' clock (TIME), so replicas whose clocks disagree still
--- share one schedule. Each call is one command on one account.
+-- share one schedule. Each call is one command on one account. Kept to a
+-- few Redis calls per command: a free slot costs TIME, GET and SET.
 --
--- KEYS (one hash tag per account on a Cluster, so all live on one slot)
---   1 tat      string: GCRA theoretical arrival time, µs; absent: none
---   2 line     list: waiting ticket ids, in service order
---   3 tickets  hash: ticket id -> "<tag> <ready_at µs>"
---   4 lanes    hash: caller lane -> finish tag (weighted fair queueing)
---   5 vtime    string: tag of the ticket served last
---   6 held     hash: ticket id -> held until, µs (a request not yet left)
---   7 granted  sorted set: ticket id, scored by when granted (kept 10 s, so
---              a retried command whose answer was lost is answered again)
+-- KEYS (one hash tag per account on a Cluster, so both live on one slot)
+--   1 state  string "tat|vtime|recent|held|n":
+--            tat     GCRA theoretical arrival time, µs (empty: none; a bare
+--                    number is a tat alone)
+--            vtime   the fair-share tag of the ticket served last
+--            recent  the last 16 granted tickets, comma-separated (a retried
+--                    command whose answer was lost is answered again)
+--            held    ticket=until,… requests held up on their way out
+--            n       tickets waiting (the line is read only when n > 0)
+--   2 line   list: waiting tickets in service order, each
+--            "<ticket>\t<tag>\t<ready_at µs>\t<lane>"
 --
 -- ARGV
 --   1 command: admit | claim | leave | hold | left | pushback
 --   2 interval T µs (>= 1)   3 burst (>= 1)   4 max wait µs
 --   5 max queue              6 horizon µs     7 grace µs
---   8 ticket id (any command but pushback)
+--   8 ticket id (any command but pushback; no ',', '=', '|' or tab)
 --   admit:    9 lane  10 weight (>= 1)  11 ready_in µs
---   leave:    9 channel: PUBLISHed the account name when the line moved
---             10 the account name
+--   leave:    9 channel, PUBLISHed 10 the account name when the line moved
 --   hold:     9 hold µs
 --   left:     9 late (1) or not (0); 10, 11 as leave's 9, 10 (published
 --             when the request held the line)
@@ -53,94 +55,96 @@ local max_queue = tonumber(ARGV[5])
 local horizon = tonumber(ARGV[6])
 local grace = tonumber(ARGV[7])
 local ticket = ARGV[8]
-local K_TAT, K_LINE, K_TICKETS, K_LANES, K_VTIME, K_HELD, K_GRANTED =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
-local REMEMBER = 10000000
+local K_STATE, K_LINE = KEYS[1], KEYS[2]
+local RECENT = 16
 local NONE = -2 ^ 62
+local TTL = math.floor((horizon + max_wait) / 1000) + 60000
 
 local function fmt(n)
   return string.format('%d', n)
 end
 
--- Every key lives as long as anything in it can matter.
-local function keep()
-  local ttl = math.floor((horizon + max_wait) / 1000) + 60000
-  for _, k in ipairs(KEYS) do
-    redis.call('PEXPIRE', k, ttl)
+local function split(s, sep)
+  local out = {}
+  for part in string.gmatch(s, '([^' .. sep .. ']+)') do
+    out[#out + 1] = part
   end
+  return out
 end
 
-local tat = tonumber(redis.call('GET', K_TAT))
+-- The state.
+local fields = {}
+for field in string.gmatch((redis.call('GET', K_STATE) or '') .. '|', '([^|]*)|') do
+  fields[#fields + 1] = field
+end
+local tat = tonumber(fields[1] or '')
+local vtime = tonumber(fields[2] or '') or 0
+local recent = split(fields[3] or '', ',')
 local held = {}
-local held_max = NONE
+for _, pair in ipairs(split(fields[4] or '', ',')) do
+  local id, until_ = string.match(pair, '^(.*)=(%d+)$')
+  if id then
+    held[id] = tonumber(until_)
+  end
+end
+local n = tonumber(fields[5] or '') or 0
+local dirty = false
 local clock_reset = 0
 
 -- tidy: drop what expired; a state beyond the horizon is a clock step back.
 do
   local beyond = now + horizon
-  local h = redis.call('HGETALL', K_HELD)
-  for i = 1, #h, 2 do
-    local until_ = tonumber(h[i + 1]) or 0
+  if tat and tat > beyond then
+    clock_reset = 1
+  end
+  for id, until_ in pairs(held) do
     if until_ > beyond then
       clock_reset = 1
     end
-    if until_ > now then
-      held[h[i]] = until_
-    else
-      redis.call('HDEL', K_HELD, h[i])
+    if until_ <= now then
+      held[id] = nil
+      dirty = true
     end
-  end
-  if tat and tat > beyond then
-    clock_reset = 1
   end
   if clock_reset == 1 then
     -- When the last grant was is lost with the clock: one may have just gone.
     tat = now + T
-    redis.call('SET', K_TAT, fmt(tat))
-    redis.call('DEL', K_HELD)
     held = {}
+    dirty = true
   end
-  for _, until_ in pairs(held) do
-    if until_ > held_max then
-      held_max = until_
-    end
+end
+local held_max = NONE
+for _, until_ in pairs(held) do
+  if until_ > held_max then
+    held_max = until_
   end
-  redis.call('ZREMRANGEBYSCORE', K_GRANTED, '-inf', '(' .. fmt(now - REMEMBER))
-  redis.call('ZREMRANGEBYSCORE', K_GRANTED, '(' .. fmt(now), '+inf')
 end
 
 -- The waiting tickets, in order, expired ones dropped.
-local ids = redis.call('LRANGE', K_LINE, 0, -1)
-local tags, ready = {}, {}
-do
-  local kept = {}
-  if #ids > 0 then
-    local data = redis.call('HMGET', K_TICKETS, unpack(ids))
-    for i, id in ipairs(ids) do
-      local tag, ready_at = string.match(data[i] or '', '^(%S+) (%S+)$')
-      ready_at = tonumber(ready_at)
-      if ready_at and ready_at >= now then
-        kept[#kept + 1] = id
-        tags[id] = tonumber(tag)
-        ready[id] = ready_at
-      else
-        redis.call('LREM', K_LINE, 1, id)
-        redis.call('HDEL', K_TICKETS, id)
-      end
+local line = {}
+if n > 0 then
+  for _, entry in ipairs(redis.call('LRANGE', K_LINE, 0, -1)) do
+    local id, tag, ready_at, lane = string.match(entry, '^([^\t]*)\t([^\t]*)\t([^\t]*)\t(.*)$')
+    ready_at = tonumber(ready_at)
+    if id and ready_at and ready_at >= now then
+      line[#line + 1] = {id = id, tag = tonumber(tag), ready_at = ready_at, lane = lane, entry = entry}
+    else
+      redis.call('LREM', K_LINE, 1, entry)
     end
   end
-  ids = kept
+  if #line ~= n then
+    n = #line
+    dirty = true
+  end
 end
-if #ids == 0 and tat and tat <= now then
+if n == 0 and tat and tat <= now then
   tat = nil
-  redis.call('DEL', K_TAT)
+  dirty = true
 end
 
 -- When position p (0-based) is due by the GCRA and the holds alone.
 local function due(p)
-  local gcra = tat and (tat - tau) or NONE
-  local h = held_max > NONE and (held_max + T) or NONE
-  local d = math.max(gcra, h)
+  local d = math.max(tat and (tat - tau) or NONE, held_max > NONE and (held_max + T) or NONE)
   if d == NONE then
     return NONE
   end
@@ -152,46 +156,56 @@ local function slot(p)
 end
 
 local function position(id)
-  for i, x in ipairs(ids) do
-    if x == id then
+  for i, x in ipairs(line) do
+    if x.id == id then
       return i - 1
     end
   end
   return nil
 end
 
-local function grant(id, tag)
-  local base = tat and math.max(tat, now) or now
-  tat = base + T
-  redis.call('SET', K_TAT, fmt(tat))
-  local vtime = tonumber(redis.call('GET', K_VTIME)) or 0
-  if tag > vtime then
-    redis.call('SET', K_VTIME, string.format('%.17g', tag))
+local function granted(id)
+  for _, x in ipairs(recent) do
+    if x == id then
+      return true
+    end
   end
-  redis.call('ZADD', K_GRANTED, fmt(now), id)
+  return false
+end
+
+local function grant(id, tag)
+  tat = (tat and math.max(tat, now) or now) + T
+  if tag > vtime then
+    vtime = tag
+  end
+  recent[#recent + 1] = id
+  if #recent > RECENT then
+    table.remove(recent, 1)
+  end
+  dirty = true
 end
 
 local function push_tat(at)
   local want = at + tau
   if not tat or want > tat then
     tat = want
-    redis.call('SET', K_TAT, fmt(tat))
+    dirty = true
   end
 end
 
-local function remove(id)
-  redis.call('LREM', K_LINE, 1, id)
-  redis.call('HDEL', K_TICKETS, id)
-  local p = position(id)
-  if p then
-    table.remove(ids, p + 1)
-  end
+-- Takes the ticket at position p (0-based) out of the line.
+local function remove(p)
+  local x = table.remove(line, p + 1)
+  redis.call('LREM', K_LINE, 1, x.entry)
+  n = n - 1
+  dirty = true
+  return x
 end
 
 local answer
 
 if cmd == 'admit' then
-  if redis.call('ZSCORE', K_GRANTED, ticket) then
+  if granted(ticket) then
     answer = {1, 0}
   elseif position(ticket) then
     answer = {2, slot(position(ticket)) - now}
@@ -199,14 +213,20 @@ if cmd == 'admit' then
     local lane = ARGV[9]
     local weight = math.max(tonumber(ARGV[10]) or 1, 1)
     local ready_in = tonumber(ARGV[11])
-    local vtime = tonumber(redis.call('GET', K_VTIME)) or 0
-    local tag = math.max(vtime, tonumber(redis.call('HGET', K_LANES, lane)) or 0) + 1 / weight
+    -- The lane's finish tag: its last ticket waiting, or the virtual time.
+    local last = vtime
+    for _, x in ipairs(line) do
+      if x.lane == lane and x.tag > last then
+        last = x.tag
+      end
+    end
+    local tag = last + 1 / weight
     -- From the tail: pass every ticket with a later tag that can still
     -- afford one interval more.
-    local at = #ids
+    local at = #line
     while at > 0 do
-      local id = ids[at]
-      if tags[id] <= tag or slot(at) > ready[id] then
+      local x = line[at]
+      if x.tag <= tag or slot(at) > x.ready_at then
         break
       end
       at = at - 1
@@ -214,7 +234,7 @@ if cmd == 'admit' then
     local s = slot(at)
     local wait = s - now
     local refusal = nil
-    if #ids >= max_queue then
+    if #line >= max_queue then
       refusal = 1
     elseif wait > max_wait then
       refusal = 2
@@ -222,35 +242,25 @@ if cmd == 'admit' then
       refusal = 3
     end
     if refusal then
-      answer = {3, math.max(slot(#ids) - now, wait), 0, refusal}
+      answer = {3, math.max(slot(#line) - now, wait), 0, refusal}
+    elseif at == 0 and s <= now then
+      grant(ticket, tag)
+      answer = {1, 0}
     else
-      redis.call('HSET', K_LANES, lane, string.format('%.17g', tag))
-      if at == 0 and s <= now then
-        grant(ticket, tag)
-        answer = {1, 0}
+      local entry = ticket .. '\t' .. string.format('%.17g', tag) .. '\t' .. fmt(now + ready_in) .. '\t' .. lane
+      if at == #line then
+        redis.call('RPUSH', K_LINE, entry)
       else
-        redis.call('HSET', K_TICKETS, ticket, string.format('%.17g', tag) .. ' ' .. fmt(now + ready_in))
-        if at == #ids then
-          redis.call('RPUSH', K_LINE, ticket)
-        else
-          redis.call('LINSERT', K_LINE, 'BEFORE', ids[at + 1], ticket)
-        end
-        answer = {2, wait}
+        redis.call('LINSERT', K_LINE, 'BEFORE', line[at + 1].entry, entry)
       end
-      -- Lanes caught up with the virtual time need no entry (pruned now
-      -- and then: the answer is the same with or without them).
-      if redis.call('HLEN', K_LANES) > 2 * #ids + 16 then
-        local lanes = redis.call('HGETALL', K_LANES)
-        for i = 1, #lanes, 2 do
-          if tonumber(lanes[i + 1]) <= vtime then
-            redis.call('HDEL', K_LANES, lanes[i])
-          end
-        end
-      end
+      redis.call('PEXPIRE', K_LINE, TTL)
+      n = n + 1
+      dirty = true
+      answer = {2, wait}
     end
   end
 elseif cmd == 'claim' then
-  if redis.call('ZSCORE', K_GRANTED, ticket) then
+  if granted(ticket) then
     answer = {1, 0}
   else
     local p = position(ticket)
@@ -259,7 +269,7 @@ elseif cmd == 'claim' then
     else
       -- Heads whose turn came and went unclaimed: their replica is gone.
       while p > 0 and now >= due(0) + grace do
-        remove(ids[1])
+        remove(0)
         p = p - 1
       end
       local s = slot(p)
@@ -274,17 +284,22 @@ elseif cmd == 'claim' then
       elseif s > now then
         answer = {2, s - now}
       else
-        local tag = tags[ticket]
-        remove(ticket)
-        grant(ticket, tag)
+        local x = remove(0)
+        grant(x.id, x.tag)
         answer = {1, 0}
       end
     end
   end
 elseif cmd == 'leave' then
-  local moved = redis.call('HDEL', K_HELD, ticket) == 1
-  if position(ticket) then
-    remove(ticket)
+  local moved = false
+  if held[ticket] then
+    held[ticket] = nil
+    dirty = true
+    moved = true
+  end
+  local p = position(ticket)
+  if p then
+    remove(p)
     moved = true
   end
   if moved then
@@ -292,14 +307,18 @@ elseif cmd == 'leave' then
   end
   answer = {0, 0}
 elseif cmd == 'hold' then
-  local hold = math.min(math.max(tonumber(ARGV[9]) or 0, 0), horizon)
-  local until_ = now + hold
+  local until_ = now + math.min(math.max(tonumber(ARGV[9]) or 0, 0), horizon)
   if not held[ticket] or held[ticket] < until_ then
-    redis.call('HSET', K_HELD, ticket, fmt(until_))
+    held[ticket] = until_
+    dirty = true
   end
   answer = {0, 0}
 elseif cmd == 'left' then
-  local was_held = redis.call('HDEL', K_HELD, ticket) == 1
+  local was_held = held[ticket] ~= nil
+  held[ticket] = nil
+  if was_held then
+    dirty = true
+  end
   if ARGV[9] == '1' then
     push_tat(now + T)
   end
@@ -314,7 +333,15 @@ else
   return redis.error_reply('line.lua: unknown command ' .. tostring(cmd))
 end
 
-keep()
+if dirty then
+  local pairs_ = {}
+  for id, until_ in pairs(held) do
+    pairs_[#pairs_ + 1] = id .. '=' .. fmt(until_)
+  end
+  local state = (tat and fmt(tat) or '') .. '|' .. string.format('%.17g', vtime) .. '|'
+    .. table.concat(recent, ',') .. '|' .. table.concat(pairs_, ',') .. '|' .. fmt(n)
+  redis.call('SET', K_STATE, state, 'PX', TTL)
+end
 answer[3] = clock_reset
 answer[4] = answer[4] or 0
 return answer

@@ -4,9 +4,9 @@
 //! Redis is an error (the fallback is in [`crate::budget::shared`]).
 //!
 //! Keys, per account (`<base>` is `<prefix><account>`, or
-//! `<prefix>{<account>}` on a Cluster so that all of them share a slot):
-//! `<base>` (the GCRA `tat`, as the single-key limiter before it kept it),
-//! `<base>:line`, `:tickets`, `:lanes`, `:vtime`, `:held`, `:granted`.
+//! `<prefix>{<account>}` on a Cluster so that both share a slot): `<base>`
+//! (the GCRA `tat`, the fair-share virtual time, the last grants, held
+//! requests: one string) and `<base>:line` (the waiting tickets).
 //! A caller leaving PUBLISHes the account's name on `<prefix>moved`, which
 //! every replica's subscriber turns into a wake-up of its waiters.
 
@@ -34,7 +34,7 @@ pub(crate) fn channel(key_prefix: &str) -> String {
 pub struct RedisLine {
     store: Arc<RedisStore>,
     account: String,
-    keys: [String; 7],
+    keys: [String; 2],
     channel: String,
     rules: Rules,
     moved: watch::Sender<u64>,
@@ -56,10 +56,7 @@ impl RedisLine {
         rules: Rules,
         moved: watch::Sender<u64>,
     ) -> Self {
-        let keys = [
-            "", ":line", ":tickets", ":lanes", ":vtime", ":held", ":granted",
-        ]
-        .map(|suffix| format!("{base}{suffix}"));
+        let keys = ["", ":line"].map(|suffix| format!("{base}{suffix}"));
         Self {
             store,
             account: account.to_owned(),
@@ -70,7 +67,7 @@ impl RedisLine {
         }
     }
 
-    /// The key holding the account's `tat`.
+    /// The key holding the account's state (its `tat` first).
     pub fn key(&self) -> &str {
         &self.keys[0]
     }
