@@ -134,6 +134,8 @@ impl Upstream {
         attempt: u32,
     ) -> Result<Reply, TransportError> {
         let url = target.url;
+        // Integers as i64: tracing-opentelemetry exports unsigned fields as
+        // strings, and the HTTP semantic conventions type these as int.
         let span = tracing::info_span!(
             "http.client",
             otel.name = "DELETE",
@@ -141,10 +143,10 @@ impl Upstream {
             otel.status_code = Empty,
             http.request.method = "DELETE",
             server.address = url.host_str().unwrap_or_default(),
-            server.port = url.port_or_known_default(),
+            server.port = url.port_or_known_default().map(i64::from),
             // The endpoint is checked at startup to carry no credentials.
             url.full = url.as_str(),
-            http.request.resend_count = attempt.saturating_sub(1),
+            http.request.resend_count = i64::from(attempt.saturating_sub(1)),
             http.response.status_code = Empty,
             error.type = Empty,
             account = target.account,
@@ -165,7 +167,7 @@ impl Upstream {
             Err(e) => (e.label().to_owned(), Some(e.label().to_owned())),
         };
         if let Ok(reply) = &result {
-            span.record("http.response.status_code", reply.status);
+            span.record("http.response.status_code", i64::from(reply.status));
         }
         if let Some(error_type) = error_type {
             span.record("error.type", error_type);

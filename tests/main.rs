@@ -16,6 +16,7 @@ mod observability;
 mod promises;
 mod redis;
 mod support;
+mod telemetry;
 mod topologies;
 mod topology_harness;
 mod validation;

@@ -63,7 +63,7 @@ impl Report {
         }
         match &answer {
             Ok(_) => event!(info, "OK", "association deleted"),
-            Err(status) => event!(warn, tracing::field::debug(status.code()), "delete failed"),
+            Err(status) => event!(warn, metrics::code_name(status.code()), "delete failed"),
         }
         answer
     }

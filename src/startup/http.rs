@@ -10,6 +10,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
 
 use crate::budget::{Backend, BackendReport};
+use crate::telemetry::metrics;
 
 /// The router of the metrics listener.
 pub(super) fn router(prometheus: PrometheusHandle, backend: Backend) -> Router {
@@ -33,7 +34,7 @@ pub(super) fn router(prometheus: PrometheusHandle, backend: Backend) -> Router {
                 async move {
                     (
                         [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
-                        prometheus.render(),
+                        metrics::render(&prometheus),
                     )
                 }
             }),
