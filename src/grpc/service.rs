@@ -21,6 +21,7 @@ use crate::auth::{Authenticator, Identity};
 use crate::domain::Association;
 use crate::pb::association_service_server::AssociationService;
 use crate::pb::{DeleteAssociationRequest, DeleteAssociationResponse};
+use crate::telemetry::refusals::RefusalLog;
 use crate::upstream::Upstream;
 
 /// Largest request accepted, as its fields encode: a valid request is well
@@ -45,6 +46,8 @@ pub(crate) struct Gateway {
     sender: Sender,
     limits: CallLimits,
     flights: Arc<Flights>,
+    /// Refusals of one kind are logged once, then counted.
+    refusals: Arc<RefusalLog>,
 }
 
 #[tonic::async_trait]
@@ -63,7 +66,9 @@ impl AssociationService for Gateway {
         let peer_certs = peer_certs.as_deref().map(Vec::as_slice);
         let (account, identity) = match self.admit(request.metadata(), peer_certs) {
             Ok(admitted) => admitted,
-            Err((account, error)) => return report.answer(account, UNKNOWN, started, Err(error)),
+            Err((account, error)) => {
+                return report.answer(&self.refusals, account, UNKNOWN, started, Err(error));
+            }
         };
         let caller = self.auth.label(&identity);
 
@@ -74,7 +79,13 @@ impl AssociationService for Gateway {
                 size,
                 limit: MAX_REQUEST_BYTES,
             };
-            return report.answer(account.name(), caller, started, Err(too_large));
+            return report.answer(
+                &self.refusals,
+                account.name(),
+                caller,
+                started,
+                Err(too_large),
+            );
         }
         let result = match Association::try_from(request.into_inner()) {
             // 3-4. Flight and attempts: identical calls share one slot.
@@ -94,7 +105,7 @@ impl AssociationService for Gateway {
         };
 
         // 5. Answer.
-        report.answer(account.name(), caller, started, result)
+        report.answer(&self.refusals, account.name(), caller, started, result)
     }
 }
 
@@ -114,7 +125,13 @@ impl Gateway {
             },
             limits,
             flights: Arc::default(),
+            refusals: Arc::default(),
         }
+    }
+
+    /// The refusal log, for the summaries `startup` writes.
+    pub(crate) fn refusals(&self) -> Arc<RefusalLog> {
+        Arc::clone(&self.refusals)
     }
 
     /// Who calls, on which account, and whether it may. On refusal, the

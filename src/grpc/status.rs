@@ -138,6 +138,21 @@ impl CallError {
         }
     }
 
+    /// The kind of a refusal, for logs: an answer the gateway made without
+    /// asking Infobip (nothing was sent). `None` for outcomes that came from
+    /// an upstream attempt: those calls were served, each is logged.
+    pub fn refusal(&self) -> Option<&'static str> {
+        match self {
+            Self::Invalid(_) => Some("invalid_request"),
+            Self::UnknownAccount => Some("unknown_account"),
+            Self::RequestTooLarge { .. } => Some("request_too_large"),
+            Self::Auth(AuthError::Unauthenticated) => Some("unauthenticated"),
+            Self::Auth(AuthError::NotAllowed(_)) => Some("caller_not_allowed"),
+            Self::Budget(e) => Some(e.as_str()),
+            Self::Upstream(_) | Self::Transport(_) => None,
+        }
+    }
+
     /// The gRPC code, per the table.
     pub fn code(&self) -> Code {
         match self {

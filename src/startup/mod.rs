@@ -22,6 +22,7 @@ use crate::budget::{Backend, WallClock};
 use crate::config::{Config, TlsConfig};
 use crate::grpc::{Accounts, CallLimits, Gateway};
 use crate::pb::association_service_server::AssociationServiceServer;
+use crate::telemetry::refusals::SUMMARY_INTERVAL;
 use crate::telemetry::{GrpcTraceLayer, metrics};
 use crate::upstream::Upstream;
 
@@ -126,6 +127,7 @@ impl App {
         };
         let reflection_v1 = reflection().build_v1()?;
         let reflection_v1alpha = reflection().build_v1alpha()?;
+        let refusals = self.gateway.refusals();
         let service = AssociationServiceServer::new(self.gateway)
             .max_decoding_message_size(MAX_DECODED_BYTES);
 
@@ -185,6 +187,17 @@ impl App {
                 }
             }
         });
+        let summaries = tokio::spawn({
+            let refusals = Arc::clone(&refusals);
+            async move {
+                let mut tick = tokio::time::interval(SUMMARY_INTERVAL);
+                tick.tick().await; // the first tick is now
+                loop {
+                    tick.tick().await;
+                    refusals.summarize();
+                }
+            }
+        });
         let metrics = axum::serve(self.metrics, http::router(prometheus, self.backend))
             .with_graceful_shutdown(stop.clone().cancelled_owned());
         let metrics = tokio::spawn(metrics.into_future());
@@ -218,6 +231,9 @@ impl App {
         }
         let _ = metrics.await;
         upkeep.abort();
+        summaries.abort();
+        // What the last interval held back, so no refusal goes uncounted.
+        refusals.summarize();
         reload.abort();
         tracing::info!("stopped");
         Ok(())

@@ -10,6 +10,7 @@
 //!   variables). Sampler and batch settings come from the SDK's own
 //!   `OTEL_*` variables.
 //! - Metrics: [`metrics`] (Prometheus text at `/metrics`).
+//! - Refusal logs that survive a flood: [`refusals`].
 
 use std::io::IsTerminal;
 
@@ -23,6 +24,7 @@ use crate::config::LogFormat;
 
 pub mod metrics;
 mod otel;
+pub(crate) mod refusals;
 pub mod trace_layer;
 
 pub use trace_layer::{GrpcTraceLayer, record_ids};
