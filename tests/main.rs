@@ -10,6 +10,7 @@ mod chaos;
 mod cli;
 mod coalesce;
 mod contract;
+mod hardening;
 mod lifecycle;
 mod mapping;
 mod observability;

@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use super::budget::BudgetSettings;
+use super::budget::{BudgetSettings, at_most, duration_at_most};
 use super::{
     AccountConfig, AuthConfig, BackendConfig, BudgetConfig, Config, ConfigError, LogFormat,
     RedisConfig, TlsConfig, TokenCaller, check_label, defaults,
@@ -22,6 +22,8 @@ pub struct ConfigBuilder {
     budget: BudgetSettings,
     backend: BackendConfig,
     upstream_timeout: Duration,
+    upstream_proxy: Option<url::Url>,
+    insecure_upstream: bool,
     shutdown_grace: Duration,
     log_format: Option<LogFormat>,
 }
@@ -44,6 +46,8 @@ impl Default for ConfigBuilder {
             },
             backend: BackendConfig::Memory,
             upstream_timeout: defaults::UPSTREAM_TIMEOUT,
+            upstream_proxy: None,
+            insecure_upstream: false,
             shutdown_grace: defaults::SHUTDOWN_GRACE,
             log_format: None,
         }
@@ -86,6 +90,11 @@ impl ConfigBuilder {
         backend: BackendConfig => backend;
         /// Longest upstream attempt.
         upstream_timeout: Duration => upstream_timeout;
+        /// The HTTP(S) proxy for upstream requests (`None`: none, whatever
+        /// the environment says).
+        upstream_proxy: Option<url::Url> => upstream_proxy;
+        /// Allow `http://` upstreams beyond loopback.
+        insecure_upstream: bool => insecure_upstream;
         /// Drain time after SIGTERM/SIGINT.
         shutdown_grace: Duration => shutdown_grace;
         /// Log format; `None`: json, or text on a terminal.
@@ -113,12 +122,20 @@ impl ConfigBuilder {
     /// Checks every setting; the first problem found is named.
     pub fn build(self) -> Result<Config, ConfigError> {
         const ACCOUNTS: &str = "--accounts-file (GATEWAY_ACCOUNTS_FILE)";
+        const TIMEOUT: &str = "--upstream-timeout (GATEWAY_UPSTREAM_TIMEOUT)";
         if self.upstream_timeout.is_zero() {
-            return Err(ConfigError::new(
-                "--upstream-timeout (GATEWAY_UPSTREAM_TIMEOUT)",
-                "must be greater than zero",
-            ));
+            return Err(ConfigError::new(TIMEOUT, "must be greater than zero"));
         }
+        duration_at_most(
+            TIMEOUT,
+            self.upstream_timeout,
+            defaults::MAX_UPSTREAM_TIMEOUT,
+        )?;
+        duration_at_most(
+            "--shutdown-grace (GATEWAY_SHUTDOWN_GRACE)",
+            self.shutdown_grace,
+            defaults::MAX_SHUTDOWN_GRACE,
+        )?;
         let budget = BudgetConfig::check(&self.budget)?;
         if let BackendConfig::Redis(redis) = &self.backend {
             redis.check()?;
@@ -136,6 +153,31 @@ impl ConfigBuilder {
         };
         for (i, account) in self.accounts.iter().enumerate() {
             check_label(&account.name).map_err(|p| ConfigError::new(names_setting, p))?;
+            // The accounts file checks these with file:line; an account built
+            // in code meets the same bounds.
+            if let Some(rate) = account.rate_per_second {
+                at_most(ACCOUNTS, rate.get(), defaults::MAX_RATE_PER_SECOND)?;
+            }
+            if let Some(burst) = account.burst {
+                at_most(ACCOUNTS, burst.get(), defaults::MAX_BURST)?;
+            }
+            if account.endpoint.scheme() == "http" && !self.insecure_upstream {
+                let setting = if self.accounts.len() == 1 {
+                    "--upstream-url (INFOBIP_BASE_URL)"
+                } else {
+                    ACCOUNTS
+                };
+                if !is_loopback(&account.endpoint) {
+                    return Err(ConfigError::new(
+                        setting,
+                        format!(
+                            "account {:?}: http:// would send the API key in clear; use https:// \
+                             (http:// only to loopback, or with --insecure-upstream)",
+                            account.name
+                        ),
+                    ));
+                }
+            }
             if self.accounts[..i].iter().any(|a| a.name == account.name) {
                 return Err(ConfigError::new(
                     ACCOUNTS,
@@ -156,6 +198,14 @@ impl ConfigBuilder {
                 "allowed_callers needs caller authentication: --client-ca (mTLS) or [[callers]] tokens",
             ));
         }
+        if let Some(proxy) = &self.upstream_proxy
+            && !matches!(proxy.scheme(), "http" | "https")
+        {
+            return Err(ConfigError::new(
+                "--upstream-proxy (GATEWAY_UPSTREAM_PROXY)",
+                "must be an http:// or https:// proxy URL",
+            ));
+        }
         Ok(Config {
             listen: self.listen,
             metrics_listen: self.metrics_listen,
@@ -165,9 +215,24 @@ impl ConfigBuilder {
             budget,
             backend: self.backend,
             upstream_timeout: self.upstream_timeout,
+            upstream_proxy: self.upstream_proxy,
+            insecure_upstream: self.insecure_upstream,
             shutdown_grace: self.shutdown_grace,
             log_format: self.log_format,
         })
+    }
+}
+
+/// Whether `url` names this machine (127.0.0.0/8, ::1, `localhost`): an
+/// `http://` upstream there never crosses a network.
+fn is_loopback(url: &url::Url) -> bool {
+    match url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(name)) => {
+            name.eq_ignore_ascii_case("localhost") || name.ends_with(".localhost")
+        }
+        None => false,
     }
 }
 
@@ -195,6 +260,31 @@ mod tests {
         assert_eq!(
             c.default_deadline(),
             defaults::MAX_WAIT + defaults::UPSTREAM_TIMEOUT
+        );
+    }
+
+    #[test]
+    fn http_upstreams_only_to_loopback_unless_insecure() {
+        let at = |url: &str| {
+            let key = KeySource::Fixed(ApiKey::new("k").unwrap());
+            Config::builder().account(AccountConfig::new("a", endpoint_url(url).unwrap(), key))
+        };
+        for ok in [
+            "https://x.example",
+            "http://127.0.0.1:8080",
+            "http://[::1]:8080",
+            "http://localhost:8080",
+        ] {
+            assert!(at(ok).build().is_ok(), "{ok}");
+        }
+        let e = at("http://x.example").build().unwrap_err();
+        assert!(e.setting.starts_with("--upstream-url"), "{e}");
+        assert!(e.problem.contains("--insecure-upstream"), "{e}");
+        assert!(
+            at("http://x.example")
+                .insecure_upstream(true)
+                .build()
+                .is_ok()
         );
     }
 

@@ -65,6 +65,11 @@ pub struct Config {
     pub budget: BudgetConfig,
     pub backend: BackendConfig,
     pub upstream_timeout: Duration,
+    /// The HTTP(S) proxy upstream requests go through; `None`: straight to
+    /// Infobip, whatever `HTTP(S)_PROXY` say.
+    pub upstream_proxy: Option<url::Url>,
+    /// `http://` upstreams beyond loopback are allowed (the key goes in clear).
+    pub insecure_upstream: bool,
     pub shutdown_grace: Duration,
     pub log_format: Option<LogFormat>,
 }

@@ -57,8 +57,12 @@ impl AssociationService for Gateway {
         request: Request<DeleteAssociationRequest>,
     ) -> Result<Response<DeleteAssociationResponse>, Status> {
         let started = Instant::now();
-        let deadline =
-            started + grpc_timeout(request.metadata()).unwrap_or(self.limits.default_deadline);
+        // A caller's timeout may be up to 8 digits of hours: never past what
+        // an instant can hold (no panic on a request path).
+        let timeout = grpc_timeout(request.metadata()).unwrap_or(self.limits.default_deadline);
+        let deadline = started
+            .checked_add(timeout)
+            .unwrap_or_else(|| started + self.limits.default_deadline);
         let mut report = Report::default();
 
         // 1. Admit: decided before any budget is spent.

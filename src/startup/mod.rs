@@ -33,6 +33,11 @@ mod http;
 /// (`MAX_REQUEST_BYTES` in `grpc/service.rs`) with the gateway's ErrorInfo.
 const MAX_DECODED_BYTES: usize = 64 * 1024;
 
+/// Longest a TLS handshake on the gRPC listener may take.
+pub(crate) const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Idle time before TCP keepalive probes on accepted gRPC connections.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+
 /// A built gateway: listeners bound, not yet serving.
 pub struct App {
     grpc: TcpListener,
@@ -66,8 +71,8 @@ impl App {
             .context("cannot set up the budget backend")?;
         let accounts = Accounts::build(&config, &backend).map_err(anyhow::Error::msg)?;
         let accounts = Arc::new(accounts);
-        let upstream =
-            Upstream::new(config.upstream_timeout).context("cannot build the HTTP client")?;
+        let upstream = Upstream::new(config.upstream_timeout, config.upstream_proxy.as_ref())
+            .context("cannot build the HTTP client")?;
         let limits = CallLimits {
             upstream_timeout: config.upstream_timeout,
             upstream_reserve: config.budget.upstream_reserve,
@@ -136,8 +141,11 @@ impl App {
         let metrics_addr = self.metrics.local_addr()?;
         let mut server = Server::builder();
         if let Some(tls) = &self.tls {
-            let mut config =
-                ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert, &tls.key));
+            // A client that opens a connection and never finishes the
+            // handshake is dropped after TLS_HANDSHAKE_TIMEOUT.
+            let mut config = ServerTlsConfig::new()
+                .identity(Identity::from_pem(&tls.cert, &tls.key))
+                .timeout(TLS_HANDSHAKE_TIMEOUT);
             if let Some(ca) = &tls.client_ca {
                 // Required, not optional: a call without a valid client
                 // certificate never reaches the service.
@@ -171,7 +179,11 @@ impl App {
                 // completes after its HEADERS were flushed goes out as a
                 // second small write, which Nagle would hold for the
                 // caller's delayed ACK (40 ms on Linux).
-                TcpIncoming::from(self.grpc).with_nodelay(Some(true)),
+                // TCP keepalive finds callers that vanished without a FIN
+                // (a node gone, a NAT that forgot the flow).
+                TcpIncoming::from(self.grpc)
+                    .with_nodelay(Some(true))
+                    .with_keepalive(Some(TCP_KEEPALIVE)),
                 stop.clone().cancelled_owned(),
             );
         let mut grpc = tokio::spawn(grpc);
@@ -198,9 +210,11 @@ impl App {
                 }
             }
         });
-        let metrics = axum::serve(self.metrics, http::router(prometheus, self.backend))
-            .with_graceful_shutdown(stop.clone().cancelled_owned());
-        let metrics = tokio::spawn(metrics.into_future());
+        let metrics = tokio::spawn(http::serve(
+            self.metrics,
+            http::router(prometheus, self.backend),
+            stop.clone(),
+        ));
         tracing::info!(%grpc_addr, %metrics_addr, "serving");
 
         tokio::select! {
