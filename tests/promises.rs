@@ -179,14 +179,14 @@ async fn the_log_event_of_a_call_says_whether_it_shared_another_calls_upstream_c
             .clone()
     };
     assert!(
-        event("lead").contains("\"coalesced\":false"),
+        event("token:lead").contains("\"coalesced\":false"),
         "{}",
-        event("lead")
+        event("token:lead")
     );
     assert!(
-        event("follow").contains("\"coalesced\":true"),
+        event("token:follow").contains("\"coalesced\":true"),
         "{}",
-        event("follow")
+        event("token:follow")
     );
 }
 

@@ -72,6 +72,13 @@ pub struct ServeArgs {
     /// caller is the certificate's URI SAN (SPIFFE ID), else its DNS SAN.
     #[arg(long, env = "GATEWAY_CLIENT_CA", requires = "tls_cert")]
     pub client_ca: Option<PathBuf>,
+    /// Header a service mesh's sidecar sets to the caller's verified
+    /// identity (`l5d-client-id` for Linkerd, `x-forwarded-client-cert` for
+    /// Istio/Envoy: its URI=, else DNS=). The caller is then `mesh:<value>`.
+    /// Only safe when the pod is reachable through the sidecar alone (see
+    /// docs/deploying.md): anyone else can send the header.
+    #[arg(long, env = "GATEWAY_MESH_IDENTITY_HEADER")]
+    pub mesh_identity_header: Option<String>,
     #[command(flatten)]
     pub budget: BudgetArgs,
     #[command(flatten)]

@@ -33,6 +33,12 @@ impl ServeArgs {
             .shutdown_grace(*self.shutdown_grace)
             .log_format(self.log_format)
             .tls(self.tls()?)
+            .mesh_identity_header(
+                self.mesh_identity_header
+                    .as_deref()
+                    .map(|h| h.trim().to_ascii_lowercase())
+                    .filter(|h| !h.is_empty()),
+            )
             .backend(self.backend.config()?);
         match &self.accounts_file {
             Some(path) => self.accounts_from_file(builder, api_key_env.as_deref(), path)?,

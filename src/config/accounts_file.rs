@@ -11,7 +11,7 @@
 //! api_key_file = "/var/run/secrets/infobip/main"   # or api_key_env = "VAR"
 //! rate_per_second = 1
 //! burst = 1
-//! allowed_callers = ["spiffe://cluster.local/ns/orders/sa/orders", "billing"]
+//! allowed_callers = ["spiffe://cluster.local/ns/orders/sa/orders", "token:billing"]
 //!
 //! [[callers]]
 //! name = "billing"
@@ -26,7 +26,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::{AccountConfig, TokenCaller, check_label, defaults, endpoint_url};
+use super::{AccountConfig, TokenCaller, check_caller_name, check_label, defaults, endpoint_url};
 use crate::keys::KeySource;
 
 /// A refusal naming the file, the line and the key.
@@ -191,6 +191,14 @@ impl AccountsFile {
                     "caller names must not be empty".into(),
                 ));
             }
+            if let Some(list) = &a.allowed_callers
+                && let Some(problem) = list
+                    .get_ref()
+                    .iter()
+                    .find_map(|c| check_caller_name(c).err())
+            {
+                return Err(at(list.span(), "accounts.allowed_callers", problem));
+            }
             accounts.push(AccountConfig {
                 name,
                 endpoint,
@@ -291,7 +299,7 @@ name = "main"
 base_url = "https://abc.api.infobip.com"
 api_key_file = "/var/run/secrets/infobip/main"
 rate_per_second = 1
-allowed_callers = ["spiffe://cluster.local/ns/orders/sa/orders", "billing"]
+allowed_callers = ["spiffe://cluster.local/ns/orders/sa/orders", "token:billing"]
 
 [[accounts]]
 name = "marketing"

@@ -5,10 +5,11 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use super::auth::check_mesh_header;
 use super::budget::{BudgetSettings, at_most, duration_at_most};
 use super::{
     AccountConfig, AuthConfig, BackendConfig, BudgetConfig, Config, ConfigError, LogFormat,
-    RedisConfig, TlsConfig, TokenCaller, check_label, defaults,
+    RedisConfig, TlsConfig, TokenCaller, check_caller_name, check_label, defaults,
 };
 
 /// Settings on their way to a [`Config`]; starts from [`defaults`].
@@ -74,6 +75,8 @@ impl ConfigBuilder {
         tls: Option<TlsConfig> => auth.tls;
         /// Bearer-token callers.
         callers: Vec<TokenCaller> => auth.callers;
+        /// The header a service mesh's sidecar sets to the caller's identity.
+        mesh_identity_header: Option<String> => auth.mesh_header;
         /// Upstream requests per second per account.
         rate_per_second: u32 => budget.rate_per_second;
         /// Requests that may go at once after idling.
@@ -195,8 +198,20 @@ impl ConfigBuilder {
         if !self.auth.required() && self.accounts.iter().any(|a| a.allowed_callers.is_some()) {
             return Err(ConfigError::new(
                 ACCOUNTS,
-                "allowed_callers needs caller authentication: --client-ca (mTLS) or [[callers]] tokens",
+                "allowed_callers needs caller authentication: --client-ca (mTLS), [[callers]] tokens or --mesh-identity-header",
             ));
+        }
+        let allowed = self
+            .accounts
+            .iter()
+            .flat_map(|a| a.allowed_callers.iter().flatten());
+        for name in allowed {
+            check_caller_name(name).map_err(|p| ConfigError::new(ACCOUNTS, p))?;
+        }
+        if let Some(header) = &self.auth.mesh_header {
+            check_mesh_header(header).map_err(|p| {
+                ConfigError::new("--mesh-identity-header (GATEWAY_MESH_IDENTITY_HEADER)", p)
+            })?;
         }
         if let Some(proxy) = &self.upstream_proxy
             && !matches!(proxy.scheme(), "http" | "https")
@@ -289,8 +304,31 @@ mod tests {
     }
 
     #[test]
+    fn allowed_callers_name_their_identity_source() {
+        let token = TokenCaller::with_token("billing", "t", std::num::NonZeroU32::MIN);
+        let with = |name: &str| {
+            Config::builder()
+                .account(account("a").allowed_callers(vec![name.into()]))
+                .callers(vec![token.clone()])
+                .build()
+        };
+        for ok in [
+            "token:billing",
+            "dns:billing.svc",
+            "mesh:x",
+            "spiffe://c/ns/a/sa/b",
+        ] {
+            assert!(with(ok).is_ok(), "{ok}");
+        }
+        for ambiguous in ["billing", "token:", "://x"] {
+            let e = with(ambiguous).unwrap_err();
+            assert!(e.problem.contains("token:NAME"), "{ambiguous}: {e}");
+        }
+    }
+
+    #[test]
     fn each_refusal_names_its_setting() {
-        let cases: [(ConfigBuilder, &str); 6] = [
+        let cases: [(ConfigBuilder, &str); 8] = [
             (Config::builder(), "--upstream-url"),
             (Config::builder().account(account("a b")), "--account-name"),
             (
@@ -304,7 +342,7 @@ mod tests {
                 "--accounts-file",
             ),
             (
-                Config::builder().account(account("a").allowed_callers(vec!["x".into()])),
+                Config::builder().account(account("a").allowed_callers(vec!["token:x".into()])),
                 "--accounts-file",
             ),
             (
@@ -312,6 +350,18 @@ mod tests {
                     .account(account("a"))
                     .upstream_timeout(Duration::ZERO),
                 "--upstream-timeout",
+            ),
+            (
+                Config::builder()
+                    .account(account("a"))
+                    .mesh_identity_header(Some("authorization".into())),
+                "--mesh-identity-header",
+            ),
+            (
+                Config::builder()
+                    .account(account("a"))
+                    .mesh_identity_header(Some("L5d Client".into())),
+                "--mesh-identity-header",
             ),
         ];
         for (builder, setting) in cases {

@@ -19,6 +19,7 @@ mod redis_url;
 pub(crate) use account::check_label;
 pub use account::{AccountConfig, endpoint_url};
 pub use accounts_file::{AccountsError, AccountsFile};
+pub(crate) use auth::check_caller_name;
 pub use auth::{AuthConfig, TlsConfig, TokenCaller};
 pub(crate) use backend::read_secret;
 pub use backend::{BackendConfig, CaPem, RedisConfig, RedisFallback};
