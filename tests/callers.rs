@@ -80,6 +80,7 @@ async fn mtls_gateway(ca: &Ca) -> TestApp {
         cert: server.cert.clone().into(),
         key: server.key.clone().into(),
         client_ca: Some(ca.pem().into()),
+        files: None,
     };
     two_accounts(Some(tls), Vec::new()).await
 }

@@ -113,6 +113,7 @@ async fn a_tls_handshake_that_never_comes_is_dropped() {
         cert: server.cert.into_bytes(),
         key: server.key.into_bytes(),
         client_ca: None,
+        files: None,
     };
     let app = spawn_config(
         config(&Opts::default(), "http://127.0.0.1:9").tls(Some(tls)),

@@ -6,6 +6,7 @@
 
 mod budget;
 mod callers;
+mod certificates;
 mod chaos;
 mod cli;
 mod coalesce;

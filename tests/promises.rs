@@ -58,6 +58,7 @@ async fn an_authenticated_caller_no_account_names_is_labelled_unlisted() {
         cert: server.cert.clone().into(),
         key: server.key.clone().into(),
         client_ca: Some(ca.pem().into()),
+        files: None,
     };
     let (mock, addr, stop) = spawn_open_mock(20).await;
     let opts = Opts {

@@ -4,7 +4,7 @@
 
 use std::fmt;
 use std::num::NonZeroU32;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
@@ -18,6 +18,17 @@ pub struct TlsConfig {
     pub key: Vec<u8>,
     /// Require client certificates signed by this CA (mTLS).
     pub client_ca: Option<Vec<u8>>,
+    /// Where they were read from, to read again when they change (`None`:
+    /// given as bytes, fixed).
+    pub files: Option<TlsFiles>,
+}
+
+/// The files of `--tls-cert`, `--tls-key` and `--client-ca`.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
 }
 
 impl fmt::Debug for TlsConfig {
@@ -37,6 +48,11 @@ impl TlsConfig {
             client_ca: client_ca
                 .map(|ca| read_pem("--client-ca (GATEWAY_CLIENT_CA)", ca))
                 .transpose()?,
+            files: Some(TlsFiles {
+                cert: cert.to_owned(),
+                key: key.to_owned(),
+                client_ca: client_ca.map(Path::to_owned),
+            }),
         })
     }
 }

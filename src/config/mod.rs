@@ -20,7 +20,7 @@ pub(crate) use account::check_label;
 pub use account::{AccountConfig, endpoint_url};
 pub use accounts_file::{AccountsError, AccountsFile};
 pub(crate) use auth::check_caller_name;
-pub use auth::{AuthConfig, TlsConfig, TokenCaller};
+pub use auth::{AuthConfig, TlsConfig, TlsFiles, TokenCaller};
 pub(crate) use backend::read_secret;
 pub use backend::{BackendConfig, CaPem, RedisConfig, RedisFallback};
 pub use budget::BudgetConfig;
