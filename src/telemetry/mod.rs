@@ -6,11 +6,11 @@
 //!   (default W3C Trace Context and Baggage); OTLP export (gRPC or
 //!   HTTP/protobuf) only when `OTEL_EXPORTER_OTLP_ENDPOINT` or
 //!   `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` is set, so an unconfigured gateway
-//!   exports nothing and logs no exporter errors ([`otel`] reads the
+//!   exports nothing and logs no exporter errors (`otel.rs` reads the
 //!   variables). Sampler and batch settings come from the SDK's own
 //!   `OTEL_*` variables.
 //! - Metrics: [`metrics`] (Prometheus text at `/metrics`).
-//! - Refusal logs that survive a flood: [`refusals`].
+//! - Refusal logs that survive a flood: `refusals.rs`.
 
 use std::io::IsTerminal;
 

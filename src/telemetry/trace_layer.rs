@@ -6,7 +6,7 @@
 //! probe every few seconds would drown the traces that matter.
 //!
 //! The span follows the gRPC semantic conventions: its status is `ERROR`
-//! only for the codes that mean the server failed ([`is_server_error`]); a
+//! only for the codes that mean the server failed (`is_server_error`); a
 //! `NOT_FOUND` or a budget refusal is the service working as designed. A
 //! method the service does not have gets one constant name (`_OTHER`), so a
 //! caller cannot mint span names before it is even authenticated.
