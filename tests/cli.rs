@@ -148,7 +148,7 @@ fn each_bad_setting_is_named_in_one_line() {
             &["--max-wait", "18446744073709551615s"],
             "--max-wait",
         ),
-        (&[url, key], &["--max-wait", "2h"], "--max-wait"),
+        (&[url, key], &["--max-wait", "25h"], "--max-wait"),
         (
             &[url, key],
             &["--rate-per-second", "1001"],

@@ -30,8 +30,9 @@ pub const MAX_RATE_PER_SECOND: u32 = 1000;
 /// Most requests at once after idling (the load tool's "unlimited" budget).
 pub const MAX_BURST: u32 = 1_000_000_000;
 pub const MAX_SAFETY_MARGIN: Duration = Duration::from_secs(10);
-/// Longest `--max-wait`.
-pub const MAX_MAX_WAIT: Duration = Duration::from_secs(3600);
+/// Longest `--max-wait` (a day: a deep queue at 1 request/second can
+/// legitimately wait hours; far from any overflow).
+pub const MAX_MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
 pub const MAX_MAX_QUEUE: usize = 1_000_000;
 pub const MAX_UPSTREAM_RESERVE: Duration = Duration::from_secs(60);
 pub const MAX_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(300);
