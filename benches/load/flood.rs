@@ -191,7 +191,12 @@ async fn binary_logs(opts: &Opts) -> anyhow::Result<serde_json::Value> {
     let (_mock, upstream) = emulator(1).await?;
     let flags = &["--rate-per-second", "1"];
     let info = GatewayBin::start("flood-info", upstream, flags, &[]).await?;
-    let quiet = [("RUST_LOG", "error".to_owned())];
+    // Errors only; the startup module's one info line ("serving") is how
+    // the tool learns the bound addresses.
+    let quiet = [(
+        "RUST_LOG",
+        "error,provisioning_gateway::startup=info".to_owned(),
+    )];
     let error = GatewayBin::start("flood-error", upstream, flags, &quiet).await?;
     let deadline = Some(Duration::from_millis(100));
     let systems = [

@@ -22,6 +22,7 @@ use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::config::LogFormat;
 
+mod json_fields;
 pub mod metrics;
 mod otel;
 pub(crate) mod refusals;
@@ -87,6 +88,8 @@ pub fn init(format: Option<LogFormat>) -> Telemetry {
             .flatten_event(true)
             .with_current_span(false)
             .with_span_list(true)
+            // Span fields appended, not re-parsed on every record.
+            .fmt_fields(json_fields::AppendJsonFields)
             .boxed(),
         LogFormat::Text => fmt.boxed(),
     };
