@@ -63,6 +63,9 @@ impl Report {
         if !logged {
             return answer;
         }
+        // The call's ids on its span, for this event's line (held back
+        // refusals skip the cost).
+        crate::telemetry::record_ids(&span);
         macro_rules! event {
             ($level:ident, $outcome:expr, $message:literal) => {
                 tracing::$level!(

@@ -97,7 +97,11 @@ where
         // Only fails when no OpenTelemetry layer is installed (tests without
         // a subscriber); the call is served either way.
         let _ = span.set_parent(parent);
-        let context = record_ids(&span);
+        // The ids are recorded as fields only when the call writes its log
+        // event (`grpc/report.rs`): a refusal whose line is held back skips
+        // formatting and storing them.
+        let context =
+            Some(span.context().span().span_context().clone()).filter(SpanContext::is_valid);
         let future = self.inner.call(request);
         Box::pin(async move {
             let mut response = future.instrument(span.clone()).await?;
