@@ -1,5 +1,6 @@
 //! Compiles the gRPC contract. Uses the vendored `protoc` unless `PROTOC` is
-//! set, so a fresh machine needs no system protobuf compiler.
+//! set, so a fresh machine needs no system protobuf compiler. Also names the
+//! compiler for `provisioning_gateway_build_info` (`PG_RUSTC_VERSION`).
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
@@ -19,5 +20,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             &["proto", include],
         )?;
     println!("cargo:rerun-if-changed=proto");
+    // "rustc 1.95.0 (59807616e 2026-04-14)" → "1.95.0"; "unknown" if unreadable.
+    let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    let version = std::process::Command::new(rustc)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|v| v.split_whitespace().nth(1).map(str::to_owned))
+        .unwrap_or_else(|| "unknown".into());
+    println!("cargo:rustc-env=PG_RUSTC_VERSION={version}");
     Ok(())
 }

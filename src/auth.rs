@@ -1,9 +1,15 @@
 //! Who is calling, and whether it may use an account: the caller's identity
-//! from its mTLS client certificate (URI SAN, SPIFFE style, else DNS SAN) or
-//! from a bearer token (stored only as SHA-256, compared in constant time);
+//! from a bearer token (stored only as SHA-256, compared in constant time),
+//! its mTLS client certificate (URI SAN, SPIFFE style, else DNS SAN), or the
+//! identity header a service mesh's sidecar set (`--mesh-identity-header`);
 //! the account's `allowed_callers`; and the caller as a bounded metric label.
-//! With neither configured, callers are anonymous and may name themselves
-//! with `x-caller` for fair shares only.
+//! With none configured, callers are anonymous and may name themselves with
+//! `x-caller` for fair shares only.
+//!
+//! Each source has its own namespace, so one can never pass for another:
+//! `token:NAME`, `dns:NAME` (a certificate's DNS SAN), a URI SAN as it is
+//! (`spiffe://…`), `mesh:VALUE`. A token wins over a certificate, which wins
+//! over the mesh header.
 //!
 //! A mechanism: imports `config` and `domain` only.
 
@@ -22,6 +28,11 @@ use crate::domain::Caller;
 
 /// Longest `x-caller` name kept for fairness.
 const MAX_CALLER_NAME: usize = 128;
+/// Longest mesh identity accepted (a SPIFFE ID is at most 2048 bytes by its
+/// spec; meshes issue far shorter ones).
+const MAX_MESH_IDENTITY: usize = 512;
+/// The header Envoy (Istio) forwards the client certificate's details in.
+const XFCC: &str = "x-forwarded-client-cert";
 
 /// Why a call was not let in.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -37,7 +48,10 @@ pub enum AuthError {
 pub(crate) struct Authenticator {
     /// Client certificates are required and verified by the TLS layer.
     mtls: bool,
-    tokens: Vec<TokenCaller>,
+    /// Each token caller with its identity (`token:NAME`).
+    tokens: Vec<(TokenCaller, Arc<str>)>,
+    /// The mesh identity header, lowercase.
+    mesh_header: Option<String>,
     /// Caller names that may appear as metric labels (configured ones).
     known_callers: HashSet<String>,
 }
@@ -53,10 +67,14 @@ impl Authenticator {
     /// From the checked configuration: mTLS when a client CA is set, tokens
     /// from the accounts file; the callers the accounts name are known labels.
     pub(crate) fn new(config: &AuthConfig, accounts: &[AccountConfig]) -> Self {
-        let known_callers = config
+        let tokens: Vec<(TokenCaller, Arc<str>)> = config
             .callers
             .iter()
-            .map(|t| t.name.to_string())
+            .map(|t| (t.clone(), Arc::from(format!("token:{}", t.name))))
+            .collect();
+        let known_callers = tokens
+            .iter()
+            .map(|(_, id)| id.to_string())
             .chain(
                 accounts
                     .iter()
@@ -65,14 +83,15 @@ impl Authenticator {
             .collect();
         Self {
             mtls: config.mtls(),
-            tokens: config.callers.clone(),
+            tokens,
+            mesh_header: config.mesh_header.clone(),
             known_callers,
         }
     }
 
     /// True when calls must prove who they are.
     fn required(&self) -> bool {
-        self.mtls || !self.tokens.is_empty()
+        self.mtls || !self.tokens.is_empty() || self.mesh_header.is_some()
     }
 
     /// Whether `identity` may use an account open to `allowed` (`None`: any
@@ -116,7 +135,12 @@ impl Authenticator {
                 authenticated: false,
             });
         }
-        let from_token = bearer(metadata).and_then(|token| self.token_caller(token));
+        if let Some((caller, id)) = bearer(metadata).and_then(|token| self.token_caller(token)) {
+            return Ok(Identity {
+                caller: Caller::new(Arc::clone(id), caller.weight),
+                authenticated: true,
+            });
+        }
         let from_cert = self
             .mtls
             .then(|| {
@@ -125,28 +149,28 @@ impl Authenticator {
                     .and_then(|c| cert_identity(c.as_ref()))
             })
             .flatten();
-        let name: Arc<str> = from_token
-            .or(from_cert.map(Arc::from))
+        let from_mesh = || {
+            let header = self.mesh_header.as_deref()?;
+            mesh_identity(header, metadata.get(header)?.to_str().ok()?)
+        };
+        let name = from_cert
+            .map(Arc::from)
+            .or_else(from_mesh)
             .ok_or(AuthError::Unauthenticated)?;
-        let weight = self
-            .tokens
-            .iter()
-            .find(|t| t.name == name)
-            .map_or(NonZeroU32::MIN, |t| t.weight);
         Ok(Identity {
-            caller: Caller::new(name, weight),
+            caller: Caller::new(name, NonZeroU32::MIN),
             authenticated: true,
         })
     }
 
     /// The configured caller whose token hashes to the presented one. Every
     /// candidate is compared, in constant time, whatever matches.
-    fn token_caller(&self, token: &str) -> Option<Arc<str>> {
+    fn token_caller(&self, token: &str) -> Option<&(TokenCaller, Arc<str>)> {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let mut found = None;
-        for caller in &self.tokens {
-            if bool::from(caller.token_sha256.ct_eq(&digest)) {
-                found = Some(Arc::clone(&caller.name));
+        for entry in &self.tokens {
+            if bool::from(entry.0.token_sha256.ct_eq(&digest)) {
+                found = Some(entry);
             }
         }
         found
@@ -178,8 +202,9 @@ fn anonymous(metadata: &MetadataMap) -> Caller {
         .unwrap_or_else(Caller::anonymous)
 }
 
-/// The identity a client certificate names: its first URI SAN (SPIFFE ID),
-/// else its first DNS SAN.
+/// The identity a client certificate names: its first URI SAN (SPIFFE ID)
+/// as it is (`uri:` before one without `://`, so it cannot pass for
+/// another source's name), else its first DNS SAN as `dns:NAME`.
 fn cert_identity(der: &[u8]) -> Option<String> {
     let (_, cert) = X509Certificate::from_der(der).ok()?;
     let san = cert.subject_alternative_name().ok()??;
@@ -187,15 +212,68 @@ fn cert_identity(der: &[u8]) -> Option<String> {
     names
         .iter()
         .find_map(|n| match n {
-            GeneralName::URI(uri) => Some(uri.to_string()),
+            GeneralName::URI(uri) if uri.contains("://") => Some(uri.to_string()),
+            GeneralName::URI(uri) => Some(format!("uri:{uri}")),
             _ => None,
         })
         .or_else(|| {
             names.iter().find_map(|n| match n {
-                GeneralName::DNSName(dns) => Some(dns.to_string()),
+                GeneralName::DNSName(dns) => Some(format!("dns:{dns}")),
                 _ => None,
             })
         })
+}
+
+/// The caller a mesh sidecar's identity header names, as `mesh:VALUE`:
+/// `x-forwarded-client-cert` is Envoy's list of certificates' details (the
+/// last entry is the one the nearest proxy added; its `URI=`, else its
+/// `DNS=`); any other header (`l5d-client-id`) is the identity itself.
+fn mesh_identity(header: &str, value: &str) -> Option<Arc<str>> {
+    let identity = if header == XFCC {
+        let last = split_unquoted(value, ',').pop()?;
+        let pairs: Vec<(String, String)> = split_unquoted(last, ';')
+            .into_iter()
+            .filter_map(|pair| {
+                let (k, v) = pair.split_once('=')?;
+                Some((k.trim().to_ascii_uppercase(), unquote(v.trim())))
+            })
+            .collect();
+        let find = |key: &str| pairs.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
+        find("URI").or_else(|| find("DNS"))?
+    } else {
+        value.to_owned()
+    };
+    let identity = identity.trim();
+    let printable = identity.bytes().all(|b| b.is_ascii_graphic());
+    (!identity.is_empty() && identity.len() <= MAX_MESH_IDENTITY && printable)
+        .then(|| Arc::from(format!("mesh:{identity}")))
+}
+
+/// `s` split on `sep` outside double quotes.
+fn split_unquoted(s: &str, sep: char) -> Vec<&str> {
+    let (mut parts, mut start, mut quoted, mut escaped) = (Vec::new(), 0, false, false);
+    for (i, c) in s.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            c if c == sep && !quoted => {
+                parts.push(&s[start..i]);
+                start = i + c.len_utf8();
+            }
+            _ => {}
+        }
+    }
+    parts.push(&s[start..]);
+    parts
+}
+
+/// A value without its surrounding quotes and escapes.
+fn unquote(v: &str) -> String {
+    match v.strip_prefix('"').and_then(|v| v.strip_suffix('"')) {
+        Some(inner) => inner.replace("\\\"", "\"").replace("\\\\", "\\"),
+        None => v.to_owned(),
+    }
 }
 
 #[cfg(test)]
@@ -216,6 +294,7 @@ mod tests {
         let config = AuthConfig {
             tls: None,
             callers: vec![billing],
+            mesh_header: None,
         };
         Authenticator::new(&config, &[])
     }
@@ -240,7 +319,7 @@ mod tests {
         let id = auth
             .identify(&md(&[("authorization", "Bearer billing-token")]), NO_CERTS)
             .unwrap();
-        assert_eq!(&*id.caller.id, "billing");
+        assert_eq!(&*id.caller.id, "token:billing");
         assert_eq!(id.caller.weight.get(), 3);
         for bad in [
             &[("authorization", "Bearer wrong")][..],
@@ -252,5 +331,59 @@ mod tests {
                 AuthError::Unauthenticated
             );
         }
+    }
+
+    #[test]
+    fn the_mesh_header_names_the_caller_in_its_own_namespace() {
+        let l5d = "web.default.serviceaccount.identity.linkerd.cluster.local";
+        assert_eq!(
+            mesh_identity("l5d-client-id", l5d).as_deref(),
+            Some(&*format!("mesh:{l5d}"))
+        );
+        // Envoy's XFCC: the last entry (the nearest proxy's), URI before DNS,
+        // quotes and the separators inside them respected.
+        let xfcc = r#"By=spiffe://c/ns/a/sa/gw;URI=spiffe://c/ns/far/sa/x,By=spiffe://c/ns/g/sa/gw;Hash=ab;Subject="CN=x,O=y;z";DNS=orders.svc;URI=spiffe://c/ns/orders/sa/orders"#;
+        assert_eq!(
+            mesh_identity(XFCC, xfcc).as_deref(),
+            Some("mesh:spiffe://c/ns/orders/sa/orders")
+        );
+        assert_eq!(
+            mesh_identity(XFCC, "Hash=ab;DNS=orders.svc").as_deref(),
+            Some("mesh:orders.svc")
+        );
+        for bad in ["", "  ", "two words", &"x".repeat(MAX_MESH_IDENTITY + 1)] {
+            assert_eq!(mesh_identity("l5d-client-id", bad), None, "{bad:?}");
+        }
+        assert_eq!(mesh_identity(XFCC, "Hash=ab;Subject=\"CN=x\""), None);
+    }
+
+    #[test]
+    fn a_token_a_certificate_and_the_mesh_header_never_share_a_name() {
+        let billing = TokenCaller::with_token("billing", "t", NonZeroU32::MIN);
+        let config = AuthConfig {
+            tls: None,
+            callers: vec![billing],
+            mesh_header: Some("l5d-client-id".into()),
+        };
+        let auth = Authenticator::new(&config, &[]);
+        let id = |pairs: &[(&'static str, &str)]| {
+            auth.identify(&md(pairs), NO_CERTS)
+                .map(|i| i.caller.id.to_string())
+        };
+        assert_eq!(id(&[("l5d-client-id", "billing")]).unwrap(), "mesh:billing");
+        assert_eq!(
+            id(&[("authorization", "Bearer t")]).unwrap(),
+            "token:billing"
+        );
+        // A token wins over the header.
+        assert_eq!(
+            id(&[("authorization", "Bearer t"), ("l5d-client-id", "x")]).unwrap(),
+            "token:billing"
+        );
+        assert_eq!(id(&[]).unwrap_err(), AuthError::Unauthenticated);
+        assert_eq!(
+            id(&[("x-caller", "billing")]).unwrap_err(),
+            AuthError::Unauthenticated
+        );
     }
 }

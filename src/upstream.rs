@@ -3,7 +3,7 @@
 //! parsed (and size-capped) for the status mapping.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
@@ -65,9 +65,7 @@ impl Reply {
         let retry_after = headers
             .get(RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .filter(|s| s.is_finite() && *s >= 0.0)
-            .map(|s| Duration::from_secs_f64(s.min(MAX_RETRY_AFTER.as_secs_f64())));
+            .and_then(|v| retry_after(v, SystemTime::now()));
         Self {
             status,
             error,
@@ -78,6 +76,24 @@ impl Reply {
     pub fn is_success(&self) -> bool {
         (200..300).contains(&self.status)
     }
+}
+
+/// A `Retry-After` value as a delay from `now`, in either of its forms
+/// (RFC 9110): seconds (fractions tolerated), or an HTTP date (a past one
+/// is no delay). At most [`MAX_RETRY_AFTER`]; `None` when unreadable.
+fn retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    let delay = match value.parse::<f64>() {
+        Ok(s) if s.is_finite() && s >= 0.0 => {
+            Duration::from_secs_f64(s.min(MAX_RETRY_AFTER.as_secs_f64()))
+        }
+        Ok(_) => return None,
+        Err(_) => httpdate::parse_http_date(value)
+            .ok()?
+            .duration_since(now)
+            .unwrap_or(Duration::ZERO),
+    };
+    Some(delay.min(MAX_RETRY_AFTER))
 }
 
 /// An attempt that got no HTTP answer.
@@ -111,16 +127,28 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(connect_timeout: Duration) -> Result<Self, reqwest::Error> {
-        let client = reqwest::Client::builder()
+    /// The client; `proxy` is the only proxy it uses (`None`: connect
+    /// directly, whatever `HTTP(S)_PROXY`/`ALL_PROXY` say, so a variable set
+    /// for something else cannot reroute the API key).
+    pub fn new(connect_timeout: Duration, proxy: Option<&Url>) -> Result<Self, reqwest::Error> {
+        let builder = reqwest::Client::builder()
             .user_agent(crate::USER_AGENT)
             .connect_timeout(connect_timeout)
             .pool_idle_timeout(Duration::from_secs(60))
             .tcp_nodelay(true)
+            // A pooled connection whose peer vanished (a NAT or load balancer
+            // dropped it) is found and closed instead of eating an attempt.
+            .tcp_keepalive(Duration::from_secs(30))
             // A redirect would replay a DELETE somewhere unplanned: map it instead.
             .redirect(reqwest::redirect::Policy::none())
-            .build()?;
-        Ok(Self { client })
+            .no_proxy();
+        let builder = match proxy {
+            Some(proxy) => builder.proxy(reqwest::Proxy::all(proxy.as_str())?),
+            None => builder,
+        };
+        Ok(Self {
+            client: builder.build()?,
+        })
     }
 
     /// Sends one DELETE with `body` to `target`, giving up after `timeout`.
@@ -134,6 +162,8 @@ impl Upstream {
         attempt: u32,
     ) -> Result<Reply, TransportError> {
         let url = target.url;
+        // Integers as i64: tracing-opentelemetry exports unsigned fields as
+        // strings, and the HTTP semantic conventions type these as int.
         let span = tracing::info_span!(
             "http.client",
             otel.name = "DELETE",
@@ -141,10 +171,10 @@ impl Upstream {
             otel.status_code = Empty,
             http.request.method = "DELETE",
             server.address = url.host_str().unwrap_or_default(),
-            server.port = url.port_or_known_default(),
+            server.port = url.port_or_known_default().map(i64::from),
             // The endpoint is checked at startup to carry no credentials.
             url.full = url.as_str(),
-            http.request.resend_count = attempt.saturating_sub(1),
+            http.request.resend_count = i64::from(attempt.saturating_sub(1)),
             http.response.status_code = Empty,
             error.type = Empty,
             account = target.account,
@@ -165,7 +195,7 @@ impl Upstream {
             Err(e) => (e.label().to_owned(), Some(e.label().to_owned())),
         };
         if let Ok(reply) = &result {
-            span.record("http.response.status_code", reply.status);
+            span.record("http.response.status_code", i64::from(reply.status));
         }
         if let Some(error_type) = error_type {
             span.record("error.type", error_type);
@@ -294,5 +324,35 @@ mod tests {
         assert_eq!(reply.retry_after, Some(Duration::from_secs(2)));
         h.insert(RETRY_AFTER, HeaderValue::from_static("99999"));
         assert_eq!(Reply::new(429, &h, b"").retry_after, Some(MAX_RETRY_AFTER));
+    }
+
+    #[test]
+    fn retry_after_reads_seconds_and_http_dates() {
+        let now = httpdate::parse_http_date("Wed, 21 Oct 2026 07:28:00 GMT").unwrap();
+        let cases = [
+            ("120", Some(Duration::from_secs(120))),
+            (" 1.5 ", Some(Duration::from_millis(1500))),
+            (
+                "Wed, 21 Oct 2026 07:28:30 GMT",
+                Some(Duration::from_secs(30)),
+            ),
+            // A date in the past: come back now.
+            ("Wed, 21 Oct 2026 07:27:00 GMT", Some(Duration::ZERO)),
+            ("Thu, 22 Oct 2026 07:28:00 GMT", Some(MAX_RETRY_AFTER)),
+            ("-1", None),
+            ("soon", None),
+        ];
+        for (value, want) in cases {
+            assert_eq!(retry_after(value, now), want, "{value}");
+        }
+        // Through the header, relative to the real clock.
+        let mut h = HeaderMap::new();
+        let later = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(60));
+        h.insert(RETRY_AFTER, HeaderValue::from_str(&later).unwrap());
+        let delay = Reply::new(429, &h, b"").retry_after.unwrap();
+        assert!(
+            delay > Duration::from_secs(55) && delay <= Duration::from_secs(60),
+            "{delay:?}"
+        );
     }
 }

@@ -29,8 +29,12 @@ const REPORTS_DNS: &str = "reports.cluster.test";
 async fn two_accounts(tls: Option<TlsConfig>, tokens: Vec<TokenCaller>) -> TestApp {
     let (mock, addr, stop) = spawn_open_mock(20).await;
     let upstream = format!("http://{addr}");
-    let restricted = upstream_account("restricted", &upstream, "key-restricted")
-        .allowed_callers(vec![ORDERS.into(), REPORTS_DNS.into(), "reports".into()]);
+    let restricted =
+        upstream_account("restricted", &upstream, "key-restricted").allowed_callers(vec![
+            ORDERS.into(),
+            format!("dns:{REPORTS_DNS}"),
+            "token:reports".into(),
+        ]);
     let c = provisioning_gateway::Config::builder()
         .listen("127.0.0.1:0".parse().unwrap())
         .metrics_listen("127.0.0.1:0".parse().unwrap())
@@ -76,6 +80,7 @@ async fn mtls_gateway(ca: &Ca) -> TestApp {
         cert: server.cert.clone().into(),
         key: server.key.clone().into(),
         client_ca: Some(ca.pem().into()),
+        files: None,
     };
     two_accounts(Some(tls), Vec::new()).await
 }
@@ -205,6 +210,61 @@ async fn mtls_falls_back_to_the_dns_san_when_there_is_no_uri_san() {
     );
 }
 
+/// Behind a mesh: the sidecar's identity header authenticates the caller
+/// as `mesh:<value>`, usable in `allowed_callers`; a call without it is
+/// unauthenticated, and the header's value never passes for a token caller.
+#[tokio::test]
+async fn the_mesh_identity_header_identifies_callers_in_their_own_namespace() {
+    const ORDERS_L5D: &str = "orders.orders.serviceaccount.identity.linkerd.cluster.local";
+    let (mock, addr, stop) = spawn_open_mock(20).await;
+    let upstream = format!("http://{addr}");
+    let restricted = upstream_account("restricted", &upstream, "key-restricted")
+        .allowed_callers(vec![format!("mesh:{ORDERS_L5D}"), "token:reports".into()]);
+    let c = config(&Opts::default(), &upstream)
+        .account(restricted)
+        .mesh_identity_header(Some("l5d-client-id".into()));
+    let app = spawn_config(c, mock, stop).await;
+    let mut client = app.client().await;
+    let meshed = |mut r: tonic::Request<_>, id: &str| {
+        r.metadata_mut()
+            .insert("l5d-client-id", id.parse().unwrap());
+        r
+    };
+    client
+        .delete_association(meshed(account(request(1), "restricted"), ORDERS_L5D))
+        .await
+        .unwrap();
+    for other in [
+        "billing.billing.serviceaccount.identity.linkerd.cluster.local",
+        "reports",
+        "token:reports",
+    ] {
+        let denied = client
+            .delete_association(meshed(account(request(2), "restricted"), other))
+            .await
+            .unwrap_err();
+        assert_eq!(denied.code(), Code::PermissionDenied, "{other}: {denied:?}");
+        details::error_info_with(&denied, "CALLER_NOT_ALLOWED");
+    }
+    let anonymous = client
+        .delete_association(account(request(3), "restricted"))
+        .await
+        .unwrap_err();
+    assert_eq!(anonymous.code(), Code::Unauthenticated, "{anonymous:?}");
+    // Any meshed caller may use the open account, and is labelled as such.
+    client
+        .delete_association(meshed(tonic::Request::new(request(4)), ORDERS_L5D))
+        .await
+        .unwrap();
+    assert_eq!(app.mock.arrivals().len(), 2, "refused calls spent nothing");
+    let page = crate::support::metrics_page(app.metrics_addr).await;
+    assert!(
+        page.contains(&format!("caller=\"mesh:{ORDERS_L5D}\"")),
+        "{page}"
+    );
+    app.shutdown().await.unwrap();
+}
+
 #[tokio::test]
 async fn bearer_tokens_identify_callers() {
     let token =
@@ -246,7 +306,7 @@ async fn bearer_tokens_identify_callers() {
         .unwrap_err();
     assert_eq!(denied.code(), Code::PermissionDenied);
     let info = details::error_info_with(&denied, "CALLER_NOT_ALLOWED");
-    assert_eq!(info.metadata["caller"], "audit");
+    assert_eq!(info.metadata["caller"], "token:audit");
     client
         .delete_association(bearer(tonic::Request::new(request(3)), "audit-secret"))
         .await

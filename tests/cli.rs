@@ -141,6 +141,53 @@ fn each_bad_setting_is_named_in_one_line() {
             &["--redis-username", "app"],
             "--redis-username",
         ),
+        // Out of range: refused before anything binds, never a panic later
+        // (a --max-wait near the limit once overflowed the default deadline).
+        (
+            &[url, key],
+            &["--max-wait", "18446744073709551615s"],
+            "--max-wait",
+        ),
+        (&[url, key], &["--max-wait", "25h"], "--max-wait"),
+        (
+            &[url, key],
+            &["--rate-per-second", "1001"],
+            "--rate-per-second",
+        ),
+        (&[url, key], &["--burst", "1000000001"], "--burst"),
+        (&[url, key], &["--max-queue", "1000001"], "--max-queue"),
+        (&[url, key], &["--safety-margin", "11s"], "--safety-margin"),
+        (
+            &[url, key],
+            &["--upstream-reserve", "61s"],
+            "--upstream-reserve",
+        ),
+        (
+            &[url, key],
+            &["--upstream-timeout", "500000000years"],
+            "--upstream-timeout",
+        ),
+        (
+            &[url, key],
+            &["--shutdown-grace", "11m"],
+            "--shutdown-grace",
+        ),
+        (
+            &[url, key],
+            &["--expected-replicas", "1001"],
+            "--expected-replicas",
+        ),
+        // The API key never crosses a network in clear unless asked to.
+        (
+            &[("INFOBIP_BASE_URL", "http://example.invalid"), key],
+            &[],
+            "--insecure-upstream",
+        ),
+        (
+            &[url, key],
+            &["--upstream-proxy", "socks5://proxy:1080"],
+            "--upstream-proxy",
+        ),
     ];
     for (env, args, setting) in cases {
         let (code, stderr) = serve(env, args);
@@ -310,6 +357,24 @@ fn a_bad_accounts_file_is_refused_with_file_line_and_key() {
         )),
         "{stderr}"
     );
+    // Far above any vendor's rate (once a panic with a zero margin).
+    std::fs::write(
+        &file,
+        "[[accounts]]\nname = \"main\"\nbase_url = \"https://x.example\"\napi_key_file = \"/k\"\nrate_per_second = 4000000000\n",
+    )
+    .unwrap();
+    let (code, stderr) = serve(
+        &[("GATEWAY_ACCOUNTS_FILE", path)],
+        &["--safety-margin", "0ms"],
+    );
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "{path}:5: accounts.rate_per_second: must be at most 1000"
+        )),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
     std::fs::write(
         &file,
         "[[accounts]]\nname = \"main\"\nbase_url = \"https://x.example\"\napi_key = \"inline\"\n",

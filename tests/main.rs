@@ -6,10 +6,12 @@
 
 mod budget;
 mod callers;
+mod certificates;
 mod chaos;
 mod cli;
 mod coalesce;
 mod contract;
+mod hardening;
 mod lifecycle;
 mod line_script;
 mod mapping;
@@ -18,6 +20,7 @@ mod promises;
 mod redis;
 mod shared_line;
 mod support;
+mod telemetry;
 mod topologies;
 mod topology_harness;
 mod validation;

@@ -11,7 +11,9 @@ use provisioning_gateway::mock::Scripted;
 use provisioning_gateway::pb::association_service_client::AssociationServiceClient;
 use tonic::Code;
 
-use crate::support::otlp::{Collector, Received, all_values, attr};
+use opentelemetry_proto::tonic::common::v1::any_value::Value;
+
+use crate::support::otlp::{Collector, Received, all_values, attr, attr_value};
 use crate::support::process::GatewayProcess;
 use crate::support::{API_KEY, Opts, details, request, spawn_app, spawn_mock, with_timeout};
 
@@ -70,6 +72,11 @@ async fn traced_calls_are_exported(protocol: &str) {
             ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
             ("OTEL_EXPORTER_OTLP_PROTOCOL", protocol),
             ("OTEL_SERVICE_NAME", "pg-under-test"),
+            // OTEL_SERVICE_NAME wins over the attributes' service.name.
+            (
+                "OTEL_RESOURCE_ATTRIBUTES",
+                "service.name=from-attributes,service.version=9.9.9-test",
+            ),
             ("OTEL_BSP_SCHEDULE_DELAY", "100"),
         ],
     )
@@ -93,6 +100,12 @@ async fn traced_calls_are_exported(protocol: &str) {
     assert!(status.success());
     let spans = collector.spans();
     assert!(spans.iter().all(|r| r.service_name == "pg-under-test"));
+    assert!(
+        spans.iter().all(|r| r
+            .resource
+            .contains(&("service.version".into(), "9.9.9-test".into()))),
+        "OTEL_RESOURCE_ATTRIBUTES overrides the version"
+    );
 
     // Success: server → budget.wait, server → HTTP client; attributes; upstream traceparent.
     let (server, wait, client_span) = call_spans(&spans, CALLER_SPAN);
@@ -124,8 +137,23 @@ async fn traced_calls_are_exported(protocol: &str) {
         attr(c, "url.full"),
         Some(format!("http://{mock_addr}/provisioning/1/associations"))
     );
-    assert_eq!(attr(c, "http.response.status_code").as_deref(), Some("204"));
-    assert_eq!(attr(c, "http.request.resend_count").as_deref(), Some("0"));
+    // Ints, as the HTTP semantic conventions type them (not "204").
+    assert_eq!(
+        attr_value(c, "http.response.status_code"),
+        Some(Value::IntValue(204))
+    );
+    assert_eq!(
+        attr_value(c, "http.request.resend_count"),
+        Some(Value::IntValue(0))
+    );
+    assert_eq!(
+        attr_value(c, "server.port"),
+        Some(Value::IntValue(i64::from(mock_addr.port())))
+    );
+    assert_eq!(
+        attr_value(s, "rpc.grpc.status_code"),
+        Some(Value::IntValue(0))
+    );
     let arrivals = mock.arrivals();
     let upstream_parent = arrivals[0].headers["traceparent"]
         .to_str()
@@ -147,19 +175,21 @@ async fn traced_calls_are_exported(protocol: &str) {
         format!("00-{TRACE_ID}-{}-01", hex(&s.span_id))
     );
 
-    // Error path: the 404 marks the spans as errors and still returns traceresponse.
+    // Error path: the 404 marks the HTTP client span as an error, not the
+    // server span (NOT_FOUND is no server failure in the gRPC conventions),
+    // and still returns traceresponse.
     let (server, _, client_span) = call_spans(&spans, "1111111111111111");
     assert_eq!(
         attr(&server.span, "rpc.grpc.status_code").as_deref(),
         Some("5")
     );
     assert_eq!(
-        server.span.status.as_ref().map(|s| s.code),
-        Some(StatusCode::Error as i32)
+        server.span.status.as_ref().map_or(0, |s| s.code),
+        StatusCode::Unset as i32
     );
     assert_eq!(
-        attr(&client_span.span, "http.response.status_code").as_deref(),
-        Some("404")
+        attr_value(&client_span.span, "http.response.status_code"),
+        Some(Value::IntValue(404))
     );
     assert_eq!(
         client_span.span.status.as_ref().map(|s| s.code),
@@ -270,12 +300,12 @@ async fn metrics_move_by_code_and_reason_and_never_carry_the_key() {
     };
     let requests = "provisioning_gateway_requests_total";
     assert_eq!(
-        delta(requests, &[("account", "default"), ("code", "Ok")]),
+        delta(requests, &[("account", "default"), ("code", "OK")]),
         1.0
     );
-    assert_eq!(delta(requests, &[("code", "InvalidArgument")]), 1.0);
-    assert_eq!(delta(requests, &[("code", "ResourceExhausted")]), 1.0);
-    assert_eq!(delta(requests, &[("code", "NotFound")]), 1.0);
+    assert_eq!(delta(requests, &[("code", "INVALID_ARGUMENT")]), 1.0);
+    assert_eq!(delta(requests, &[("code", "RESOURCE_EXHAUSTED")]), 1.0);
+    assert_eq!(delta(requests, &[("code", "NOT_FOUND")]), 1.0);
     let upstream = "provisioning_gateway_upstream_requests_total";
     assert_eq!(delta(upstream, &[("status", "204")]), 1.0);
     assert_eq!(delta(upstream, &[("status", "404")]), 1.0);
@@ -296,7 +326,7 @@ async fn metrics_move_by_code_and_reason_and_never_carry_the_key() {
     assert_eq!(
         delta(
             "provisioning_gateway_request_duration_seconds_count",
-            &[("code", "Ok")]
+            &[("code", "OK")]
         ),
         1.0
     );

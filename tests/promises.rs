@@ -58,6 +58,7 @@ async fn an_authenticated_caller_no_account_names_is_labelled_unlisted() {
         cert: server.cert.clone().into(),
         key: server.key.clone().into(),
         client_ca: Some(ca.pem().into()),
+        files: None,
     };
     let (mock, addr, stop) = spawn_open_mock(20).await;
     let opts = Opts {
@@ -179,14 +180,14 @@ async fn the_log_event_of_a_call_says_whether_it_shared_another_calls_upstream_c
             .clone()
     };
     assert!(
-        event("lead").contains("\"coalesced\":false"),
+        event("token:lead").contains("\"coalesced\":false"),
         "{}",
-        event("lead")
+        event("token:lead")
     );
     assert!(
-        event("follow").contains("\"coalesced\":true"),
+        event("token:follow").contains("\"coalesced\":true"),
         "{}",
-        event("follow")
+        event("token:follow")
     );
 }
 

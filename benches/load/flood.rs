@@ -10,6 +10,12 @@
 //!
 //! Each gateway has its own emulator enforcing the vendor's 1 rps, which
 //! records every arrival: the upstream must never see more than the budget.
+//!
+//! Then the release binary, as deployed (JSON logs at `info`, spans on) and
+//! with logging at `error` (which also turns the `info` spans off), side by
+//! side under the same flood of hopeless calls (64 HTTP/2 connections, 100 ms
+//! deadlines): refusals per second of each, their ratio (target ≥ 0.8), and
+//! the log lines the deployed one wrote per 40,000 refusals.
 
 use std::time::{Duration, Instant};
 
@@ -22,9 +28,11 @@ use tokio::task::JoinHandle;
 use crate::Opts;
 use crate::harness::{Target, connections, fmt, interleave, request};
 use crate::report::{table, verdict, write};
-use crate::systems::{echo_server, emulator, gateway_in_process};
+use crate::systems::{GatewayBin, echo_server, emulator, gateway_in_process, results_dir, scrape};
 
 const TARGET: f64 = 0.8;
+/// Refusals per second as deployed ÷ with logs at `error`, at least.
+const LOG_TARGET: f64 = 0.8;
 
 /// Callers that wait as long as it takes, one call after another.
 fn patients(addr: std::net::SocketAddr, n: usize) -> Vec<JoinHandle<()>> {
@@ -168,9 +176,105 @@ pub async fn run(opts: &Opts) -> anyhow::Result<()> {
         .await
         .unwrap_or(0.0);
     println!("  upstream requests that left late (next slot moved), both gateways: {late_sends}");
+    let binary = binary_logs(opts).await?;
     write(
         "flood",
-        json!({"concurrency": c, "target_ratio": TARGET, "systems": results, "upstream": vendor, "late_sends": late_sends}),
+        json!({"concurrency": c, "target_ratio": TARGET, "systems": results, "upstream": vendor, "late_sends": late_sends, "binary": binary}),
     );
     Ok(())
+}
+
+/// The release binary flooded with hopeless calls, logging as deployed vs
+/// at `error`, side by side; and the deployed one's log lines.
+async fn binary_logs(opts: &Opts) -> anyhow::Result<serde_json::Value> {
+    const CONCURRENCY: usize = 64;
+    let (_mock, upstream) = emulator(1).await?;
+    let flags = &["--rate-per-second", "1"];
+    let info = GatewayBin::start("flood-info", upstream, flags, &[]).await?;
+    // Errors only; the startup module's one info line ("serving") is how
+    // the tool learns the bound addresses.
+    let quiet = [(
+        "RUST_LOG",
+        "error,provisioning_gateway::startup=info".to_owned(),
+    )];
+    let error = GatewayBin::start("flood-error", upstream, flags, &quiet).await?;
+    let deadline = Some(Duration::from_millis(100));
+    let systems = [
+        (
+            "binary, logs at info (as deployed)",
+            Target::grpc(info.addr, CONCURRENCY, deadline).await?,
+        ),
+        (
+            "binary, logs at error",
+            Target::grpc(error.addr, CONCURRENCY, deadline).await?,
+        ),
+    ];
+    println!(
+        "\nrelease binary, concurrency {CONCURRENCY} over {CONCURRENCY} HTTP/2 connections, 100 ms deadlines: {} rounds of {:?} per system",
+        opts.rounds, opts.round
+    );
+    let samples = interleave(&systems, CONCURRENCY, opts.rounds, opts.round).await;
+    // Every refusal the deployed binary made, warm-up included, as its own
+    // metrics count them: what its log lines cover.
+    let refused_total = scrape(
+        info.metrics_addr,
+        provisioning_gateway::telemetry::metrics::REJECTIONS,
+    )
+    .await
+    .unwrap_or(0.0);
+    // SIGTERM: the last summary line is written on the way out.
+    info.stop().await;
+    error.stop().await;
+    let log = std::fs::read_to_string(results_dir().join("logs").join("flood-info.log"))?;
+    let lines = log.lines().count();
+    let refusal_lines = log
+        .lines()
+        .filter(|l| l.contains("delete failed") || l.contains("refusals held back"))
+        .count();
+
+    let rate = |s: &crate::harness::Sample| {
+        s.count("ResourceExhausted/BUDGET_EXHAUSTED") as f64 / s.busy.as_secs_f64()
+    };
+    let rows: Vec<Vec<String>> = systems
+        .iter()
+        .zip(&samples)
+        .map(|((name, _), s)| {
+            vec![
+                name.to_string(),
+                s.calls().to_string(),
+                s.count("ResourceExhausted/BUDGET_EXHAUSTED").to_string(),
+                format!("{:.0}/s", rate(s)),
+                fmt(s.p(0.5)),
+                fmt(s.p(0.99)),
+            ]
+        })
+        .collect();
+    table(
+        &["system", "calls", "refused", "refusals/s", "p50", "p99"],
+        &rows,
+    );
+    let ratio = rate(&samples[0]) / rate(&samples[1]);
+    let per_40k = lines as f64 / refused_total.max(1.0) * 40_000.0;
+    println!(
+        "  refusals/s as deployed ÷ logs at error = {ratio:.2} (target ≥ {LOG_TARGET}: {})",
+        verdict(ratio >= LOG_TARGET)
+    );
+    println!(
+        "  log lines as deployed: {lines} in all ({refusal_lines} about refusals) for {refused_total:.0} refusals: {per_40k:.1} per 40,000"
+    );
+    for ((name, _), s) in systems.iter().zip(&samples) {
+        println!("    {name}: {:?}", s.outcomes);
+    }
+    Ok(json!({
+        "concurrency": CONCURRENCY,
+        "deadline_ms": 100,
+        "as_deployed": samples[0].to_json(),
+        "logs_at_error": samples[1].to_json(),
+        "ratio": ratio,
+        "target_ratio": LOG_TARGET,
+        "log_lines": lines,
+        "refusal_log_lines": refusal_lines,
+        "refusals_total": refused_total,
+        "log_lines_per_40000_refusals": per_40k,
+    }))
 }

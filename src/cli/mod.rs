@@ -72,6 +72,13 @@ pub struct ServeArgs {
     /// caller is the certificate's URI SAN (SPIFFE ID), else its DNS SAN.
     #[arg(long, env = "GATEWAY_CLIENT_CA", requires = "tls_cert")]
     pub client_ca: Option<PathBuf>,
+    /// Header a service mesh's sidecar sets to the caller's verified
+    /// identity (`l5d-client-id` for Linkerd, `x-forwarded-client-cert` for
+    /// Istio/Envoy: its URI=, else DNS=). The caller is then `mesh:<value>`.
+    /// Only safe when the pod is reachable through the sidecar alone (see
+    /// docs/deploying.md): anyone else can send the header.
+    #[arg(long, env = "GATEWAY_MESH_IDENTITY_HEADER")]
+    pub mesh_identity_header: Option<String>,
     #[command(flatten)]
     pub budget: BudgetArgs,
     #[command(flatten)]
@@ -79,6 +86,16 @@ pub struct ServeArgs {
     /// Longest time one upstream attempt may take (capped by the caller's deadline).
     #[arg(long, env = "GATEWAY_UPSTREAM_TIMEOUT", default_value_t = defaults::UPSTREAM_TIMEOUT.into(), value_parser = parse_duration)]
     pub upstream_timeout: Duration,
+    /// HTTP(S) proxy for the requests to Infobip. Without it the gateway
+    /// connects directly and ignores HTTP_PROXY/HTTPS_PROXY/ALL_PROXY (a
+    /// variable meant for something else must not reroute the API key).
+    #[arg(long, env = "GATEWAY_UPSTREAM_PROXY")]
+    pub upstream_proxy: Option<String>,
+    /// Allow an http:// Infobip URL that is not loopback (the API key then
+    /// crosses the network in clear). Only for a TLS-terminating proxy on a
+    /// trusted network.
+    #[arg(long, env = "GATEWAY_INSECURE_UPSTREAM")]
+    pub insecure_upstream: bool,
     /// How long in-flight calls may take to finish after SIGTERM/SIGINT.
     #[arg(long, env = "GATEWAY_SHUTDOWN_GRACE", default_value_t = defaults::SHUTDOWN_GRACE.into(), value_parser = parse_duration)]
     pub shutdown_grace: Duration,

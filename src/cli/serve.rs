@@ -28,9 +28,17 @@ impl ServeArgs {
             .max_queue(budget.max_queue)
             .upstream_reserve(*budget.upstream_reserve)
             .upstream_timeout(*self.upstream_timeout)
+            .upstream_proxy(self.proxy()?)
+            .insecure_upstream(self.insecure_upstream)
             .shutdown_grace(*self.shutdown_grace)
             .log_format(self.log_format)
             .tls(self.tls()?)
+            .mesh_identity_header(
+                self.mesh_identity_header
+                    .as_deref()
+                    .map(|h| h.trim().to_ascii_lowercase())
+                    .filter(|h| !h.is_empty()),
+            )
             .backend(self.backend.config()?);
         match &self.accounts_file {
             Some(path) => self.accounts_from_file(builder, api_key_env.as_deref(), path)?,
@@ -127,6 +135,22 @@ impl ServeArgs {
             .callers(file.callers))
     }
 
+    /// `--upstream-proxy`, parsed.
+    fn proxy(&self) -> Result<Option<url::Url>, ConfigError> {
+        self.upstream_proxy
+            .as_deref()
+            .filter(|p| !p.trim().is_empty())
+            .map(|p| {
+                url::Url::parse(p).map_err(|e| {
+                    ConfigError::new(
+                        "--upstream-proxy (GATEWAY_UPSTREAM_PROXY)",
+                        format!("not a valid URL ({e})"),
+                    )
+                })
+            })
+            .transpose()
+    }
+
     /// The TLS files of the gRPC listener.
     fn tls(&self) -> Result<Option<TlsConfig>, ConfigError> {
         let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
@@ -140,13 +164,15 @@ impl BackendArgs {
     /// Where the budget lives.
     fn config(&self) -> Result<BackendConfig, ConfigError> {
         const URL: &str = "--redis-url (GATEWAY_REDIS_URL)";
-        let expected_replicas =
-            std::num::NonZeroU32::new(self.expected_replicas).ok_or_else(|| {
-                ConfigError::new(
-                    "--expected-replicas (GATEWAY_EXPECTED_REPLICAS)",
-                    "must be at least 1",
-                )
-            })?;
+        const REPLICAS: &str = "--expected-replicas (GATEWAY_EXPECTED_REPLICAS)";
+        let expected_replicas = std::num::NonZeroU32::new(self.expected_replicas)
+            .ok_or_else(|| ConfigError::new(REPLICAS, "must be at least 1"))?;
+        if self.expected_replicas > defaults::MAX_EXPECTED_REPLICAS {
+            return Err(ConfigError::new(
+                REPLICAS,
+                format!("must be at most {}", defaults::MAX_EXPECTED_REPLICAS),
+            ));
+        }
         let url = self.redis_url.as_deref().filter(|u| !u.trim().is_empty());
         match (self.budget_backend, url) {
             (BackendKind::Memory, None) => {

@@ -11,7 +11,7 @@
 //! api_key_file = "/var/run/secrets/infobip/main"   # or api_key_env = "VAR"
 //! rate_per_second = 1
 //! burst = 1
-//! allowed_callers = ["spiffe://cluster.local/ns/orders/sa/orders", "billing"]
+//! allowed_callers = ["spiffe://cluster.local/ns/orders/sa/orders", "token:billing"]
 //!
 //! [[callers]]
 //! name = "billing"
@@ -26,7 +26,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::{AccountConfig, TokenCaller, check_label, endpoint_url};
+use super::{AccountConfig, TokenCaller, check_caller_name, check_label, defaults, endpoint_url};
 use crate::keys::KeySource;
 
 /// A refusal naming the file, the line and the key.
@@ -129,8 +129,8 @@ impl AccountsFile {
                     "must be 64 hex digits (SHA-256 of the token)".into(),
                 )
             })?;
-            let weight =
-                positive(c.weight.as_ref(), "callers.weight", &at)?.unwrap_or(NonZeroU32::MIN);
+            let weight = within(c.weight.as_ref(), "callers.weight", MAX_WEIGHT, &at)?
+                .unwrap_or(NonZeroU32::MIN);
             callers.push(TokenCaller {
                 name: Arc::from(name),
                 token_sha256,
@@ -191,16 +191,25 @@ impl AccountsFile {
                     "caller names must not be empty".into(),
                 ));
             }
+            if let Some(list) = &a.allowed_callers
+                && let Some(problem) = list
+                    .get_ref()
+                    .iter()
+                    .find_map(|c| check_caller_name(c).err())
+            {
+                return Err(at(list.span(), "accounts.allowed_callers", problem));
+            }
             accounts.push(AccountConfig {
                 name,
                 endpoint,
                 key,
-                rate_per_second: positive(
+                rate_per_second: within(
                     a.rate_per_second.as_ref(),
                     "accounts.rate_per_second",
+                    defaults::MAX_RATE_PER_SECOND,
                     &at,
                 )?,
-                burst: positive(a.burst.as_ref(), "accounts.burst", &at)?,
+                burst: within(a.burst.as_ref(), "accounts.burst", defaults::MAX_BURST, &at)?,
                 allowed_callers,
             });
         }
@@ -244,15 +253,24 @@ fn label(name: &Spanned<String>) -> Result<String, String> {
         .map_err(str::to_owned)
 }
 
-fn positive(
+/// Largest fair-share weight of a caller (turns per round).
+const MAX_WEIGHT: u32 = 1000;
+
+/// 1 ≤ value ≤ `max`.
+fn within(
     value: Option<&Spanned<u32>>,
     key: &str,
+    max: u32,
     at: &impl Fn(std::ops::Range<usize>, &str, String) -> AccountsError,
 ) -> Result<Option<NonZeroU32>, AccountsError> {
     value
         .map(|v| {
-            NonZeroU32::new(*v.get_ref())
-                .ok_or_else(|| at(v.span(), key, "must be at least 1".into()))
+            let n = NonZeroU32::new(*v.get_ref())
+                .ok_or_else(|| at(v.span(), key, "must be at least 1".into()))?;
+            if n.get() > max {
+                return Err(at(v.span(), key, format!("must be at most {max}")));
+            }
+            Ok(n)
         })
         .transpose()
 }
@@ -281,7 +299,7 @@ name = "main"
 base_url = "https://abc.api.infobip.com"
 api_key_file = "/var/run/secrets/infobip/main"
 rate_per_second = 1
-allowed_callers = ["spiffe://cluster.local/ns/orders/sa/orders", "billing"]
+allowed_callers = ["spiffe://cluster.local/ns/orders/sa/orders", "token:billing"]
 
 [[accounts]]
 name = "marketing"

@@ -3,7 +3,7 @@
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::time::Duration;
 
-use super::ConfigError;
+use super::{ConfigError, defaults};
 
 /// The per-account budget, checked.
 #[derive(Debug, Clone)]
@@ -34,31 +34,41 @@ impl BudgetConfig {
         Duration::from_secs(1) / self.rate_per_second.get() + self.safety_margin
     }
 
-    /// Checks the budget settings.
+    /// Checks the budget settings against [`defaults`]' bounds.
     pub(super) fn check(s: &BudgetSettings) -> Result<Self, ConfigError> {
         const RATE: &str = "--rate-per-second (GATEWAY_RATE_PER_SECOND)";
+        const BURST: &str = "--burst (GATEWAY_BURST)";
+        const QUEUE: &str = "--max-queue (GATEWAY_MAX_QUEUE)";
         let rate_per_second = NonZeroU32::new(s.rate_per_second)
             .ok_or_else(|| ConfigError::new(RATE, "must be at least 1"))?;
-        if s.rate_per_second > 1000 {
-            return Err(ConfigError::new(RATE, "must be at most 1000"));
-        }
+        at_most(RATE, s.rate_per_second, defaults::MAX_RATE_PER_SECOND)?;
         let burst = NonZeroU32::new(s.burst)
-            .ok_or_else(|| ConfigError::new("--burst (GATEWAY_BURST)", "must be at least 1"))?;
-        let max_queue = NonZeroUsize::new(s.max_queue).ok_or_else(|| {
-            ConfigError::new("--max-queue (GATEWAY_MAX_QUEUE)", "must be at least 1")
-        })?;
-        if s.safety_margin > Duration::from_secs(10) {
-            return Err(ConfigError::new(
-                "--safety-margin (GATEWAY_SAFETY_MARGIN)",
-                "must be at most 10s",
-            ));
-        }
+            .ok_or_else(|| ConfigError::new(BURST, "must be at least 1"))?;
+        at_most(BURST, s.burst, defaults::MAX_BURST)?;
+        let max_queue = NonZeroUsize::new(s.max_queue)
+            .ok_or_else(|| ConfigError::new(QUEUE, "must be at least 1"))?;
+        at_most(QUEUE, s.max_queue, defaults::MAX_MAX_QUEUE)?;
+        duration_at_most(
+            "--safety-margin (GATEWAY_SAFETY_MARGIN)",
+            s.safety_margin,
+            defaults::MAX_SAFETY_MARGIN,
+        )?;
         if s.max_wait.is_zero() {
             return Err(ConfigError::new(
                 "--max-wait (GATEWAY_MAX_WAIT)",
                 "must be greater than zero",
             ));
         }
+        duration_at_most(
+            "--max-wait (GATEWAY_MAX_WAIT)",
+            s.max_wait,
+            defaults::MAX_MAX_WAIT,
+        )?;
+        duration_at_most(
+            "--upstream-reserve (GATEWAY_UPSTREAM_RESERVE)",
+            s.upstream_reserve,
+            defaults::MAX_UPSTREAM_RESERVE,
+        )?;
         Ok(Self {
             rate_per_second,
             burst,
@@ -68,6 +78,33 @@ impl BudgetConfig {
             upstream_reserve: s.upstream_reserve,
         })
     }
+}
+
+/// `value` ≤ `max`, or a refusal naming `setting`.
+pub(super) fn at_most<T: PartialOrd + std::fmt::Display>(
+    setting: &'static str,
+    value: T,
+    max: T,
+) -> Result<(), ConfigError> {
+    if value > max {
+        return Err(ConfigError::new(setting, format!("must be at most {max}")));
+    }
+    Ok(())
+}
+
+/// `value` ≤ `max`, or a refusal naming `setting` (durations as humantime).
+pub(super) fn duration_at_most(
+    setting: &'static str,
+    value: Duration,
+    max: Duration,
+) -> Result<(), ConfigError> {
+    if value > max {
+        return Err(ConfigError::new(
+            setting,
+            format!("must be at most {}", humantime::format_duration(max)),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

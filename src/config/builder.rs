@@ -5,10 +5,11 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use super::budget::BudgetSettings;
+use super::auth::check_mesh_header;
+use super::budget::{BudgetSettings, at_most, duration_at_most};
 use super::{
     AccountConfig, AuthConfig, BackendConfig, BudgetConfig, Config, ConfigError, LogFormat,
-    RedisConfig, TlsConfig, TokenCaller, check_label, defaults,
+    RedisConfig, TlsConfig, TokenCaller, check_caller_name, check_label, defaults,
 };
 
 /// Settings on their way to a [`Config`]; starts from [`defaults`].
@@ -22,6 +23,8 @@ pub struct ConfigBuilder {
     budget: BudgetSettings,
     backend: BackendConfig,
     upstream_timeout: Duration,
+    upstream_proxy: Option<url::Url>,
+    insecure_upstream: bool,
     shutdown_grace: Duration,
     log_format: Option<LogFormat>,
 }
@@ -44,6 +47,8 @@ impl Default for ConfigBuilder {
             },
             backend: BackendConfig::Memory,
             upstream_timeout: defaults::UPSTREAM_TIMEOUT,
+            upstream_proxy: None,
+            insecure_upstream: false,
             shutdown_grace: defaults::SHUTDOWN_GRACE,
             log_format: None,
         }
@@ -70,6 +75,8 @@ impl ConfigBuilder {
         tls: Option<TlsConfig> => auth.tls;
         /// Bearer-token callers.
         callers: Vec<TokenCaller> => auth.callers;
+        /// The header a service mesh's sidecar sets to the caller's identity.
+        mesh_identity_header: Option<String> => auth.mesh_header;
         /// Upstream requests per second per account.
         rate_per_second: u32 => budget.rate_per_second;
         /// Requests that may go at once after idling.
@@ -86,6 +93,11 @@ impl ConfigBuilder {
         backend: BackendConfig => backend;
         /// Longest upstream attempt.
         upstream_timeout: Duration => upstream_timeout;
+        /// The HTTP(S) proxy for upstream requests (`None`: none, whatever
+        /// the environment says).
+        upstream_proxy: Option<url::Url> => upstream_proxy;
+        /// Allow `http://` upstreams beyond loopback.
+        insecure_upstream: bool => insecure_upstream;
         /// Drain time after SIGTERM/SIGINT.
         shutdown_grace: Duration => shutdown_grace;
         /// Log format; `None`: json, or text on a terminal.
@@ -113,12 +125,20 @@ impl ConfigBuilder {
     /// Checks every setting; the first problem found is named.
     pub fn build(self) -> Result<Config, ConfigError> {
         const ACCOUNTS: &str = "--accounts-file (GATEWAY_ACCOUNTS_FILE)";
+        const TIMEOUT: &str = "--upstream-timeout (GATEWAY_UPSTREAM_TIMEOUT)";
         if self.upstream_timeout.is_zero() {
-            return Err(ConfigError::new(
-                "--upstream-timeout (GATEWAY_UPSTREAM_TIMEOUT)",
-                "must be greater than zero",
-            ));
+            return Err(ConfigError::new(TIMEOUT, "must be greater than zero"));
         }
+        duration_at_most(
+            TIMEOUT,
+            self.upstream_timeout,
+            defaults::MAX_UPSTREAM_TIMEOUT,
+        )?;
+        duration_at_most(
+            "--shutdown-grace (GATEWAY_SHUTDOWN_GRACE)",
+            self.shutdown_grace,
+            defaults::MAX_SHUTDOWN_GRACE,
+        )?;
         let budget = BudgetConfig::check(&self.budget)?;
         if let BackendConfig::Redis(redis) = &self.backend {
             redis.check()?;
@@ -136,6 +156,31 @@ impl ConfigBuilder {
         };
         for (i, account) in self.accounts.iter().enumerate() {
             check_label(&account.name).map_err(|p| ConfigError::new(names_setting, p))?;
+            // The accounts file checks these with file:line; an account built
+            // in code meets the same bounds.
+            if let Some(rate) = account.rate_per_second {
+                at_most(ACCOUNTS, rate.get(), defaults::MAX_RATE_PER_SECOND)?;
+            }
+            if let Some(burst) = account.burst {
+                at_most(ACCOUNTS, burst.get(), defaults::MAX_BURST)?;
+            }
+            if account.endpoint.scheme() == "http" && !self.insecure_upstream {
+                let setting = if self.accounts.len() == 1 {
+                    "--upstream-url (INFOBIP_BASE_URL)"
+                } else {
+                    ACCOUNTS
+                };
+                if !is_loopback(&account.endpoint) {
+                    return Err(ConfigError::new(
+                        setting,
+                        format!(
+                            "account {:?}: http:// would send the API key in clear; use https:// \
+                             (http:// only to loopback, or with --insecure-upstream)",
+                            account.name
+                        ),
+                    ));
+                }
+            }
             if self.accounts[..i].iter().any(|a| a.name == account.name) {
                 return Err(ConfigError::new(
                     ACCOUNTS,
@@ -153,7 +198,27 @@ impl ConfigBuilder {
         if !self.auth.required() && self.accounts.iter().any(|a| a.allowed_callers.is_some()) {
             return Err(ConfigError::new(
                 ACCOUNTS,
-                "allowed_callers needs caller authentication: --client-ca (mTLS) or [[callers]] tokens",
+                "allowed_callers needs caller authentication: --client-ca (mTLS), [[callers]] tokens or --mesh-identity-header",
+            ));
+        }
+        let allowed = self
+            .accounts
+            .iter()
+            .flat_map(|a| a.allowed_callers.iter().flatten());
+        for name in allowed {
+            check_caller_name(name).map_err(|p| ConfigError::new(ACCOUNTS, p))?;
+        }
+        if let Some(header) = &self.auth.mesh_header {
+            check_mesh_header(header).map_err(|p| {
+                ConfigError::new("--mesh-identity-header (GATEWAY_MESH_IDENTITY_HEADER)", p)
+            })?;
+        }
+        if let Some(proxy) = &self.upstream_proxy
+            && !matches!(proxy.scheme(), "http" | "https")
+        {
+            return Err(ConfigError::new(
+                "--upstream-proxy (GATEWAY_UPSTREAM_PROXY)",
+                "must be an http:// or https:// proxy URL",
             ));
         }
         Ok(Config {
@@ -165,9 +230,24 @@ impl ConfigBuilder {
             budget,
             backend: self.backend,
             upstream_timeout: self.upstream_timeout,
+            upstream_proxy: self.upstream_proxy,
+            insecure_upstream: self.insecure_upstream,
             shutdown_grace: self.shutdown_grace,
             log_format: self.log_format,
         })
+    }
+}
+
+/// Whether `url` names this machine (127.0.0.0/8, ::1, `localhost`): an
+/// `http://` upstream there never crosses a network.
+fn is_loopback(url: &url::Url) -> bool {
+    match url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(name)) => {
+            name.eq_ignore_ascii_case("localhost") || name.ends_with(".localhost")
+        }
+        None => false,
     }
 }
 
@@ -199,8 +279,56 @@ mod tests {
     }
 
     #[test]
+    fn http_upstreams_only_to_loopback_unless_insecure() {
+        let at = |url: &str| {
+            let key = KeySource::Fixed(ApiKey::new("k").unwrap());
+            Config::builder().account(AccountConfig::new("a", endpoint_url(url).unwrap(), key))
+        };
+        for ok in [
+            "https://x.example",
+            "http://127.0.0.1:8080",
+            "http://[::1]:8080",
+            "http://localhost:8080",
+        ] {
+            assert!(at(ok).build().is_ok(), "{ok}");
+        }
+        let e = at("http://x.example").build().unwrap_err();
+        assert!(e.setting.starts_with("--upstream-url"), "{e}");
+        assert!(e.problem.contains("--insecure-upstream"), "{e}");
+        assert!(
+            at("http://x.example")
+                .insecure_upstream(true)
+                .build()
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn allowed_callers_name_their_identity_source() {
+        let token = TokenCaller::with_token("billing", "t", std::num::NonZeroU32::MIN);
+        let with = |name: &str| {
+            Config::builder()
+                .account(account("a").allowed_callers(vec![name.into()]))
+                .callers(vec![token.clone()])
+                .build()
+        };
+        for ok in [
+            "token:billing",
+            "dns:billing.svc",
+            "mesh:x",
+            "spiffe://c/ns/a/sa/b",
+        ] {
+            assert!(with(ok).is_ok(), "{ok}");
+        }
+        for ambiguous in ["billing", "token:", "://x"] {
+            let e = with(ambiguous).unwrap_err();
+            assert!(e.problem.contains("token:NAME"), "{ambiguous}: {e}");
+        }
+    }
+
+    #[test]
     fn each_refusal_names_its_setting() {
-        let cases: [(ConfigBuilder, &str); 6] = [
+        let cases: [(ConfigBuilder, &str); 8] = [
             (Config::builder(), "--upstream-url"),
             (Config::builder().account(account("a b")), "--account-name"),
             (
@@ -214,7 +342,7 @@ mod tests {
                 "--accounts-file",
             ),
             (
-                Config::builder().account(account("a").allowed_callers(vec!["x".into()])),
+                Config::builder().account(account("a").allowed_callers(vec!["token:x".into()])),
                 "--accounts-file",
             ),
             (
@@ -222,6 +350,18 @@ mod tests {
                     .account(account("a"))
                     .upstream_timeout(Duration::ZERO),
                 "--upstream-timeout",
+            ),
+            (
+                Config::builder()
+                    .account(account("a"))
+                    .mesh_identity_header(Some("authorization".into())),
+                "--mesh-identity-header",
+            ),
+            (
+                Config::builder()
+                    .account(account("a"))
+                    .mesh_identity_header(Some("L5d Client".into())),
+                "--mesh-identity-header",
             ),
         ];
         for (builder, setting) in cases {

@@ -20,3 +20,21 @@ pub const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(10);
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 pub const REDIS_KEY_PREFIX: &str = "provisioning-gateway:budget:";
 pub const EXPECTED_REPLICAS: u32 = 1;
+
+// Bounds: every duration and rate is checked against these before anything
+// binds, so no later sum or instant can overflow (a panic on a request path)
+// and a typo ("30000s" for "30s") is caught at startup.
+
+/// Most upstream requests per second per account (interval ≥ 1 ms).
+pub const MAX_RATE_PER_SECOND: u32 = 1000;
+/// Most requests at once after idling (the load tool's "unlimited" budget).
+pub const MAX_BURST: u32 = 1_000_000_000;
+pub const MAX_SAFETY_MARGIN: Duration = Duration::from_secs(10);
+/// Longest `--max-wait` (a day: a deep queue at 1 request/second can
+/// legitimately wait hours; far from any overflow).
+pub const MAX_MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
+pub const MAX_MAX_QUEUE: usize = 1_000_000;
+pub const MAX_UPSTREAM_RESERVE: Duration = Duration::from_secs(60);
+pub const MAX_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(300);
+pub const MAX_SHUTDOWN_GRACE: Duration = Duration::from_secs(600);
+pub const MAX_EXPECTED_REPLICAS: u32 = 1000;

@@ -19,7 +19,8 @@ mod redis_url;
 pub(crate) use account::check_label;
 pub use account::{AccountConfig, endpoint_url};
 pub use accounts_file::{AccountsError, AccountsFile};
-pub use auth::{AuthConfig, TlsConfig, TokenCaller};
+pub(crate) use auth::check_caller_name;
+pub use auth::{AuthConfig, TlsConfig, TlsFiles, TokenCaller};
 pub(crate) use backend::read_secret;
 pub use backend::{BackendConfig, CaPem, RedisConfig, RedisFallback};
 pub use budget::BudgetConfig;
@@ -65,6 +66,11 @@ pub struct Config {
     pub budget: BudgetConfig,
     pub backend: BackendConfig,
     pub upstream_timeout: Duration,
+    /// The HTTP(S) proxy upstream requests go through; `None`: straight to
+    /// Infobip, whatever `HTTP(S)_PROXY` say.
+    pub upstream_proxy: Option<url::Url>,
+    /// `http://` upstreams beyond loopback are allowed (the key goes in clear).
+    pub insecure_upstream: bool,
     pub shutdown_grace: Duration,
     pub log_format: Option<LogFormat>,
 }

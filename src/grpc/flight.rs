@@ -206,7 +206,7 @@ mod tests {
                     key: Arc::new(KeyCell::load(key).unwrap()),
                 }),
                 sender: Sender {
-                    upstream: Upstream::new(Duration::from_secs(1)).unwrap(),
+                    upstream: Upstream::new(Duration::from_secs(1), None).unwrap(),
                     timeout: Duration::from_secs(1),
                 },
                 association: Association::try_from(request).unwrap(),

@@ -1,5 +1,9 @@
 //! What happened to one call, and its one trace of it: span fields, the
 //! request metrics and a single log event, all written in [`Report::answer`].
+//! A served call always has its log event; a refusal (nothing sent upstream)
+//! has one when it is the first of its kind lately, and is otherwise counted
+//! in a summary line ([`RefusalLog`]), so a flood of refusals cannot flood
+//! the logs.
 
 use std::time::Duration;
 
@@ -9,6 +13,7 @@ use tonic::{Response, Status};
 use super::status::CallError;
 use crate::pb::DeleteAssociationResponse;
 use crate::telemetry::metrics;
+use crate::telemetry::refusals::RefusalLog;
 
 /// Label of calls refused before an account or caller is known.
 pub(super) const UNKNOWN: &str = "unknown";
@@ -28,6 +33,7 @@ impl Report {
     /// turns its result into the answer.
     pub(super) fn answer(
         &self,
+        refusals: &RefusalLog,
         account: &str,
         caller: &str,
         started: Instant,
@@ -41,10 +47,25 @@ impl Report {
             .as_ref()
             .map_or_else(CallError::code, |()| tonic::Code::Ok);
         metrics::request(account, caller, code, elapsed);
+        let logged = match &result {
+            Ok(()) => true,
+            Err(error) => error
+                .refusal()
+                .is_none_or(|kind| refusals.log_now(account, caller, kind)),
+        };
         let (answer, reason) = match result {
             Ok(()) => (Ok(Response::new(DeleteAssociationResponse {})), None),
-            Err(error) => (Err(error.to_status(account)), Some(error.reason())),
+            Err(error) => {
+                let status = error.to_status(account);
+                (Err(status), logged.then(|| error.reason()))
+            }
         };
+        if !logged {
+            return answer;
+        }
+        // The call's ids on its span, for this event's line (held back
+        // refusals skip the cost).
+        crate::telemetry::record_ids(&span);
         macro_rules! event {
             ($level:ident, $outcome:expr, $message:literal) => {
                 tracing::$level!(
@@ -63,7 +84,7 @@ impl Report {
         }
         match &answer {
             Ok(_) => event!(info, "OK", "association deleted"),
-            Err(status) => event!(warn, tracing::field::debug(status.code()), "delete failed"),
+            Err(status) => event!(warn, metrics::code_name(status.code()), "delete failed"),
         }
         answer
     }

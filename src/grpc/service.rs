@@ -22,6 +22,7 @@ use crate::auth::{Authenticator, Identity};
 use crate::domain::Association;
 use crate::pb::association_service_server::AssociationService;
 use crate::pb::{DeleteAssociationRequest, DeleteAssociationResponse};
+use crate::telemetry::refusals::RefusalLog;
 use crate::upstream::Upstream;
 
 /// Largest request accepted, as its fields encode: a valid request is well
@@ -47,6 +48,8 @@ pub(crate) struct Gateway {
     limits: CallLimits,
     flights: Arc<Flights>,
     lanes: Arc<AnonymousLanes>,
+    /// Refusals of one kind are logged once, then counted.
+    refusals: Arc<RefusalLog>,
 }
 
 #[tonic::async_trait]
@@ -56,8 +59,12 @@ impl AssociationService for Gateway {
         request: Request<DeleteAssociationRequest>,
     ) -> Result<Response<DeleteAssociationResponse>, Status> {
         let started = Instant::now();
-        let deadline =
-            started + grpc_timeout(request.metadata()).unwrap_or(self.limits.default_deadline);
+        // A caller's timeout may be up to 8 digits of hours: never past what
+        // an instant can hold (no panic on a request path).
+        let timeout = grpc_timeout(request.metadata()).unwrap_or(self.limits.default_deadline);
+        let deadline = started
+            .checked_add(timeout)
+            .unwrap_or_else(|| started + self.limits.default_deadline);
         let mut report = Report::default();
 
         // 1. Admit: decided before any budget is spent.
@@ -65,7 +72,9 @@ impl AssociationService for Gateway {
         let peer_certs = peer_certs.as_deref().map(Vec::as_slice);
         let (account, identity) = match self.admit(request.metadata(), peer_certs) {
             Ok(admitted) => admitted,
-            Err((account, error)) => return report.answer(account, UNKNOWN, started, Err(error)),
+            Err((account, error)) => {
+                return report.answer(&self.refusals, account, UNKNOWN, started, Err(error));
+            }
         };
         let caller = self.auth.label(&identity);
         // The fair-share lane: the identity, or a bounded anonymous one.
@@ -82,7 +91,13 @@ impl AssociationService for Gateway {
                 size,
                 limit: MAX_REQUEST_BYTES,
             };
-            return report.answer(account.name(), caller, started, Err(too_large));
+            return report.answer(
+                &self.refusals,
+                account.name(),
+                caller,
+                started,
+                Err(too_large),
+            );
         }
         let result = match Association::try_from(request.into_inner()) {
             // 3-4. Flight and attempts: identical calls share one slot.
@@ -102,7 +117,7 @@ impl AssociationService for Gateway {
         };
 
         // 5. Answer.
-        report.answer(account.name(), caller, started, result)
+        report.answer(&self.refusals, account.name(), caller, started, result)
     }
 }
 
@@ -123,7 +138,13 @@ impl Gateway {
             limits,
             flights: Arc::default(),
             lanes: Arc::default(),
+            refusals: Arc::default(),
         }
+    }
+
+    /// The refusal log, for the summaries `startup` writes.
+    pub(crate) fn refusals(&self) -> Arc<RefusalLog> {
+        Arc::clone(&self.refusals)
     }
 
     /// Who calls, on which account, and whether it may. On refusal, the

@@ -22,8 +22,18 @@ use crate::upstream::{Reply, TransportError};
 
 /// `ErrorInfo.domain` of every error the gateway returns.
 pub const DOMAIN: &str = "provisioning-gateway";
-/// Longest upstream `text` copied into a status message.
+/// Longest upstream `text` copied into a status message, in bytes.
 const MAX_MESSAGE: usize = 512;
+/// Most vendor validation errors copied into `BadRequest`, and most bytes
+/// of them (field paths and descriptions); each at most [`MAX_VIOLATION`]
+/// bytes. Together with the message, the details stay far under the 8 KiB
+/// of headers common gRPC clients accept (`grpc-status-details-bin` is
+/// base64: 4/3 of these bytes); a vendor 400 listing thousands of problems
+/// would otherwise reach the caller as a protocol error. What is left out
+/// is counted in the ErrorInfo metadata `violations_omitted`.
+const MAX_VIOLATIONS: usize = 20;
+const MAX_VIOLATION_BYTES: usize = 2048;
+const MAX_VIOLATION: usize = 200;
 /// `RetryInfo` is rounded up to this: a hint need not be finer, and identical
 /// refusals then carry identical bytes, which HTTP/2 header compression sends
 /// as a table index instead of a fresh 200-byte header (load shedding).
@@ -138,6 +148,21 @@ impl CallError {
         }
     }
 
+    /// The kind of a refusal, for logs: an answer the gateway made without
+    /// asking Infobip (nothing was sent). `None` for outcomes that came from
+    /// an upstream attempt: those calls were served, each is logged.
+    pub fn refusal(&self) -> Option<&'static str> {
+        match self {
+            Self::Invalid(_) => Some("invalid_request"),
+            Self::UnknownAccount => Some("unknown_account"),
+            Self::RequestTooLarge { .. } => Some("request_too_large"),
+            Self::Auth(AuthError::Unauthenticated) => Some("unauthenticated"),
+            Self::Auth(AuthError::NotAllowed(_)) => Some("caller_not_allowed"),
+            Self::Budget(e) => Some(e.as_str()),
+            Self::Upstream(_) | Self::Transport(_) => None,
+        }
+    }
+
     /// The gRPC code, per the table.
     pub fn code(&self) -> Code {
         match self {
@@ -225,10 +250,23 @@ impl CallError {
                     details.retry = Some(reply.retry_after.unwrap_or(Duration::from_secs(1)));
                 }
                 let error = reply.error.as_ref();
-                for (field, problems) in error.iter().flat_map(|e| &e.validation_errors) {
-                    for problem in problems {
-                        details.violation(proto_field(field), problem.as_str());
+                let problems = error
+                    .iter()
+                    .flat_map(|e| &e.validation_errors)
+                    .flat_map(|(field, problems)| problems.iter().map(move |p| (field, p)));
+                let (mut bytes, mut omitted) = (0, 0usize);
+                for (field, problem) in problems {
+                    let field = truncate(&proto_field(field), MAX_VIOLATION);
+                    let problem = truncate(problem, MAX_VIOLATION);
+                    bytes += field.len() + problem.len();
+                    if details.violations.len() < MAX_VIOLATIONS && bytes <= MAX_VIOLATION_BYTES {
+                        details.violation(field, problem);
+                    } else {
+                        omitted += 1;
                     }
+                }
+                if omitted > 0 {
+                    metadata.insert("violations_omitted".into(), omitted.to_string());
                 }
                 error
                     .and_then(|e| e.text.as_deref())
@@ -301,11 +339,16 @@ fn reason_from_vendor(id: &str) -> String {
         .to_owned()
 }
 
+/// `s` cut to at most `max` bytes (on a character boundary), with `…`.
 fn truncate(s: &str, max: usize) -> String {
-    match s.char_indices().nth(max) {
-        Some((i, _)) => format!("{}…", &s[..i]),
-        None => s.to_owned(),
+    if s.len() <= max {
+        return s.to_owned();
     }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
 }
 
 #[cfg(test)]
@@ -442,7 +485,7 @@ mod tests {
             prop_assert!(!info.reason.is_empty() && info.reason.len() <= 63);
             prop_assert!(info.reason.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_'));
             prop_assert_eq!(&info.metadata["http_status"], &status.to_string());
-            prop_assert!(s.message().chars().count() <= MAX_MESSAGE + 40);
+            prop_assert!(s.message().len() <= MAX_MESSAGE + 40);
         }
     }
 }

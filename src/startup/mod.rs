@@ -11,26 +11,35 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use futures::future::BoxFuture;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
 use crate::auth::Authenticator;
 use crate::budget::{Backend, WallClock};
-use crate::config::{Config, TlsConfig};
+use crate::config::Config;
 use crate::grpc::{Accounts, CallLimits, Gateway};
 use crate::pb::association_service_server::AssociationServiceServer;
+use crate::telemetry::refusals::SUMMARY_INTERVAL;
 use crate::telemetry::{GrpcTraceLayer, metrics};
 use crate::upstream::Upstream;
 
 mod http;
+mod tls;
 
 /// Largest request message tonic decodes at all (a memory guard, refused
 /// with a bare OUT_OF_RANGE). The handler refuses anything over its 4 KiB
 /// (`MAX_REQUEST_BYTES` in `grpc/service.rs`) with the gateway's ErrorInfo.
 const MAX_DECODED_BYTES: usize = 64 * 1024;
+
+/// Longest a TLS handshake on the gRPC listener may take.
+pub(crate) const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Idle time before TCP keepalive probes on accepted gRPC connections
+/// (plain TCP; `tls.rs` sets the same on TLS ones).
+const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 
 /// A built gateway: listeners bound, not yet serving.
 pub struct App {
@@ -39,7 +48,7 @@ pub struct App {
     gateway: Gateway,
     accounts: Arc<Accounts>,
     backend: Backend,
-    tls: Option<TlsConfig>,
+    tls: Option<Arc<tls::Tls>>,
     shutdown_grace: Duration,
 }
 
@@ -65,8 +74,8 @@ impl App {
             .context("cannot set up the budget backend")?;
         let accounts = Accounts::build(&config, &backend).map_err(anyhow::Error::msg)?;
         let accounts = Arc::new(accounts);
-        let upstream =
-            Upstream::new(config.upstream_timeout).context("cannot build the HTTP client")?;
+        let upstream = Upstream::new(config.upstream_timeout, config.upstream_proxy.as_ref())
+            .context("cannot build the HTTP client")?;
         let limits = CallLimits {
             upstream_timeout: config.upstream_timeout,
             upstream_reserve: config.budget.upstream_reserve,
@@ -79,6 +88,15 @@ impl App {
             );
         }
         let auth = Authenticator::new(&config.auth, &config.accounts);
+        let tls = config
+            .auth
+            .tls
+            .as_ref()
+            .map(tls::Tls::new)
+            .transpose()
+            .map_err(anyhow::Error::msg)
+            .context("invalid --tls-cert/--tls-key/--client-ca")?
+            .map(Arc::new);
         let gateway = Gateway::new(Arc::clone(&accounts), auth, upstream, limits);
         Ok(Self {
             grpc,
@@ -86,7 +104,7 @@ impl App {
             gateway,
             accounts,
             backend,
-            tls: config.auth.tls,
+            tls,
             shutdown_grace: config.shutdown_grace,
         })
     }
@@ -126,32 +144,20 @@ impl App {
         };
         let reflection_v1 = reflection().build_v1()?;
         let reflection_v1alpha = reflection().build_v1alpha()?;
+        let refusals = self.gateway.refusals();
         let service = AssociationServiceServer::new(self.gateway)
             .max_decoding_message_size(MAX_DECODED_BYTES);
 
         let stop = CancellationToken::new();
         let grpc_addr = self.grpc.local_addr()?;
         let metrics_addr = self.metrics.local_addr()?;
-        let mut server = Server::builder();
-        if let Some(tls) = &self.tls {
-            let mut config =
-                ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert, &tls.key));
-            if let Some(ca) = &tls.client_ca {
-                // Required, not optional: a call without a valid client
-                // certificate never reaches the service.
-                config = config.client_ca_root(Certificate::from_pem(ca));
-            }
-            server = server
-                .tls_config(config)
-                .context("invalid --tls-cert/--tls-key/--client-ca")?;
-        }
         let keys = self
             .accounts
             .iter()
             .map(|a| (a.name().to_owned(), Arc::clone(&a.key)))
             .collect();
         let reload = tokio::spawn(crate::keys::watch(keys));
-        let grpc = server
+        let router = Server::builder()
             // The server span wraps everything of a call, including tonic's
             // decoding and size limits, so refusals there are traced too.
             .layer(GrpcTraceLayer)
@@ -163,15 +169,39 @@ impl App {
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(service)
-            .serve_with_incoming_shutdown(
+            .add_service(service);
+        let stopped = stop.clone().cancelled_owned();
+        let (grpc, tls_reload): (BoxFuture<'static, _>, _) = match self.tls {
+            // TLS by our own acceptor (`tls.rs`): the certificate rotates,
+            // and a handshake that never comes is dropped after
+            // TLS_HANDSHAKE_TIMEOUT. Client certificates are required, not
+            // optional, with --client-ca: a call without a valid one never
+            // reaches the service.
+            Some(tls) => {
+                let incoming = tls::incoming(
+                    self.grpc,
+                    Arc::clone(&tls),
+                    TLS_HANDSHAKE_TIMEOUT,
+                    stop.clone(),
+                );
+                let reload = tokio::spawn(tls::watch(tls));
+                let serve = router.serve_with_incoming_shutdown(incoming, stopped);
+                (Box::pin(serve), Some(reload))
+            }
+            None => {
                 // TCP_NODELAY, as `Server::serve` would set: an answer that
                 // completes after its HEADERS were flushed goes out as a
                 // second small write, which Nagle would hold for the
-                // caller's delayed ACK (40 ms on Linux).
-                TcpIncoming::from(self.grpc).with_nodelay(Some(true)),
-                stop.clone().cancelled_owned(),
-            );
+                // caller's delayed ACK (40 ms on Linux). TCP keepalive finds
+                // callers that vanished without a FIN (a node gone, a NAT
+                // that forgot the flow).
+                let incoming = TcpIncoming::from(self.grpc)
+                    .with_nodelay(Some(true))
+                    .with_keepalive(Some(TCP_KEEPALIVE));
+                let serve = router.serve_with_incoming_shutdown(incoming, stopped);
+                (Box::pin(serve), None)
+            }
+        };
         let mut grpc = tokio::spawn(grpc);
         let prometheus = metrics::handle();
         let upkeep = tokio::spawn({
@@ -185,9 +215,22 @@ impl App {
                 }
             }
         });
-        let metrics = axum::serve(self.metrics, http::router(prometheus, self.backend))
-            .with_graceful_shutdown(stop.clone().cancelled_owned());
-        let metrics = tokio::spawn(metrics.into_future());
+        let summaries = tokio::spawn({
+            let refusals = Arc::clone(&refusals);
+            async move {
+                let mut tick = tokio::time::interval(SUMMARY_INTERVAL);
+                tick.tick().await; // the first tick is now
+                loop {
+                    tick.tick().await;
+                    refusals.summarize();
+                }
+            }
+        });
+        let metrics = tokio::spawn(http::serve(
+            self.metrics,
+            http::router(prometheus, self.backend),
+            stop.clone(),
+        ));
         tracing::info!(%grpc_addr, %metrics_addr, "serving");
 
         tokio::select! {
@@ -218,6 +261,12 @@ impl App {
         }
         let _ = metrics.await;
         upkeep.abort();
+        summaries.abort();
+        if let Some(tls_reload) = tls_reload {
+            tls_reload.abort();
+        }
+        // What the last interval held back, so no refusal goes uncounted.
+        refusals.summarize();
         reload.abort();
         tracing::info!("stopped");
         Ok(())

@@ -1,6 +1,8 @@
 //! Prometheus metrics (the `metrics` facade, rendered by
-//! metrics-exporter-prometheus at `/metrics`). Labels stay bounded: accounts
-//! come from configuration, codes and statuses from fixed sets.
+//! metrics-exporter-prometheus at `/metrics`), with the process metrics of
+//! metrics-process and a build-info gauge. Labels stay bounded: accounts
+//! come from configuration, codes (gRPC's canonical names) and statuses
+//! from fixed sets. Each histogram has buckets that fit what it measures.
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -22,10 +24,24 @@ pub const COALESCED: &str = "provisioning_gateway_coalesced_calls_total";
 pub const LATE_SENDS: &str = "provisioning_gateway_upstream_late_sends_total";
 pub const CLOCK_RESETS: &str = "provisioning_gateway_budget_clock_resets_total";
 
-/// Histogram buckets in seconds: a few ms (refusals, fast upstream) to the
-/// longest waits (`--max-wait` defaults to 30 s).
-const BUCKETS: &[f64] = &[
-    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+pub const BUILD_INFO: &str = "provisioning_gateway_build_info";
+
+/// Buckets of a whole call (seconds): refusals in a millisecond or two,
+/// served calls in a budget wait plus an upstream round trip.
+const REQUEST_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0,
+];
+/// Buckets of the budget wait (seconds): up to a minute (`--max-wait` is
+/// 30 s by default), with room between 1 s and 30 s, where the queue of a
+/// 1 request/second account spends its time (a p90 alert reads them).
+const BUDGET_WAIT_BUCKETS: &[f64] = &[
+    0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0,
+];
+/// Buckets of one upstream attempt (seconds, millisecond steps): Infobip
+/// answers in tens to hundreds of milliseconds; the attempt's timeout
+/// (`--upstream-timeout`, 10 s by default) ends the scale.
+const UPSTREAM_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0,
 ];
 
 /// The process-wide Prometheus recorder, installed on first use (several
@@ -35,19 +51,44 @@ pub(crate) fn handle() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            let recorder = PrometheusBuilder::new()
-                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), BUCKETS)
-                .expect("the bucket list is a non-empty constant")
-                .build_recorder();
+            let buckets = |builder: PrometheusBuilder, name: &str, buckets: &[f64]| {
+                builder
+                    .set_buckets_for_metric(Matcher::Full(name.into()), buckets)
+                    .expect("each bucket list is a non-empty constant")
+            };
+            let builder = buckets(PrometheusBuilder::new(), REQUEST_DURATION, REQUEST_BUCKETS);
+            let builder = buckets(builder, BUDGET_WAIT, BUDGET_WAIT_BUCKETS);
+            let builder = buckets(builder, UPSTREAM_DURATION, UPSTREAM_BUCKETS);
+            let recorder = builder.build_recorder();
             let handle = recorder.handle();
             // Fails only if another recorder was installed first; metrics then
             // go there and /metrics renders an empty page rather than crash.
             let _ = metrics::set_global_recorder(recorder);
             describe();
+            process().describe();
             gauge!(DEGRADED).set(0.0);
+            gauge!(
+                BUILD_INFO,
+                "version" => env!("CARGO_PKG_VERSION"),
+                "rustc" => env!("PG_RUSTC_VERSION"),
+            )
+            .set(1.0);
             handle
         })
         .clone()
+}
+
+/// The process metrics (`process_resident_memory_bytes`,
+/// `process_cpu_seconds_total`, `process_open_fds`, …), read from the OS.
+fn process() -> &'static metrics_process::Collector {
+    static PROCESS: OnceLock<metrics_process::Collector> = OnceLock::new();
+    PROCESS.get_or_init(metrics_process::Collector::default)
+}
+
+/// The `/metrics` page: the process metrics read now, then every metric.
+pub(crate) fn render(handle: &PrometheusHandle) -> String {
+    process().collect();
+    handle.render()
 }
 
 fn describe() {
@@ -96,6 +137,10 @@ fn describe() {
         LATE_SENDS,
         "Upstream requests that left later than their slot allowed for (the next slot moved), by account"
     );
+    describe_gauge!(
+        BUILD_INFO,
+        "1, labelled with the gateway's version and the Rust compiler that built it"
+    );
     describe_counter!(
         CLOCK_RESETS,
         "Times an account's next slot was found beyond any horizon the gateway sets (a clock stepped back) and reset to now, by account"
@@ -119,9 +164,34 @@ pub fn late_send(account: &str) {
 /// One answered call; `caller` is a bounded label (configured names,
 /// `anonymous`, `unlisted`, `unknown`).
 pub fn request(account: &str, caller: &str, code: tonic::Code, elapsed: Duration) {
-    let code = format!("{code:?}");
-    counter!(REQUESTS, "account" => account.to_owned(), "caller" => caller.to_owned(), "code" => code.clone()).increment(1);
+    let code = code_name(code);
+    counter!(REQUESTS, "account" => account.to_owned(), "caller" => caller.to_owned(), "code" => code).increment(1);
     histogram!(REQUEST_DURATION, "code" => code).record(elapsed.as_secs_f64());
+}
+
+/// The canonical name of a gRPC status code (`OK`, `NOT_FOUND`, …), as
+/// gRPC's own libraries and dashboards spell it.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
 }
 
 /// One upstream attempt; `status` is the HTTP status or `timeout`/`unreachable`.
@@ -148,4 +218,22 @@ pub fn queue_depth(account: &str, depth: usize) {
 /// The store found its next slot beyond any horizon (a clock stepped back) and reset it.
 pub fn clock_reset(account: &str) {
     counter!(CLOCK_RESETS, "account" => account.to_owned()).increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn code_names_are_grpcs_canonical_names() {
+        let names: Vec<&str> = (0..=16)
+            .map(|c| code_name(tonic::Code::from_i32(c)))
+            .collect();
+        assert_eq!(
+            names.join(" "),
+            "OK CANCELLED UNKNOWN INVALID_ARGUMENT DEADLINE_EXCEEDED NOT_FOUND ALREADY_EXISTS \
+             PERMISSION_DENIED RESOURCE_EXHAUSTED FAILED_PRECONDITION ABORTED OUT_OF_RANGE \
+             UNIMPLEMENTED INTERNAL UNAVAILABLE DATA_LOSS UNAUTHENTICATED"
+        );
+    }
 }

@@ -2,17 +2,19 @@
 //!
 //! - Logs: tracing, JSON or text, `RUST_LOG` filtered; events inside a call
 //!   carry the call's `trace_id` and the current `span_id`.
-//! - Traces: tracing-opentelemetry with W3C Trace Context propagation; OTLP
-//!   export (gRPC or HTTP/protobuf) only when `OTEL_EXPORTER_OTLP_ENDPOINT` or
+//! - Traces: tracing-opentelemetry with the propagators of `OTEL_PROPAGATORS`
+//!   (default W3C Trace Context and Baggage); OTLP export (gRPC or
+//!   HTTP/protobuf) only when `OTEL_EXPORTER_OTLP_ENDPOINT` or
 //!   `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` is set, so an unconfigured gateway
-//!   exports nothing and logs no exporter errors. Sampler, resource and batch
-//!   settings come from the standard `OTEL_*` variables via the SDK.
+//!   exports nothing and logs no exporter errors (`otel.rs` reads the
+//!   variables). Sampler and batch settings come from the SDK's own
+//!   `OTEL_*` variables.
 //! - Metrics: [`metrics`] (Prometheus text at `/metrics`).
+//! - Refusal logs that survive a flood: `refusals.rs`.
 
 use std::io::IsTerminal;
 
 use opentelemetry::trace::TracerProvider as _;
-use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -20,7 +22,10 @@ use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::config::LogFormat;
 
+mod json_fields;
 pub mod metrics;
+mod otel;
+pub(crate) mod refusals;
 pub mod trace_layer;
 
 pub use trace_layer::{GrpcTraceLayer, record_ids};
@@ -47,8 +52,8 @@ impl Telemetry {
 /// the OTLP/HTTP exporter builds a blocking client, so call it from
 /// `spawn_blocking` inside the runtime (the gRPC exporter needs the runtime).
 pub fn init(format: Option<LogFormat>) -> Telemetry {
-    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-    let (provider, exporting, export_error) = tracer_provider();
+    let warnings = otel::install_propagator();
+    let (provider, exporting, export_error) = otel::tracer_provider();
     let tracer = provider.tracer(env!("CARGO_PKG_NAME"));
 
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
@@ -83,6 +88,8 @@ pub fn init(format: Option<LogFormat>) -> Telemetry {
             .flatten_event(true)
             .with_current_span(false)
             .with_span_list(true)
+            // Span fields appended, not re-parsed on every record.
+            .fmt_fields(json_fields::AppendJsonFields)
             .boxed(),
         LogFormat::Text => fmt.boxed(),
     };
@@ -104,6 +111,9 @@ pub fn init(format: Option<LogFormat>) -> Telemetry {
         )
         .with(fmt)
         .try_init();
+    for warning in warnings {
+        tracing::warn!("{warning}");
+    }
     if let Some(e) = export_error {
         tracing::warn!(error = %e, "OTLP trace export disabled");
     }
@@ -128,48 +138,4 @@ pub fn init_logs(format: Option<LogFormat>) {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.try_init(),
     };
-}
-
-/// A provider that always creates span ids (for logs and `traceresponse`),
-/// and exports only when an OTLP endpoint is configured.
-fn tracer_provider() -> (SdkTracerProvider, bool, Option<String>) {
-    let builder =
-        SdkTracerProvider::builder().with_resource(opentelemetry_sdk::Resource::builder().build());
-    let configured = [
-        "OTEL_EXPORTER_OTLP_ENDPOINT",
-        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
-    ]
-    .iter()
-    .any(|v| std::env::var_os(v).is_some_and(|s| !s.is_empty()));
-    if !configured {
-        return (builder.build(), false, None);
-    }
-    match span_exporter() {
-        Ok(exporter) => (builder.with_batch_exporter(exporter).build(), true, None),
-        Err(e) => (builder.build(), false, Some(e)),
-    }
-}
-
-/// The OTLP exporter for `OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL`: `grpc` or
-/// `http/protobuf` (the specification's default).
-fn span_exporter() -> Result<opentelemetry_otlp::SpanExporter, String> {
-    use opentelemetry_otlp::{Protocol, WithExportConfig};
-    let protocol = std::env::var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-        .or_else(|_| std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL"))
-        .unwrap_or_else(|_| "http/protobuf".into());
-    let exporter = match protocol.as_str() {
-        "grpc" => opentelemetry_otlp::SpanExporter::builder()
-            .with_tonic()
-            .build(),
-        "http/protobuf" => opentelemetry_otlp::SpanExporter::builder()
-            .with_http()
-            .with_protocol(Protocol::HttpBinary)
-            .build(),
-        other => {
-            return Err(format!(
-                "OTEL_EXPORTER_OTLP_PROTOCOL={other} is not supported (use grpc or http/protobuf)"
-            ));
-        }
-    };
-    exporter.map_err(|e| e.to_string())
 }

@@ -4,6 +4,12 @@
 //! returns the trace id to the caller as `traceresponse` (W3C Trace Context
 //! Level 2), on errors too. Health checks and reflection are not traced: a
 //! probe every few seconds would drown the traces that matter.
+//!
+//! The span follows the gRPC semantic conventions: its status is `ERROR`
+//! only for the codes that mean the server failed (`is_server_error`); a
+//! `NOT_FOUND` or a budget refusal is the service working as designed. A
+//! method the service does not have gets one constant name (`_OTHER`), so a
+//! caller cannot mint span names before it is even authenticated.
 
 use std::task::{Context, Poll};
 
@@ -18,6 +24,17 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 /// Prefix of the paths that get a server span.
 const TRACED_PREFIX: &str = "/infobip.provisioning.v1.AssociationService/";
+/// The methods the service has, with their span names (`service/method`).
+const KNOWN_METHODS: &[(&str, &str)] = &[(
+    "DeleteAssociation",
+    "infobip.provisioning.v1.AssociationService/DeleteAssociation",
+)];
+/// `rpc.method` and span name of a method the service does not have (the
+/// semantic conventions' value for a method unknown to the instrumentation).
+const OTHER_METHOD: (&str, &str) = (
+    "_OTHER",
+    "infobip.provisioning.v1.AssociationService/_OTHER",
+);
 
 /// Adds [`GrpcTrace`] to a service.
 #[derive(Debug, Clone, Copy, Default)]
@@ -55,9 +72,14 @@ where
         let Some(method) = request.uri().path().strip_prefix(TRACED_PREFIX) else {
             return Box::pin(self.inner.call(request));
         };
+        let (method, name) = KNOWN_METHODS
+            .iter()
+            .find(|(known, _)| *known == method)
+            .copied()
+            .unwrap_or(OTHER_METHOD);
         let span = tracing::info_span!(
             "grpc.server",
-            otel.name = format!("infobip.provisioning.v1.AssociationService/{method}"),
+            otel.name = name,
             otel.kind = "server",
             otel.status_code = Empty,
             rpc.system = "grpc",
@@ -75,7 +97,11 @@ where
         // Only fails when no OpenTelemetry layer is installed (tests without
         // a subscriber); the call is served either way.
         let _ = span.set_parent(parent);
-        let context = record_ids(&span);
+        // The ids are recorded as fields only when the call writes its log
+        // event (`grpc/report.rs`): a refusal whose line is held back skips
+        // formatting and storing them.
+        let context =
+            Some(span.context().span().span_context().clone()).filter(SpanContext::is_valid);
         let future = self.inner.call(request);
         Box::pin(async move {
             let mut response = future.instrument(span.clone()).await?;
@@ -88,7 +114,7 @@ where
                 .and_then(|v| v.parse::<i32>().ok())
                 .unwrap_or(0);
             span.record("rpc.grpc.status_code", code);
-            if code != 0 {
+            if is_server_error(tonic::Code::from_i32(code)) {
                 span.record("otel.status_code", "ERROR");
             }
             if let Some(value) = context.as_ref().and_then(traceresponse) {
@@ -97,6 +123,18 @@ where
             Ok(response)
         })
     }
+}
+
+/// Whether `code` marks a server span as failed. The gRPC semantic
+/// conventions count only these as the server's errors; every other code
+/// (NOT_FOUND, INVALID_ARGUMENT, RESOURCE_EXHAUSTED, …) is an answer the
+/// service meant to give, and leaves the span's status unset.
+pub(crate) fn is_server_error(code: tonic::Code) -> bool {
+    use tonic::Code::*;
+    matches!(
+        code,
+        Unknown | DeadlineExceeded | Unimplemented | Internal | Unavailable | DataLoss
+    )
 }
 
 /// Records the span's OpenTelemetry ids as `trace_id`/`span_id` fields (so
@@ -120,4 +158,17 @@ fn traceresponse(context: &SpanContext) -> Option<HeaderValue> {
         context.trace_flags().to_u8()
     ))
     .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_six_server_failure_codes_are_span_errors() {
+        let errors: Vec<i32> = (0..=16)
+            .filter(|c| is_server_error(tonic::Code::from_i32(*c)))
+            .collect();
+        assert_eq!(errors, [2, 4, 12, 13, 14, 15]);
+    }
 }

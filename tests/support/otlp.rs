@@ -18,10 +18,12 @@ use prost::Message;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
-/// A received span with its resource's `service.name`.
+/// A received span with its resource's `service.name` and every resource
+/// attribute (as text).
 #[derive(Debug, Clone)]
 pub struct Received {
     pub service_name: String,
+    pub resource: Vec<(String, String)>,
     pub span: Span,
 }
 
@@ -41,10 +43,17 @@ impl Collector {
                 .find(|kv| kv.key == "service.name")
                 .and_then(|kv| string(kv.value.as_ref()?.value.as_ref()?))
                 .unwrap_or_default();
+            let resource: Vec<(String, String)> = rs
+                .resource
+                .iter()
+                .flat_map(|r| &r.attributes)
+                .filter_map(|kv| Some((kv.key.clone(), text(kv.value.as_ref()?.value.as_ref()?))))
+                .collect();
             for ss in rs.scope_spans {
                 for span in ss.spans {
                     spans.push(Received {
                         service_name: service_name.clone(),
+                        resource: resource.clone(),
                         span,
                     });
                 }
@@ -104,23 +113,31 @@ fn string(v: &Value) -> Option<String> {
     }
 }
 
-/// An attribute of a span, as text (strings, ints, bools).
-pub fn attr(span: &Span, key: &str) -> Option<String> {
-    let v = span
-        .attributes
+/// An attribute of a span as exported, with its type.
+pub fn attr_value(span: &Span, key: &str) -> Option<Value> {
+    span.attributes
         .iter()
         .find(|kv| kv.key == key)?
         .value
         .as_ref()?
         .value
-        .as_ref()?;
-    Some(match v {
+        .clone()
+}
+
+/// An attribute of a span, as text (strings, ints, bools).
+pub fn attr(span: &Span, key: &str) -> Option<String> {
+    Some(text(&attr_value(span, key)?))
+}
+
+/// A value as text.
+fn text(v: &Value) -> String {
+    match v {
         Value::StringValue(s) => s.clone(),
         Value::IntValue(i) => i.to_string(),
         Value::BoolValue(b) => b.to_string(),
         Value::DoubleValue(d) => d.to_string(),
         other => format!("{other:?}"),
-    })
+    }
 }
 
 /// Every attribute value of every span, as text (for secret scans).
