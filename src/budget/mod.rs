@@ -9,7 +9,7 @@
 //!   round trip per command, on Redis' clock), with [`fallback`] to a
 //!   per-replica line while Redis is lost and [`shared`] for the
 //!   connection, its probe and the subscriber that wakes waiters;
-//! - [`line`]: this replica's side: admit, sleep until the slot, claim;
+//! - [`line`](mod@line): this replica's side: admit, sleep until the slot, claim;
 //! - [`spacing`]: departures, so the vendor sees arrivals spaced, whatever
 //!   held a request up on its way out.
 //!
