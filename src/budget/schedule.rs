@@ -666,4 +666,115 @@ mod tests {
         assert_eq!(s.claim(&rules(), 2 * T, "short").0, Answer::Gone);
         assert_eq!(s.claim(&rules(), 3 * T, "b").0, Answer::Granted);
     }
+
+    #[test]
+    fn a_retried_admission_later_on_answers_with_the_time_left() {
+        let mut s = Schedule::default();
+        admit_all(&mut s, 0, &[anon("a"), anon("b")]);
+        assert_eq!(
+            s.admit(&rules(), T / 4, &anon("b")).0,
+            Answer::Queued(T * 3 / 4)
+        );
+    }
+
+    #[test]
+    fn a_refusal_later_on_says_how_long_from_then() {
+        let mut s = Schedule::default();
+        admit_all(&mut s, 0, &[anon("a"), anon("b")]);
+        // The tail's slot is at 2T: from T/2, 1.5 T away.
+        assert_eq!(
+            s.admit(&rules(), T / 2, &ask("late", "x", 1, T)).0,
+            Answer::Refused(Refusal::Deadline, T * 3 / 2)
+        );
+    }
+
+    #[test]
+    fn fair_placement_pushes_a_ticket_that_can_afford_exactly_one_interval() {
+        let mut s = Schedule::default();
+        s.admit(&rules(), 0, &anon("first"));
+        s.admit(&rules(), 0, &ask("f0", "flood", 1, 3600 * T));
+        s.admit(&rules(), 0, &ask("f1", "flood", 1, 3600 * T));
+        // Slot 3T, useful until 4T: one interval more is still on time.
+        s.admit(&rules(), 0, &ask("f2", "flood", 1, 4 * T));
+        assert_eq!(
+            s.admit(&rules(), 0, &ask("lone", "lone", 1, 3600 * T)).0,
+            Answer::Queued(2 * T)
+        );
+        let order = served(&mut s, 0, &["f0", "lone", "f1", "f2"]);
+        assert_eq!(order[3], ("f2".into(), 4 * T), "{order:?}");
+    }
+
+    #[test]
+    fn a_head_claiming_after_its_grace_still_gets_its_turn_if_nobody_took_it() {
+        let mut s = Schedule::default();
+        admit_all(&mut s, 0, &[anon("a"), anon("slow"), anon("b")]);
+        assert_eq!(s.claim(&rules(), 10 * T, "slow").0, Answer::Granted);
+        assert_eq!(s.claim(&rules(), 10 * T, "b").0, Answer::Queued(T));
+    }
+
+    #[test]
+    fn a_claim_from_behind_before_its_slot_says_when_the_slot_comes() {
+        let mut s = Schedule::default();
+        admit_all(&mut s, 0, &[anon("a"), anon("b"), anon("c")]);
+        assert_eq!(s.claim(&rules(), 0, "c").0, Answer::Queued(2 * T));
+        assert_eq!(s.claim(&rules(), T / 2, "c").0, Answer::Queued(T * 3 / 2));
+    }
+
+    #[test]
+    fn left_says_whether_the_request_held_the_line() {
+        let mut s = Schedule::default();
+        admit_all(&mut s, 0, &[anon("a"), anon("b")]);
+        assert!(
+            !s.left(&rules(), 0, "a", false),
+            "never held: nothing moves"
+        );
+        s.hold(&rules(), T / 100, "a", T);
+        assert!(s.left(&rules(), T / 2, "a", false), "held: the line moves");
+        assert!(!s.left(&rules(), T / 2, "a", false), "once");
+    }
+
+    #[test]
+    fn pushback_spends_the_burst_too() {
+        let r = Rules {
+            burst: 3,
+            ..rules()
+        };
+        let mut s = Schedule::default();
+        s.pushback(&r, 0, 5 * T);
+        assert_eq!(s.admit(&r, 0, &anon("a")).0, Answer::Queued(5 * T));
+        assert_eq!(s.claim(&r, 5 * T, "a").0, Answer::Granted);
+        assert_eq!(s.admit(&r, 5 * T, &anon("b")).0, Answer::Queued(T));
+        // A late departure likewise: one interval after it, burst or not.
+        let mut s = Schedule::default();
+        assert_eq!(s.admit(&r, 0, &anon("c")).0, Answer::Granted);
+        s.left(&r, T, "c", true);
+        assert_eq!(s.admit(&r, T, &anon("d")).0, Answer::Queued(T));
+    }
+
+    #[test]
+    fn a_hold_lapses_at_its_end_exactly() {
+        let mut s = Schedule::default();
+        admit_all(&mut s, 0, &[anon("a"), anon("b")]);
+        s.hold(&rules(), 0, "a", T / 2);
+        assert_eq!(s.claim(&rules(), T / 2, "b").0, Answer::Queued(T / 2));
+    }
+
+    #[test]
+    fn a_hold_beyond_the_horizon_is_a_clock_step_and_one_at_it_is_kept() {
+        let r = rules();
+        let hour = 3600 * T;
+        let mut s = Schedule::default();
+        assert_eq!(s.admit(&r, hour, &anon("a")).0, Answer::Granted);
+        s.hold(&r, hour, "a", 10 * T);
+        // The grant is long past (no `tat` left); the hold is not.
+        assert_eq!(s.claim(&r, hour + 5 * T, "a").0, Answer::Granted);
+        // The clock steps back an hour: the hold alone is beyond the horizon.
+        assert_eq!(s.admit(&r, 0, &anon("b")), (Answer::Queued(T), true));
+        // A hold as long as the horizon, asked for now, is legitimate.
+        let mut s = Schedule::default();
+        assert_eq!(s.admit(&r, 0, &anon("c")).0, Answer::Granted);
+        s.hold(&r, 0, "c", 10 * r.horizon);
+        let kept = Answer::Refused(Refusal::MaxWait, r.horizon + T);
+        assert_eq!(s.admit(&r, 0, &anon("d")), (kept, false));
+    }
 }
