@@ -361,6 +361,7 @@ mod tests {
     use std::num::NonZeroU32;
 
     use futures::FutureExt;
+    use futures::future::BoxFuture;
     use tokio::task::JoinHandle;
 
     use super::*;
@@ -562,5 +563,183 @@ mod tests {
             Err(BudgetError::ShuttingDown)
         ));
         assert_eq!(q.depth(), 0);
+    }
+
+    /// A store answering admissions and claims from a script (then: in line,
+    /// an hour from the slot), recording each command.
+    struct Scripted {
+        admits: Mutex<Vec<Answer>>,
+        claims: Mutex<Vec<Answer>>,
+        /// `admit`/`claim`/`leave`, with the ask's `ready_in` (µs).
+        log: Mutex<Vec<(&'static str, i64)>>,
+        moved: tokio::sync::watch::Sender<u64>,
+    }
+
+    impl Scripted {
+        fn new(admits: &[Answer], claims: &[Answer]) -> Arc<Self> {
+            let rev = |a: &[Answer]| Mutex::new(a.iter().rev().copied().collect());
+            Arc::new(Self {
+                admits: rev(admits),
+                claims: rev(claims),
+                log: Mutex::new(Vec::new()),
+                moved: tokio::sync::watch::Sender::new(0),
+            })
+        }
+
+        fn next(&self, what: &'static str, ask: &Ask) -> Answer {
+            self.log.lock().unwrap().push((what, ask.ready_in));
+            let script = if what == "admit" {
+                &self.admits
+            } else {
+                &self.claims
+            };
+            let next = script.lock().unwrap().pop();
+            next.unwrap_or(Answer::Queued(3_600_000_000))
+        }
+
+        fn log(&self) -> Vec<(&'static str, i64)> {
+            self.log.lock().unwrap().clone()
+        }
+
+        fn queue(q: &Arc<Self>) -> Arc<Line> {
+            Line::new("test", Arc::clone(q) as Arc<dyn Store>, &config())
+        }
+    }
+
+    impl Store for Scripted {
+        fn admit<'a>(&'a self, ask: &'a Ask) -> BoxFuture<'a, Result<Answer, BackendUnavailable>> {
+            futures::future::ready(Ok(self.next("admit", ask))).boxed()
+        }
+        fn claim<'a>(&'a self, ask: &'a Ask) -> BoxFuture<'a, Result<Answer, BackendUnavailable>> {
+            futures::future::ready(Ok(self.next("claim", ask))).boxed()
+        }
+        fn leave<'a>(&'a self, _: &'a str) -> BoxFuture<'a, ()> {
+            self.log.lock().unwrap().push(("leave", 0));
+            async {}.boxed()
+        }
+        fn hold<'a>(&'a self, _: &'a str, _: Duration) -> BoxFuture<'a, ()> {
+            async {}.boxed()
+        }
+        fn left<'a>(&'a self, _: &'a str, _: bool) -> BoxFuture<'a, ()> {
+            async {}.boxed()
+        }
+        fn pushback(&self, _: Duration) -> BoxFuture<'_, ()> {
+            async {}.boxed()
+        }
+        fn moved(&self) -> tokio::sync::watch::Receiver<u64> {
+            self.moved.subscribe()
+        }
+    }
+
+    const T_US: i64 = 1_010_000;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_ticket_gone_while_its_caller_has_time_is_admitted_again_with_the_time_left() {
+        let store = Scripted::new(&[Answer::Queued(T_US), Answer::Granted], &[Answer::Gone]);
+        let q = Scripted::queue(&store);
+        let start = Instant::now();
+        let turn = q.wait_turn(&anon(), start + T * 10).await;
+        assert_eq!(turn.unwrap().waited, T);
+        assert_eq!(
+            store.log(),
+            [
+                ("admit", 10 * T_US),
+                ("claim", 10 * T_US),
+                ("admit", 9 * T_US)
+            ]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_ticket_gone_at_its_callers_deadline_times_out_without_another_admission() {
+        let store = Scripted::new(&[Answer::Queued(T_US), Answer::Granted], &[Answer::Gone]);
+        let q = Scripted::queue(&store);
+        let start = Instant::now();
+        match q.wait_turn(&anon(), start + T).await {
+            Err(BudgetError::Exhausted {
+                reason: Rejection::TimedOut,
+                ..
+            }) => assert_eq!(Instant::now() - start, T),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(store.log(), [("admit", T_US), ("claim", T_US)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_store_that_lost_the_ticket_on_admission_times_the_caller_out() {
+        let store = Scripted::new(&[Answer::Gone, Answer::Granted], &[]);
+        let q = Scripted::queue(&store);
+        let turn = q.wait_turn(&anon(), Instant::now() + FAR).await;
+        assert!(matches!(
+            turn,
+            Err(BudgetError::Exhausted {
+                reason: Rejection::TimedOut,
+                ..
+            })
+        ));
+        assert_eq!(store.log().len(), 1, "admitted once");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn served_and_refused_callers_leave_nothing_to_take_out_of_the_line() {
+        let store = Scripted::new(
+            &[Answer::Granted, Answer::Refused(Refusal::Deadline, T_US)],
+            &[],
+        );
+        let q = Scripted::queue(&store);
+        q.wait_turn(&anon(), Instant::now() + FAR).await.unwrap();
+        assert!(q.wait_turn(&anon(), Instant::now() + FAR).await.is_err());
+        // A caller that leaves the line takes its ticket out: once that
+        // (spawned last) is done, any leave spawned before it is too.
+        let waiting = join(&q, &anon(), Instant::now() + FAR).await;
+        waiting.abort();
+        until(|| store.log().iter().any(|(what, _)| *what == "leave")).await;
+        let leaves = store.log().iter().filter(|(w, _)| *w == "leave").count();
+        assert_eq!(leaves, 1, "{:?}", store.log());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_whose_deadline_has_passed_is_refused_even_with_a_free_slot() {
+        let q = line_with(&store());
+        let past = Instant::now() - Duration::from_millis(1);
+        assert!(matches!(
+            q.wait_turn(&anon(), past).await,
+            Err(BudgetError::Exhausted {
+                reason: Rejection::Deadline,
+                ..
+            })
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_after_counts_one_interval_after_a_grant_and_the_whole_pushback() {
+        let q = line_with(&store());
+        q.wait_turn(&anon(), Instant::now() + FAR).await.unwrap();
+        assert_eq!(q.retry_after(), T, "after a grant: the next slot");
+        let seven = Duration::from_secs(7);
+        q.pushback(Some(seven)).await;
+        assert_eq!(q.retry_after(), seven);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_depth_gauge_counts_the_callers_waiting() {
+        let metrics = crate::telemetry::metrics::handle();
+        let gauge = || {
+            let page = metrics.render();
+            let prefix = "provisioning_gateway_budget_queue_depth{account=\"gauged\"} ";
+            let line = page.lines().find(|l| l.starts_with(prefix));
+            line.map(|l| l[prefix.len()..].to_owned())
+        };
+        let q = Line::new("gauged", store() as Arc<dyn Store>, &config());
+        q.wait_turn(&anon(), Instant::now() + FAR).await.unwrap();
+        let first = join(&q, &anon(), Instant::now() + FAR).await;
+        assert_eq!(gauge().as_deref(), Some("1"));
+        let second = join(&q, &anon(), Instant::now() + FAR).await;
+        assert_eq!(gauge().as_deref(), Some("2"));
+        second.abort();
+        until(|| q.depth() == 1).await;
+        assert_eq!(gauge().as_deref(), Some("1"));
+        first.await.unwrap();
+        assert_eq!(gauge().as_deref(), Some("0"));
     }
 }
