@@ -328,4 +328,34 @@ mod tests {
             .await;
         assert_eq!(next.await.unwrap() - start, T, "at its slot");
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_send_at_the_end_of_its_slack_is_on_time_and_just_after_is_late() {
+        let (clock, _, now) = body(b"{}");
+        assert!(!clock.is_late(now + Duration::from_millis(5)));
+        assert!(clock.is_late(now + Duration::from_millis(5) + Duration::from_nanos(1)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_body_says_it_has_ended_once_its_bytes_are_out() {
+        let (_, mut body, _) = body(b"{}");
+        assert!(!body.is_end_stream());
+        let frame = body.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), Bytes::from_static(b"{}"));
+        assert!(body.is_end_stream());
+        assert_eq!(body.size_hint().exact(), Some(0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_send_within_its_slack_costs_the_line_nothing() {
+        let q = line();
+        let start = Instant::now();
+        let clock = granted(&q).await;
+        let next = waiting(&q);
+        // Out 3 ms after its grant, within the 5 ms slack.
+        let within = Duration::from_millis(3);
+        q.keep_spacing(attempt(&clock, Some(within), T / 10), &clock)
+            .await;
+        assert_eq!(next.await.unwrap() - start, T, "at its slot");
+    }
 }
