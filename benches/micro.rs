@@ -11,7 +11,7 @@ use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use provisioning_gateway::domain::Association;
 use provisioning_gateway::pb::{Channel, DeleteAssociationRequest, ResourceType};
 use provisioning_gateway::testing::{
-    Ask, BudgetError, CallError, Rejection, Reply, Rules, Schedule, code_for_http,
+    Ask, BudgetError, CallError, Rejection, Reply, Schedule, bench_rules, code_for_http,
 };
 use reqwest::header::HeaderMap;
 
@@ -105,14 +105,7 @@ fn ask(n: u64, ready_in: i64) -> Ask {
 
 fn budget(c: &mut Criterion) {
     let mut g = c.benchmark_group("budget");
-    let rules = |interval: i64| Rules {
-        interval,
-        burst: 1,
-        max_wait: 60_000_000,
-        max_queue: 10_000,
-        horizon: 400_000_000,
-        grace: 50_000,
-    };
+    let rules = |us: u64| bench_rules(std::time::Duration::from_micros(us));
     // A 1 µs interval, the clock moving 1 µs per admission: every one is granted.
     let free = rules(1);
     let mut schedule = Schedule::default();

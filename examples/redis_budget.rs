@@ -28,7 +28,7 @@ use provisioning_gateway::mock::{Mock, MockConfig};
 use provisioning_gateway::pb::association_service_client::AssociationServiceClient;
 use provisioning_gateway::pb::{Channel, DeleteAssociationRequest, ResourceType};
 use provisioning_gateway::startup::App;
-use provisioning_gateway::testing::{self, Answer, Ask, RedisStore, Rules, TIMEOUT};
+use provisioning_gateway::testing::{self, Answer, Ask, RedisStore, TIMEOUT};
 use provisioning_gateway::{ApiKey, KeySource};
 use tokio_util::sync::CancellationToken;
 use tonic_types::StatusExt;
@@ -97,19 +97,6 @@ fn redis_config(url: &str, replicas: u32) -> anyhow::Result<RedisConfig> {
     Ok(redis)
 }
 
-/// The rules of an account with this interval, 60 s of patience, a long line.
-fn rules(interval: Duration) -> Rules {
-    let interval = i64::try_from(interval.as_micros()).unwrap_or(i64::MAX);
-    Rules {
-        interval,
-        burst: 1,
-        max_wait: 60_000_000,
-        max_queue: 10_000,
-        horizon: 400_000_000,
-        grace: 50_000,
-    }
-}
-
 fn ask(ticket: String) -> Ask {
     Ask {
         ticket,
@@ -128,11 +115,19 @@ async fn latency(url: &str, n: usize) -> anyhow::Result<()> {
     store.connect().await?;
     let prefix = "provisioning-gateway:bench:{raw}";
     // A 1 µs interval: every admission is a grant.
-    let free = testing::redis_line(Arc::clone(&store), prefix, rules(Duration::from_micros(1)));
+    let free = testing::redis_line(
+        Arc::clone(&store),
+        prefix,
+        testing::bench_rules(Duration::from_micros(1)),
+    );
     // A 1 s interval with 20 calls waiting: every admission is queued (and
     // leaves again, so the line stays 20 long).
     let busy_base = "provisioning-gateway:bench:{busy}";
-    let busy = testing::redis_line(Arc::clone(&store), busy_base, rules(Duration::from_secs(1)));
+    let busy = testing::redis_line(
+        Arc::clone(&store),
+        busy_base,
+        testing::bench_rules(Duration::from_secs(1)),
+    );
     for i in 0..20 {
         busy.admit(&ask(format!("w{i}"))).await?;
     }

@@ -20,6 +20,19 @@ pub async fn build_with_clock_offset(config: Config, offset_ms: i64) -> anyhow::
     App::build_with(config, WallClock::offset_by_micros(offset_ms * 1000)).await
 }
 
+/// The rules benchmarks run the line with: burst 1, 60 s of patience, a
+/// line of up to 10,000, at `interval`.
+pub fn bench_rules(interval: std::time::Duration) -> Rules {
+    Rules {
+        interval: i64::try_from(interval.as_micros()).unwrap_or(i64::MAX),
+        burst: 1,
+        max_wait: 60_000_000,
+        max_queue: 10_000,
+        horizon: 400_000_000,
+        grace: 50_000,
+    }
+}
+
 /// The line of one account in Redis under `base` (`<base>`, `<base>:line`,
 /// …), for tests of the script at its boundaries.
 pub fn redis_line(store: Arc<RedisStore>, base: &str, rules: Rules) -> RedisLine {
