@@ -22,6 +22,7 @@ fn request() -> DeleteAssociationRequest {
         application_id: "8F0792F86035A9F4290821F1EE6BC06A".into(),
         entity_id: Some("entity-42".into()),
         resource_id: "number-key-8F0792F86035A9F4".into(),
+        ..Default::default()
     }
 }
 

@@ -188,6 +188,7 @@ fn request(n: u64) -> DeleteAssociationRequest {
         application_id: "bench-app".into(),
         entity_id: None,
         resource_id: format!("number-{n}"),
+        ..Default::default()
     }
 }
 

@@ -35,12 +35,41 @@ pub use config::Config;
 pub use keys::{ApiKey, KeySource};
 pub use startup::App;
 
-/// Code generated from `proto/infobip/provisioning/v1/associations.proto`.
-pub mod pb {
-    #![allow(missing_docs, clippy::all)]
-    tonic::include_proto!("infobip.provisioning.v1");
+/// Code generated from the contract, one module per protobuf package (the
+/// generated code names its imports by relative path).
+#[allow(missing_docs, clippy::all)]
+pub mod proto {
+    /// `google.*` definitions the contract imports (their comments are
+    /// Google's, written for protobuf, not rustdoc).
+    #[allow(rustdoc::all)]
+    pub mod google {
+        /// `google.api` (HTTP and client annotations).
+        pub mod api {
+            tonic::include_proto!("google.api");
+        }
+        /// `google.longrunning`: `Operation` and the `Operations` service.
+        pub mod longrunning {
+            tonic::include_proto!("google.longrunning");
+        }
+    }
+    /// The gateway's own package.
+    pub mod infobip {
+        /// `infobip.provisioning`.
+        pub mod provisioning {
+            /// `infobip.provisioning.v1`.
+            pub mod v1 {
+                tonic::include_proto!("infobip.provisioning.v1");
+            }
+        }
+    }
+}
 
-    /// Encoded file descriptor set, served by gRPC reflection.
+/// The contract's own package, `infobip.provisioning.v1`.
+pub mod pb {
+    pub use crate::proto::infobip::provisioning::v1::*;
+
+    /// Encoded file descriptor set (the contract and every definition it
+    /// imports), served by gRPC reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         tonic::include_file_descriptor_set!("provisioning_descriptor");
 }

@@ -119,6 +119,7 @@ pub fn request() -> DeleteAssociationRequest {
         application_id: "bench-application".into(),
         entity_id: Some("bench-entity".into()),
         resource_id: format!("bench-{:012}", NEXT.fetch_add(1, Ordering::Relaxed)),
+        ..Default::default()
     }
 }
 

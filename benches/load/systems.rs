@@ -19,7 +19,10 @@ use provisioning_gateway::mock::{Mock, MockConfig};
 use provisioning_gateway::pb::association_service_server::{
     AssociationService, AssociationServiceServer,
 };
-use provisioning_gateway::pb::{DeleteAssociationRequest, DeleteAssociationResponse};
+use provisioning_gateway::pb::{
+    BatchDeleteAssociationsRequest, DeleteAssociationRequest, DeleteAssociationResponse,
+};
+use provisioning_gateway::proto::google::longrunning::Operation;
 use provisioning_gateway::startup::App;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
@@ -69,6 +72,13 @@ impl AssociationService for Echo {
     ) -> Result<Response<DeleteAssociationResponse>, Status> {
         Ok(Response::new(DeleteAssociationResponse {}))
     }
+
+    async fn batch_delete_associations(
+        &self,
+        _request: Request<BatchDeleteAssociationsRequest>,
+    ) -> Result<Response<Operation>, Status> {
+        Err(Status::unimplemented("not part of this system"))
+    }
 }
 
 /// `service` on a bare tonic server (as `Server::serve` sets it up, with the
@@ -104,6 +114,13 @@ impl AssociationService for Chain {
     ) -> Result<Response<DeleteAssociationResponse>, Status> {
         self.0.call(0).await;
         Ok(Response::new(DeleteAssociationResponse {}))
+    }
+
+    async fn batch_delete_associations(
+        &self,
+        _request: Request<BatchDeleteAssociationsRequest>,
+    ) -> Result<Response<Operation>, Status> {
+        Err(Status::unimplemented("not part of this system"))
     }
 }
 
@@ -296,6 +313,13 @@ impl AssociationService for Park {
     ) -> Result<Response<DeleteAssociationResponse>, Status> {
         self.0.fetch_add(1, Ordering::Relaxed);
         std::future::pending().await
+    }
+
+    async fn batch_delete_associations(
+        &self,
+        _request: Request<BatchDeleteAssociationsRequest>,
+    ) -> Result<Response<Operation>, Status> {
+        Err(Status::unimplemented("not part of this system"))
     }
 }
 

@@ -175,6 +175,7 @@ mod tests {
             application_id: "app".into(),
             entity_id: None,
             resource_id: "num-key".into(),
+            ..Default::default()
         }
     }
 
@@ -207,6 +208,7 @@ mod tests {
             let req = pb::DeleteAssociationRequest {
                 resource_type: rt, channel: ch,
                 application_id: app, entity_id: ent, resource_id: res,
+                ..Default::default()
             };
             match Association::try_from(req) {
                 Err(InvalidRequest(v)) => prop_assert!(!v.is_empty()),

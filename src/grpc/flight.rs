@@ -197,6 +197,7 @@ mod tests {
                 application_id: "app-1".into(),
                 entity_id: None,
                 resource_id: "number-key-0".into(),
+                ..Default::default()
             };
             Arc::new(Self {
                 flights: Flights::default(),

@@ -119,6 +119,15 @@ impl AssociationService for Gateway {
         // 5. Answer.
         report.answer(&self.refusals, account.name(), caller, started, result)
     }
+
+    async fn batch_delete_associations(
+        &self,
+        _request: Request<crate::pb::BatchDeleteAssociationsRequest>,
+    ) -> Result<Response<crate::proto::google::longrunning::Operation>, Status> {
+        Err(Status::unimplemented(
+            "BatchDeleteAssociations is not served yet",
+        ))
+    }
 }
 
 impl Gateway {

@@ -241,6 +241,7 @@ pub fn request(n: usize) -> DeleteAssociationRequest {
         application_id: "app-1".into(),
         entity_id: Some("entity-1".into()),
         resource_id: format!("number-key-{n}"),
+        ..Default::default()
     }
 }
 
