@@ -101,6 +101,7 @@ fn ask(n: u64, ready_in: i64) -> Ask {
         lane: "bench".into(),
         weight: 1,
         ready_in,
+        background: false,
     }
 }
 

@@ -103,6 +103,7 @@ fn ask(ticket: String) -> Ask {
         lane: "bench".into(),
         weight: 1,
         ready_in: 60_000_000,
+        background: false,
     }
 }
 

@@ -36,6 +36,7 @@ fn ask(ticket: &str, lane: &str, weight: u32, ready_in: i64) -> Ask {
         lane: lane.into(),
         weight,
         ready_in,
+        background: false,
     }
 }
 
@@ -158,6 +159,33 @@ async fn script_grants_a_free_slot_then_queues_one_interval_apart_and_grants_at_
     assert_eq!(l.claim("b").await, Answer::Granted, "a retried claim");
     assert!(matches!(l.claim("c").await, Answer::Queued(_)));
     assert_eq!(l.claim("nobody").await, Answer::Gone);
+}
+
+#[tokio::test]
+async fn script_gives_background_work_only_slots_no_waiting_call_can_use() {
+    let redis = RedisServer::start();
+    let mut l = Both::new(&redis, "t:background", rules()).await;
+    let background = |ticket: &str| Ask {
+        background: true,
+        ..anon(ticket)
+    };
+    assert_eq!(l.admit(&background("b1")).await, Answer::Granted);
+    let refused = l.admit(&background("b2")).await;
+    assert!(
+        matches!(refused, Answer::Refused(Refusal::Deadline, w) if w <= T && w > T - JITTER),
+        "{refused:?}"
+    );
+    let a = wait_of(l.admit(&anon("a")).await);
+    sleep_us(a).await;
+    // The slot came, but a call is waiting for it: background work waits.
+    assert!(matches!(
+        l.admit(&background("b3")).await,
+        Answer::Refused(..)
+    ));
+    assert_eq!(l.claim("a").await, Answer::Granted);
+    let next = wait_of(l.admit(&background("b4")).await);
+    sleep_us(next).await;
+    assert_eq!(l.admit(&background("b5")).await, Answer::Granted);
 }
 
 #[tokio::test]

@@ -25,6 +25,8 @@ use crate::telemetry::metrics;
 /// Longest pushback applied when Infobip answers 429 without Retry-After.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
+mod idle;
+
 /// What a caller learns when its turn comes.
 #[derive(Debug)]
 pub struct Turn {
@@ -95,6 +97,7 @@ impl Line {
             lane: caller.id.to_string(),
             weight: caller.weight.get(),
             ready_in: until(joined, ready_by),
+            background: false,
         };
         let mut moved = self.store.moved();
         moved.mark_unchanged();

@@ -78,6 +78,10 @@ pub struct Ask {
     pub weight: u32,
     /// How long from now the slot is still useful, µs.
     pub ready_in: i64,
+    /// Background work (a batch item): granted only a slot no waiting
+    /// ticket can use, that is with the line empty and the slot free now;
+    /// never queued (refused with when a slot would come).
+    pub background: bool,
 }
 
 /// What a command answers.
@@ -138,6 +142,18 @@ impl Schedule {
         }
         if let Some(p) = self.position(&ask.ticket) {
             return (Answer::Queued(self.slot(rules, now, p) - now), regressed);
+        }
+        if ask.background {
+            let slot = self.slot(rules, now, self.line.len());
+            if self.line.is_empty() && slot <= now {
+                // Served last: it moves no caller's fair share.
+                self.grant(rules, now, &ask.ticket, self.vtime);
+                return (Answer::Granted, regressed);
+            }
+            return (
+                Answer::Refused(Refusal::Deadline, (slot - now).max(1)),
+                regressed,
+            );
         }
         // The lane's finish tag: its last ticket waiting, or the virtual time.
         let last = self
@@ -358,6 +374,7 @@ mod tests {
             lane: lane.into(),
             weight,
             ready_in,
+            background: false,
         }
     }
 
@@ -492,6 +509,48 @@ mod tests {
         assert_eq!(s.claim(&rules(), 100 * T * 20, "b").0, Answer::Granted);
         s.admit(&rules(), 100 * T * 21, &anon("last"));
         assert_eq!(s.claim(&rules(), 100 * T * 21, "b").0, Answer::Gone);
+    }
+
+    fn background(ticket: &str) -> Ask {
+        Ask {
+            background: true,
+            ..anon(ticket)
+        }
+    }
+
+    #[test]
+    fn background_work_takes_only_a_slot_no_waiting_call_can_use() {
+        let mut s = Schedule::default();
+        assert_eq!(s.admit(&rules(), 0, &background("b1")).0, Answer::Granted);
+        // The next slot is T away: refused with when it comes, never queued.
+        assert_eq!(
+            s.admit(&rules(), T / 4, &background("b2")).0,
+            Answer::Refused(Refusal::Deadline, 3 * T / 4)
+        );
+        assert_eq!(s.waiting(), 0);
+        // A call arriving now is served at that slot: one interval at most
+        // after the batch item.
+        assert_eq!(
+            s.admit(&rules(), T / 2, &anon("a")).0,
+            Answer::Queued(T / 2)
+        );
+        // With a call waiting, background work waits even once the slot came,
+        // and until the line is empty: the call goes first.
+        assert_eq!(
+            s.admit(&rules(), T, &background("b3")).0,
+            Answer::Refused(Refusal::Deadline, T)
+        );
+        assert_eq!(s.claim(&rules(), T, "a").0, Answer::Granted);
+        assert!(matches!(
+            s.admit(&rules(), T, &background("b4")).0,
+            Answer::Refused(_, w) if w == T
+        ));
+        assert_eq!(
+            s.admit(&rules(), 2 * T, &background("b5")).0,
+            Answer::Granted
+        );
+        // A background grant moves no caller's fair share.
+        assert_eq!(s.vtime, 1.0);
     }
 
     #[test]

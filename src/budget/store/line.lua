@@ -21,7 +21,9 @@
 --   2 interval T µs (>= 1)   3 burst (>= 1)   4 max wait µs
 --   5 max queue              6 horizon µs     7 grace µs
 --   8 ticket id (any command but pushback; no ',', '=', '|' or tab)
---   admit:    9 lane  10 weight (>= 1)  11 ready_in µs
+--   admit:    9 lane  10 weight (>= 1)  11 ready_in µs  12 background:
+--             1 = granted only with the line empty and the slot free now,
+--             never queued (refused 3 with when a slot would come); 0 = a call
 --   leave:    9 channel, PUBLISHed 10 the account name when the line moved
 --   hold:     9 hold µs
 --   left:     9 late (1) or not (0); 10, 11 as leave's 9, 10 (published
@@ -209,6 +211,15 @@ if cmd == 'admit' then
     answer = {1, 0}
   elseif position(ticket) then
     answer = {2, slot(position(ticket)) - now}
+  elseif ARGV[12] == '1' then
+    -- Background: only a slot no waiting ticket can use.
+    local s = slot(#line)
+    if #line == 0 and s <= now then
+      grant(ticket, vtime)
+      answer = {1, 0}
+    else
+      answer = {3, math.max(s - now, 1), 0, 3}
+    end
   else
     local lane = ARGV[9]
     local weight = math.max(tonumber(ARGV[10]) or 1, 1)

@@ -83,8 +83,13 @@ impl RedisLine {
     pub async fn admit(&self, ask: &Ask) -> Result<Reply, StoreError> {
         let weight = ask.weight.to_string();
         let ready_in = ask.ready_in.to_string();
-        self.call("admit", &ask.ticket, &[&ask.lane, &weight, &ready_in])
-            .await
+        let background = if ask.background { "1" } else { "0" };
+        self.call(
+            "admit",
+            &ask.ticket,
+            &[&ask.lane, &weight, &ready_in, background],
+        )
+        .await
     }
 
     pub async fn claim(&self, ticket: &str) -> Result<Reply, StoreError> {
