@@ -351,6 +351,30 @@ fn truncate(s: &str, max: usize) -> String {
     format!("{}…", &s[..end])
 }
 
+/// A status as `google.rpc.Status` (code, message, the same details), as a
+/// batch result or a stored outcome carries it.
+#[allow(dead_code)] // batches and idempotent calls (issue 13) land next
+pub(crate) fn to_rpc(status: &Status) -> tonic_types::pb::Status {
+    let details = tonic_types::pb::Status::decode(status.details())
+        .map(|s| s.details)
+        .unwrap_or_default();
+    tonic_types::pb::Status {
+        code: status.code() as i32,
+        message: status.message().to_owned(),
+        details,
+    }
+}
+
+/// The status a stored `google.rpc.Status` stands for, details included.
+#[allow(dead_code)] // batches and idempotent calls (issue 13) land next
+pub(crate) fn from_rpc(rpc: &tonic_types::pb::Status) -> Status {
+    let code = Code::from_i32(rpc.code);
+    if rpc.details.is_empty() {
+        return Status::new(code, rpc.message.clone());
+    }
+    Status::with_details(code, rpc.message.clone(), rpc.encode_to_vec().into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -408,6 +432,20 @@ mod tests {
         let other = refused(Rejection::Deadline, "other");
         assert_eq!(other.metadata["rejection"], "deadline");
         assert_eq!(other.metadata["account"], "other");
+    }
+
+    #[test]
+    fn a_status_survives_the_round_trip_through_google_rpc_status() {
+        let status = refusal(Duration::from_millis(1500));
+        let rpc = to_rpc(&status);
+        assert_eq!(rpc.code, Code::ResourceExhausted as i32);
+        assert!(!rpc.details.is_empty());
+        let back = from_rpc(&rpc);
+        assert_eq!(back.code(), status.code());
+        assert_eq!(back.message(), status.message());
+        assert_eq!(back.details(), status.details());
+        let plain = from_rpc(&to_rpc(&Status::not_found("gone")));
+        assert_eq!((plain.code(), plain.message()), (Code::NotFound, "gone"));
     }
 
     #[test]
