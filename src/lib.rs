@@ -6,7 +6,9 @@
 //! - leaves: [`domain`] (what a call is about), [`config`] (checked, inert
 //!   settings), `keys` (API keys), `coalesce` (generic single flight);
 //! - mechanisms: `telemetry`, `budget` (the line and the limiter), `upstream`
-//!   (the Infobip client), `auth` (who calls, may it);
+//!   (the Infobip client), `auth` (who calls, may it), `idempotency` (what
+//!   calls with a request_id did; beside the budget, on its Redis
+//!   connection);
 //! - the request path: `grpc`;
 //! - wiring: [`startup`] (build, serve, drain), [`cli`], [`demo`].
 //!
@@ -23,6 +25,7 @@ pub mod config;
 pub mod demo;
 pub mod domain;
 mod grpc;
+mod idempotency;
 mod keys;
 pub mod mock;
 pub mod startup;

@@ -140,6 +140,12 @@ impl Backend {
         Line::new(name, store, config)
     }
 
+    /// The Redis backend, when the budgets live there (its connection also
+    /// holds idempotency records).
+    pub(crate) fn redis(&self) -> Option<&Arc<shared::RedisBackend>> {
+        self.0.as_ref()
+    }
+
     /// The backend's state, for `/healthz`.
     pub(crate) fn report(&self) -> BackendReport {
         match &self.0 {

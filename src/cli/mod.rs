@@ -102,6 +102,10 @@ pub struct ServeArgs {
     /// Log format; default json unless stderr is a terminal.
     #[arg(long, env = "GATEWAY_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Request ids (idempotency keys) kept in memory, the oldest forgotten
+    /// first (memory backend, and the `local` fallback while Redis is lost).
+    #[arg(long, env = "GATEWAY_IDEMPOTENCY_MAX_ENTRIES", default_value_t = defaults::IDEMPOTENCY_MAX_ENTRIES)]
+    pub idempotency_max_entries: usize,
 }
 
 /// The per-account budget and its admission rules.

@@ -32,6 +32,7 @@ impl ServeArgs {
             .insecure_upstream(self.insecure_upstream)
             .shutdown_grace(*self.shutdown_grace)
             .log_format(self.log_format)
+            .idempotency_max_entries(self.idempotency_max_entries)
             .tls(self.tls()?)
             .mesh_identity_header(
                 self.mesh_identity_header

@@ -27,6 +27,7 @@ pub struct ConfigBuilder {
     insecure_upstream: bool,
     shutdown_grace: Duration,
     log_format: Option<LogFormat>,
+    idempotency_max_entries: usize,
 }
 
 impl Default for ConfigBuilder {
@@ -51,6 +52,7 @@ impl Default for ConfigBuilder {
             insecure_upstream: false,
             shutdown_grace: defaults::SHUTDOWN_GRACE,
             log_format: None,
+            idempotency_max_entries: defaults::IDEMPOTENCY_MAX_ENTRIES,
         }
     }
 }
@@ -102,6 +104,8 @@ impl ConfigBuilder {
         shutdown_grace: Duration => shutdown_grace;
         /// Log format; `None`: json, or text on a terminal.
         log_format: Option<LogFormat> => log_format;
+        /// Request ids kept in memory at most.
+        idempotency_max_entries: usize => idempotency_max_entries;
     }
 
     /// Adds an account; the first one is the default unless
@@ -138,6 +142,15 @@ impl ConfigBuilder {
             "--shutdown-grace (GATEWAY_SHUTDOWN_GRACE)",
             self.shutdown_grace,
             defaults::MAX_SHUTDOWN_GRACE,
+        )?;
+        const ENTRIES: &str = "--idempotency-max-entries (GATEWAY_IDEMPOTENCY_MAX_ENTRIES)";
+        if self.idempotency_max_entries == 0 {
+            return Err(ConfigError::new(ENTRIES, "must be at least 1"));
+        }
+        at_most(
+            ENTRIES,
+            self.idempotency_max_entries,
+            defaults::MAX_IDEMPOTENCY_MAX_ENTRIES,
         )?;
         let budget = BudgetConfig::check(&self.budget)?;
         if let BackendConfig::Redis(redis) = &self.backend {
@@ -234,6 +247,7 @@ impl ConfigBuilder {
             insecure_upstream: self.insecure_upstream,
             shutdown_grace: self.shutdown_grace,
             log_format: self.log_format,
+            idempotency_max_entries: self.idempotency_max_entries,
         })
     }
 }

@@ -20,6 +20,9 @@ pub const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(10);
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 pub const REDIS_KEY_PREFIX: &str = "provisioning-gateway:budget:";
 pub const EXPECTED_REPLICAS: u32 = 1;
+/// Request ids remembered in memory (the memory backend, and the `local`
+/// fallback while Redis is lost), the oldest forgotten first.
+pub const IDEMPOTENCY_MAX_ENTRIES: usize = 100_000;
 
 // Bounds: every duration and rate is checked against these before anything
 // binds, so no later sum or instant can overflow (a panic on a request path)
@@ -38,3 +41,4 @@ pub const MAX_UPSTREAM_RESERVE: Duration = Duration::from_secs(60);
 pub const MAX_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(300);
 pub const MAX_SHUTDOWN_GRACE: Duration = Duration::from_secs(600);
 pub const MAX_EXPECTED_REPLICAS: u32 = 1000;
+pub const MAX_IDEMPOTENCY_MAX_ENTRIES: usize = 10_000_000;

@@ -73,6 +73,8 @@ pub struct Config {
     pub insecure_upstream: bool,
     pub shutdown_grace: Duration,
     pub log_format: Option<LogFormat>,
+    /// Request ids (idempotency keys) kept in memory at most.
+    pub idempotency_max_entries: usize,
 }
 
 impl Config {

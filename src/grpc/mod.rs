@@ -1,17 +1,22 @@
 //! The request path: [`service`] is the tonic handler and reads top to bottom
-//! (admit → size and parse → flight → attempts → answer); [`flight`] shares one run
+//! (admit → size and parse → record → flight → attempts → answer);
+//! [`idempotent`] runs a call once per request_id; [`flight`] shares one run
 //! among identical calls; [`attempt`] waits for a slot, sends, and decides on
-//! retries; [`report`] writes the call's one log event and metrics;
-//! [`status`] is the mapping table; [`accounts`] the per-account registry;
-//! [`lanes`] bounds the fair-share lanes anonymous callers may open.
+//! retries; [`outcome`] settles a shared outcome for one caller
+//! (`allow_missing`) and says whether it may have taken effect; [`report`]
+//! writes the call's one log event and metrics; [`status`] is the mapping
+//! table; [`accounts`] the per-account registry; [`lanes`] bounds the
+//! fair-share lanes anonymous callers may open.
 //!
-//! Imports the mechanisms (`auth`, `budget`, `coalesce`, `upstream`,
-//! `telemetry`) and the leaves; nothing imports it but `startup`.
+//! Imports the mechanisms (`auth`, `budget`, `coalesce`, `idempotency`,
+//! `upstream`, `telemetry`) and the leaves; nothing imports it but `startup`.
 
 mod accounts;
 mod attempt;
 mod flight;
+mod idempotent;
 mod lanes;
+mod outcome;
 mod report;
 mod service;
 pub(crate) mod status;

@@ -26,6 +26,8 @@ pub(super) struct Report {
     pub(super) http_status: Option<u16>,
     /// The call shared another identical call's upstream call.
     pub(super) coalesced: bool,
+    /// Answered from an earlier call with the same request_id.
+    pub(super) replayed: bool,
 }
 
 impl Report {
@@ -74,6 +76,7 @@ impl Report {
                     outcome = $outcome,
                     reason,
                     coalesced = self.coalesced,
+                    replayed = self.replayed,
                     attempts = self.attempts,
                     http_status = self.http_status,
                     budget_wait_ms = self.waited.as_millis() as u64,

@@ -1,8 +1,9 @@
 //! The tonic handler. A call reads top to bottom in
 //! [`Gateway::delete_association`]: admit (who, which account, allowed?) →
-//! size and parse → flight (identical calls share one) → attempts (budget slot, one
-//! DELETE, retry what did not take effect) → answer (status, span, metrics,
-//! one log event).
+//! size and parse → its request_id's record (answer a stored outcome, join
+//! the call that runs) → flight (identical calls share one) → attempts
+//! (budget slot, one DELETE, retry what did not take effect) → answer
+//! (status, span, metrics, one log event).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,11 +16,13 @@ use tonic::{Request, Response, Status};
 use super::accounts::{Account, Accounts};
 use super::attempt::Sender;
 use super::flight::{Call, Flights};
+use super::idempotent::Deleter;
 use super::lanes::AnonymousLanes;
 use super::report::{Report, UNKNOWN};
 use super::status::CallError;
 use crate::auth::{Authenticator, Identity};
-use crate::domain::Association;
+use crate::domain::Deletion;
+use crate::idempotency::Records;
 use crate::pb::association_service_server::AssociationService;
 use crate::pb::{DeleteAssociationRequest, DeleteAssociationResponse};
 use crate::telemetry::refusals::RefusalLog;
@@ -47,6 +50,8 @@ pub(crate) struct Gateway {
     sender: Sender,
     limits: CallLimits,
     flights: Arc<Flights>,
+    /// What calls with a request_id did.
+    records: Arc<Records>,
     lanes: Arc<AnonymousLanes>,
     /// Refusals of one kind are logged once, then counted.
     refusals: Arc<RefusalLog>,
@@ -99,19 +104,23 @@ impl AssociationService for Gateway {
                 Err(too_large),
             );
         }
-        let result = match Association::try_from(request.into_inner()) {
-            // 3-4. Flight and attempts: identical calls share one slot.
-            Ok(association) => {
+        let result = match Deletion::try_from(request.into_inner()) {
+            // 3-4. Record, flight and attempts: a request_id runs once,
+            // identical calls share one slot.
+            Ok(deletion) => {
                 let call = Call {
                     account,
                     caller: &lane,
                     deadline,
                     ready_by: self.ready_by(deadline),
                 };
-                let flight = self
-                    .flights
-                    .fly(&self.sender, call, association, &mut report);
-                flight.await
+                let deleter = Deleter {
+                    flights: &self.flights,
+                    sender: &self.sender,
+                    records: &self.records,
+                };
+                let caller = &identity.caller.id;
+                deleter.delete(call, caller, deletion, &mut report).await
             }
             Err(invalid) => Err(invalid.into()),
         };
@@ -136,6 +145,7 @@ impl Gateway {
         auth: Authenticator,
         upstream: Upstream,
         limits: CallLimits,
+        records: Records,
     ) -> Self {
         Self {
             accounts,
@@ -146,6 +156,7 @@ impl Gateway {
             },
             limits,
             flights: Arc::default(),
+            records: Arc::new(records),
             lanes: Arc::default(),
             refusals: Arc::default(),
         }

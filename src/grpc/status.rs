@@ -18,7 +18,12 @@ use tonic_types::pb::{BadRequest, RetryInfo, bad_request::FieldViolation};
 use crate::auth::AuthError;
 use crate::budget::{BudgetError, Rejection};
 use crate::domain::InvalidRequest;
+use crate::idempotency::Refused;
 use crate::upstream::{Reply, TransportError};
+
+mod rpc;
+
+pub(crate) use rpc::{from_rpc, to_rpc};
 
 /// `ErrorInfo.domain` of every error the gateway returns.
 pub const DOMAIN: &str = "provisioning-gateway";
@@ -38,6 +43,9 @@ const MAX_VIOLATION: usize = 200;
 /// refusals then carry identical bytes, which HTTP/2 header compression sends
 /// as a table index instead of a fresh 200-byte header (load shedding).
 const RETRY_GRANULARITY: Duration = Duration::from_millis(10);
+/// The trailer of the gRPC retry design (A6) by which a server tells a
+/// retrying client when to try again; on budget refusals only.
+pub const RETRY_PUSHBACK: &str = "grpc-retry-pushback-ms";
 
 /// `google.rpc.ErrorInfo`, wire-identical to tonic-types' but with its
 /// metadata in key order: the same error always encodes to the same bytes.
@@ -122,6 +130,11 @@ pub enum CallError {
     Upstream(Reply),
     #[error(transparent)]
     Transport(#[from] TransportError),
+    #[error(transparent)]
+    Idempotency(#[from] Refused),
+    /// An earlier call with the same request_id ended with this answer.
+    #[error("the answer of an earlier call with this request_id")]
+    Replayed(tonic_types::pb::Status),
 }
 
 impl CallError {
@@ -145,6 +158,10 @@ impl CallError {
                 .unwrap_or_else(|| format!("UPSTREAM_HTTP_{}", reply.status)),
             Self::Transport(TransportError::Timeout) => "UPSTREAM_TIMEOUT".into(),
             Self::Transport(_) => "UPSTREAM_UNREACHABLE".into(),
+            Self::Idempotency(Refused::Reused) => "REQUEST_ID_REUSED".into(),
+            Self::Idempotency(Refused::InProgress) => "REQUEST_IN_PROGRESS".into(),
+            Self::Idempotency(Refused::Unavailable) => "IDEMPOTENCY_BACKEND_UNAVAILABLE".into(),
+            Self::Replayed(status) => rpc::reason(status).unwrap_or_default(),
         }
     }
 
@@ -159,7 +176,10 @@ impl CallError {
             Self::Auth(AuthError::Unauthenticated) => Some("unauthenticated"),
             Self::Auth(AuthError::NotAllowed(_)) => Some("caller_not_allowed"),
             Self::Budget(e) => Some(e.as_str()),
-            Self::Upstream(_) | Self::Transport(_) => None,
+            Self::Idempotency(Refused::Reused) => Some("request_id_reused"),
+            Self::Idempotency(Refused::InProgress) => Some("request_in_progress"),
+            Self::Idempotency(Refused::Unavailable) => Some("idempotency_unavailable"),
+            Self::Upstream(_) | Self::Transport(_) | Self::Replayed(_) => None,
         }
     }
 
@@ -178,6 +198,10 @@ impl CallError {
             Self::Upstream(reply) => code_for_http(reply.status),
             Self::Transport(TransportError::Timeout) => Code::DeadlineExceeded,
             Self::Transport(_) => Code::Unavailable,
+            Self::Idempotency(Refused::Reused) => Code::InvalidArgument,
+            Self::Idempotency(Refused::InProgress) => Code::DeadlineExceeded,
+            Self::Idempotency(Refused::Unavailable) => Code::Unavailable,
+            Self::Replayed(status) => Code::from_i32(status.code),
         }
     }
 
@@ -191,7 +215,10 @@ impl CallError {
             retry_after,
         }) = self
         else {
-            return self.build_status(account);
+            return match self {
+                Self::Replayed(status) => from_rpc(status),
+                _ => self.build_status(account),
+            };
         };
         thread_local! {
             static LAST_REFUSAL: RefCell<Option<(String, Rejection, Duration, Status)>> =
@@ -243,7 +270,17 @@ impl CallError {
                 metadata.insert("caller".into(), caller.clone());
                 self.to_string()
             }
-            Self::Budget(_) | Self::Transport(_) | Self::Auth(_) => self.to_string(),
+            Self::Idempotency(Refused::Reused) => {
+                details.violation(
+                    "request_id",
+                    "was used for a different request within 24 hours",
+                );
+                self.to_string()
+            }
+            Self::Budget(_) | Self::Transport(_) | Self::Auth(_) | Self::Idempotency(_) => {
+                self.to_string()
+            }
+            Self::Replayed(status) => return from_rpc(status),
             Self::Upstream(reply) => {
                 metadata.insert("http_status".into(), reply.status.to_string());
                 if reply.status == 429 {
@@ -280,7 +317,14 @@ impl CallError {
             domain: DOMAIN.to_owned(),
             metadata,
         };
-        details.into_status(self.code(), message, error_info)
+        let retry = details.retry;
+        let mut status = details.into_status(self.code(), message, error_info);
+        // Budget refusals tell a retrying client when (RetryInfo says the same).
+        if let (Self::Budget(_), Some(delay)) = (self, retry) {
+            let millis = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+            status.metadata_mut().insert(RETRY_PUSHBACK, millis.into());
+        }
+        status
     }
 }
 
@@ -349,30 +393,6 @@ fn truncate(s: &str, max: usize) -> String {
         end -= 1;
     }
     format!("{}…", &s[..end])
-}
-
-/// A status as `google.rpc.Status` (code, message, the same details), as a
-/// batch result or a stored outcome carries it.
-#[allow(dead_code)] // batches and idempotent calls (issue 13) land next
-pub(crate) fn to_rpc(status: &Status) -> tonic_types::pb::Status {
-    let details = tonic_types::pb::Status::decode(status.details())
-        .map(|s| s.details)
-        .unwrap_or_default();
-    tonic_types::pb::Status {
-        code: status.code() as i32,
-        message: status.message().to_owned(),
-        details,
-    }
-}
-
-/// The status a stored `google.rpc.Status` stands for, details included.
-#[allow(dead_code)] // batches and idempotent calls (issue 13) land next
-pub(crate) fn from_rpc(rpc: &tonic_types::pb::Status) -> Status {
-    let code = Code::from_i32(rpc.code);
-    if rpc.details.is_empty() {
-        return Status::new(code, rpc.message.clone());
-    }
-    Status::with_details(code, rpc.message.clone(), rpc.encode_to_vec().into())
 }
 
 #[cfg(test)]

@@ -20,8 +20,9 @@ use tonic_health::ServingStatus;
 
 use crate::auth::Authenticator;
 use crate::budget::{Backend, WallClock};
-use crate::config::Config;
+use crate::config::{BackendConfig, Config};
 use crate::grpc::{Accounts, CallLimits, Gateway};
+use crate::idempotency::Records;
 use crate::pb::association_service_server::AssociationServiceServer;
 use crate::telemetry::refusals::SUMMARY_INTERVAL;
 use crate::telemetry::{GrpcTraceLayer, metrics};
@@ -97,7 +98,19 @@ impl App {
             .map_err(anyhow::Error::msg)
             .context("invalid --tls-cert/--tls-key/--client-ca")?
             .map(Arc::new);
-        let gateway = Gateway::new(Arc::clone(&accounts), auth, upstream, limits);
+        // Request ids are kept where the budget is: in Redis, every replica
+        // sees them.
+        let max_entries = config.idempotency_max_entries;
+        let records = match (&config.backend, backend.redis()) {
+            (BackendConfig::Redis(redis), Some(shared)) => Records::redis(
+                max_entries,
+                Arc::clone(shared),
+                &redis.key_prefix,
+                redis.fallback,
+            ),
+            _ => Records::memory(max_entries),
+        };
+        let gateway = Gateway::new(Arc::clone(&accounts), auth, upstream, limits, records);
         Ok(Self {
             grpc,
             metrics,

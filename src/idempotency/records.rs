@@ -1,0 +1,222 @@
+//! The door the request path uses: [`Records::begin`] claims a key (or
+//! answers its stored outcome, or waits for the call that runs it), and a
+//! [`Claim`] records how the call ended, or that its caller went away.
+//!
+//! Which store: Redis with the Redis backend while it answers; while it does
+//! not, `--redis-fallback` decides: `local` keeps records in this process
+//! (a retry on another replica, or after Redis returns, may then run
+//! again), `deny` refuses the call ([`Refused::Unavailable`]). Memory
+//! otherwise.
+
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tokio::time::{Instant, sleep_until};
+use tonic_types::pb::Status as RpcStatus;
+
+use super::memory::MemoryStore;
+use super::redis::RedisRecords;
+use super::{Fingerprint, Found, Held, Key, LEASE_MARGIN, State, Store};
+use crate::budget::redis::RedisStore;
+use crate::budget::shared::RedisBackend;
+use crate::config::RedisFallback;
+
+/// Where records live, and how calls wait for each other.
+pub(crate) struct Records {
+    memory: Arc<MemoryStore>,
+    redis: Option<Shared>,
+    /// Bumped when a record of this process ends.
+    changes: watch::Sender<u64>,
+}
+
+/// Records in Redis, with the budget's view of whether Redis answers.
+struct Shared {
+    records: Arc<RedisRecords>,
+    backend: Arc<RedisBackend>,
+    fallback: RedisFallback,
+}
+
+/// Why a call with a request_id does not run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    /// The request_id was used for another request (fields or allow_missing).
+    #[error("request_id was already used for a different request")]
+    Reused,
+    /// The call with this request_id still runs at this caller's deadline.
+    #[error("the call with this request_id is still running")]
+    InProgress,
+    /// Redis is lost and `--redis-fallback` is `deny`.
+    #[error("the idempotency store is unavailable")]
+    Unavailable,
+}
+
+/// What [`Records::begin`] decided.
+#[derive(Debug)]
+pub(crate) enum Begun {
+    /// Run the call and [`Claim::finish`] it.
+    Run(Claim),
+    /// Answer this: an earlier call with this request_id ended so.
+    Replay(RpcStatus),
+}
+
+/// How a claimed call ended.
+#[derive(Debug)]
+pub(crate) enum End {
+    /// Nothing reached Infobip (or provably took effect): forgotten, a retry
+    /// runs as a new call.
+    NothingSent,
+    /// Sent, but no answer says whether it took effect.
+    Unknown,
+    /// Infobip's answer settled it: this is what retries answer.
+    Done(RpcStatus),
+}
+
+impl Records {
+    /// Records in memory only (the memory budget backend), at most
+    /// `max_entries` of them.
+    pub(crate) fn memory(max_entries: usize) -> Self {
+        let changes = watch::Sender::new(0);
+        Self {
+            memory: Arc::new(MemoryStore::new(max_entries, changes.clone())),
+            redis: None,
+            changes,
+        }
+    }
+
+    /// Records in Redis (keys under `key_prefix`), in memory while Redis is
+    /// lost if `fallback` is `local`.
+    pub(crate) fn redis(
+        max_entries: usize,
+        backend: Arc<RedisBackend>,
+        key_prefix: &str,
+        fallback: RedisFallback,
+    ) -> Self {
+        let mut records = Self::memory(max_entries);
+        let store: Arc<RedisStore> = Arc::clone(backend.store());
+        let changes = records.changes.clone();
+        records.redis = Some(Shared {
+            records: Arc::new(RedisRecords::new(store, key_prefix, changes)),
+            backend,
+            fallback,
+        });
+        records
+    }
+
+    /// Claims `key` for a call of `fingerprint` that answers by `deadline`,
+    /// waiting (at most until `patience`) while another call runs it.
+    pub(crate) async fn begin(
+        &self,
+        key: Key,
+        fingerprint: Fingerprint,
+        deadline: Instant,
+        patience: Instant,
+    ) -> Result<Begun, Refused> {
+        let mut changes = self.changes.subscribe();
+        loop {
+            // Subscribed before asking: an end right after the answer wakes us.
+            changes.mark_unchanged();
+            let lease = deadline.saturating_duration_since(Instant::now()) + LEASE_MARGIN;
+            let (store, found) = self.claim(&key, fingerprint, lease).await?;
+            let look_again = match found {
+                Found::Claimed {
+                    token,
+                    prior_unknown,
+                } => {
+                    let held = Held {
+                        key,
+                        fingerprint,
+                        token,
+                    };
+                    return Ok(Begun::Run(Claim {
+                        store,
+                        held: Some(held),
+                        prior_unknown,
+                    }));
+                }
+                Found::Done(status) => return Ok(Begun::Replay(status)),
+                Found::Reused => return Err(Refused::Reused),
+                Found::Running { look_again } => look_again,
+            };
+            if Instant::now() >= patience {
+                return Err(Refused::InProgress);
+            }
+            tokio::select! {
+                _ = changes.changed() => {}
+                () = sleep_until(look_again.min(patience)) => {}
+            }
+        }
+    }
+
+    /// One claim in the store that applies now.
+    async fn claim(
+        &self,
+        key: &Key,
+        fingerprint: Fingerprint,
+        lease: std::time::Duration,
+    ) -> Result<(Arc<dyn Store>, Found), Refused> {
+        if let Some(shared) = &self.redis {
+            if !shared.backend.is_degraded() {
+                let records = Arc::clone(&shared.records);
+                if let Ok(found) = records.claim(key, fingerprint, lease).await {
+                    return Ok((records, found));
+                }
+            }
+            if shared.fallback == RedisFallback::Deny {
+                return Err(Refused::Unavailable);
+            }
+        }
+        let memory = Arc::clone(&self.memory);
+        let found = memory.claim(key, fingerprint, lease).await;
+        let found = found.map_err(|_| Refused::Unavailable)?;
+        Ok((memory, found))
+    }
+}
+
+/// A call that holds its key. Dropped without [`Claim::finish`] (its caller
+/// went away mid-call), the record ends as an unknown outcome.
+pub(crate) struct Claim {
+    store: Arc<dyn Store>,
+    /// `None` once finished.
+    held: Option<Held>,
+    prior_unknown: bool,
+}
+
+impl std::fmt::Debug for Claim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Claim")
+            .field("prior_unknown", &self.prior_unknown)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Claim {
+    /// An earlier call with this request_id may have taken effect: an
+    /// upstream 404 now answers OK.
+    pub(crate) fn prior_unknown(&self) -> bool {
+        self.prior_unknown
+    }
+
+    /// Records how the call ended. A store that cannot be written lets the
+    /// lease lapse: the record then reads as an unknown outcome.
+    pub(crate) async fn finish(mut self, end: End) {
+        let state = match end {
+            // Still unknown: an earlier call may have taken effect.
+            End::NothingSent if self.prior_unknown => Some(State::Unknown),
+            End::NothingSent => None,
+            End::Unknown => Some(State::Unknown),
+            End::Done(status) => Some(State::Done(status)),
+        };
+        if let Some(held) = &self.held {
+            let _ = self.store.finish(held, state).await;
+        }
+        self.held = None;
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if let Some(held) = self.held.take() {
+            Arc::clone(&self.store).abandon(held);
+        }
+    }
+}
