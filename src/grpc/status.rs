@@ -455,6 +455,47 @@ mod tests {
     }
 
     #[test]
+    fn only_budget_refusals_carry_the_retry_pushback_trailer() {
+        let refused = refusal(Duration::from_millis(1234));
+        let pushback = refused.metadata().get(RETRY_PUSHBACK).unwrap();
+        assert_eq!(pushback.to_str().unwrap(), "1240", "RetryInfo's delay, in ms");
+        let mut vendor_429 = Reply::new(429, &Default::default(), b"");
+        vendor_429.retry_after = Some(Duration::from_secs(2));
+        let others = [
+            CallError::Upstream(vendor_429),
+            CallError::Budget(BudgetError::ShuttingDown),
+            CallError::Transport(TransportError::Timeout),
+            CallError::Idempotency(Refused::InProgress),
+        ];
+        for other in others {
+            let status = other.to_status("default");
+            assert!(status.metadata().get(RETRY_PUSHBACK).is_none(), "{other:?}");
+        }
+    }
+
+    #[test]
+    fn a_reused_request_id_is_named_in_a_bad_request() {
+        let status = CallError::Idempotency(Refused::Reused).to_status("default");
+        assert_eq!(status.code(), Code::InvalidArgument);
+        let details = status.get_error_details();
+        let violations = &details.bad_request().unwrap().field_violations;
+        assert_eq!(violations.len(), 1);
+        assert_eq!(violations[0].field, "request_id");
+        assert_eq!(details.error_info().unwrap().reason, "REQUEST_ID_REUSED");
+    }
+
+    #[test]
+    fn a_replayed_status_is_answered_as_it_was_stored() {
+        let first = reply(404, None).to_status("default");
+        let replayed = CallError::Replayed(to_rpc(&first));
+        assert_eq!(replayed.code(), Code::NotFound);
+        assert_eq!(replayed.reason(), "UPSTREAM_HTTP_404");
+        let again = replayed.to_status("other");
+        assert_eq!(again.message(), first.message());
+        assert_eq!(again.details(), first.details());
+    }
+
+    #[test]
     fn a_status_survives_the_round_trip_through_google_rpc_status() {
         let status = refusal(Duration::from_millis(1500));
         let rpc = to_rpc(&status);

@@ -220,3 +220,102 @@ impl Drop for Claim {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::domain::{Association, RequestId};
+    use crate::pb;
+
+    fn key() -> Key {
+        let id = RequestId::parse("request_id", "r-1".into()).unwrap().unwrap();
+        Key::new("default", "anonymous", &id)
+    }
+
+    fn fingerprint() -> Fingerprint {
+        let association = Association::try_from(pb::DeleteAssociationRequest {
+            resource_type: pb::ResourceType::Number as i32,
+            channel: pb::Channel::Sms as i32,
+            application_id: "app".into(),
+            resource_id: "n-1".into(),
+            ..Default::default()
+        })
+        .unwrap();
+        Fingerprint::of(&association, false)
+    }
+
+    fn in_(secs: u64) -> Instant {
+        Instant::now() + Duration::from_secs(secs)
+    }
+
+    async fn begin(records: &Records, patience: Instant) -> Result<Begun, Refused> {
+        records
+            .begin(key(), fingerprint(), patience, patience)
+            .await
+    }
+
+    async fn run(records: &Records) -> Claim {
+        match begin(records, in_(10)).await {
+            Ok(Begun::Run(claim)) => claim,
+            other => panic!("not run: {other:?}"),
+        }
+    }
+
+    fn not_found() -> RpcStatus {
+        RpcStatus {
+            code: 5,
+            message: "gone".into(),
+            details: Vec::new(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_joins_the_running_call_and_answers_its_outcome() {
+        let records = Arc::new(Records::memory(10));
+        let first = run(&records).await;
+        let retry = tokio::spawn({
+            let records = Arc::clone(&records);
+            async move { begin(&records, in_(10)).await }
+        });
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(!retry.is_finished(), "it waits for the first call");
+        first.finish(End::Done(not_found())).await;
+        let started = Instant::now();
+        let joined = retry.await.unwrap();
+        assert!(
+            matches!(&joined, Ok(Begun::Replay(s)) if *s == not_found()),
+            "{joined:?}"
+        );
+        assert_eq!(Instant::now(), started, "woken at once, not by polling");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_still_waiting_at_its_patience_is_refused_in_progress() {
+        let records = Records::memory(10);
+        let _first = run(&records).await;
+        let patience = in_(2);
+        assert_eq!(begin(&records, patience).await.unwrap_err(), Refused::InProgress);
+        assert_eq!(Instant::now(), patience);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_whose_caller_went_away_leaves_an_unknown_outcome() {
+        let records = Records::memory(10);
+        drop(run(&records).await);
+        let retry = run(&records).await;
+        assert!(retry.prior_unknown());
+        // Refused by the budget this time: still unknown, not forgotten.
+        retry.finish(End::NothingSent).await;
+        assert!(run(&records).await.prior_unknown());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn nothing_sent_is_forgotten_and_the_retry_runs_as_new() {
+        let records = Records::memory(10);
+        run(&records).await.finish(End::NothingSent).await;
+        let retry = run(&records).await;
+        assert!(!retry.prior_unknown());
+    }
+}
