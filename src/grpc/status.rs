@@ -458,7 +458,11 @@ mod tests {
     fn only_budget_refusals_carry_the_retry_pushback_trailer() {
         let refused = refusal(Duration::from_millis(1234));
         let pushback = refused.metadata().get(RETRY_PUSHBACK).unwrap();
-        assert_eq!(pushback.to_str().unwrap(), "1240", "RetryInfo's delay, in ms");
+        assert_eq!(
+            pushback.to_str().unwrap(),
+            "1240",
+            "RetryInfo's delay, in ms"
+        );
         let mut vendor_429 = Reply::new(429, &Default::default(), b"");
         vendor_429.retry_after = Some(Duration::from_secs(2));
         let others = [

@@ -230,7 +230,9 @@ mod tests {
     use crate::pb;
 
     fn key() -> Key {
-        let id = RequestId::parse("request_id", "r-1".into()).unwrap().unwrap();
+        let id = RequestId::parse("request_id", "r-1".into())
+            .unwrap()
+            .unwrap();
         Key::new("default", "anonymous", &id)
     }
 
@@ -296,7 +298,10 @@ mod tests {
         let records = Records::memory(10);
         let _first = run(&records).await;
         let patience = in_(2);
-        assert_eq!(begin(&records, patience).await.unwrap_err(), Refused::InProgress);
+        assert_eq!(
+            begin(&records, patience).await.unwrap_err(),
+            Refused::InProgress
+        );
         assert_eq!(Instant::now(), patience);
     }
 

@@ -1,0 +1,415 @@
+//! Idempotent calls through the real server (AIP-155): the same request_id
+//! answers the first call's outcome without a second upstream request, a
+//! retry joins a call still running, another request under the same id is
+//! refused, callers and accounts each have their own ids, a call whose
+//! outcome is unknown is sent again with a 404 then answering OK, and
+//! `allow_missing` turns a 404 into OK. On both backends; two replicas on
+//! one Redis share the records.
+
+use std::time::Duration;
+
+use provisioning_gateway::config::RedisFallback;
+use provisioning_gateway::mock::Scripted;
+use provisioning_gateway::pb::DeleteAssociationRequest;
+use provisioning_gateway::telemetry::metrics::COALESCED;
+use tonic::Code;
+use tonic_types::StatusExt;
+
+use crate::redis::{raw, replicas};
+use crate::support::redis::RedisServer;
+use crate::support::{
+    Opts, account, config, details, metric, request, series, spawn_app, spawn_config, spawn_mock,
+    spawn_open_mock, with_timeout,
+};
+
+/// `request` under the idempotency key `id`.
+fn with_id(
+    request: DeleteAssociationRequest,
+    id: &str,
+) -> tonic::Request<DeleteAssociationRequest> {
+    with_timeout(
+        DeleteAssociationRequest {
+            request_id: id.into(),
+            ..request
+        },
+        Duration::from_secs(10),
+    )
+}
+
+/// The same, from the anonymous caller `caller` on `account`.
+fn from(
+    caller: &str,
+    account: &str,
+    request: DeleteAssociationRequest,
+    id: &str,
+) -> tonic::Request<DeleteAssociationRequest> {
+    let mut r = with_id(request, id);
+    r.metadata_mut().insert("x-caller", caller.parse().unwrap());
+    r.metadata_mut()
+        .insert("x-infobip-account", account.parse().unwrap());
+    r
+}
+
+fn allow_missing(n: usize) -> DeleteAssociationRequest {
+    DeleteAssociationRequest {
+        allow_missing: true,
+        ..request(n)
+    }
+}
+
+fn vendor(status: u16, message_id: &str, text: &str, delay: Duration) -> Scripted {
+    let body = format!(
+        r#"{{"requestError":{{"serviceException":{{"messageId":"{message_id}","text":"{text}"}}}}}}"#
+    );
+    Scripted {
+        delay,
+        ..Scripted::new(status, body)
+    }
+}
+
+/// The tests below run on both backends, as in `budget.rs`.
+macro_rules! on_both_backends {
+    ($($test:ident),* $(,)?) => {
+        mod in_memory {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    super::$test(super::Opts::default()).await
+                }
+            )*
+        }
+        mod on_redis {
+            use provisioning_gateway::config::RedisFallback;
+            use crate::support::redis::RedisServer;
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    let redis = RedisServer::start();
+                    let opts = super::Opts::default().redis(&redis.url(), RedisFallback::Deny, 1);
+                    super::$test(opts).await
+                }
+            )*
+        }
+    };
+}
+
+on_both_backends!(
+    the_same_request_id_twice_sends_once_and_answers_the_same,
+    a_retry_while_the_first_call_runs_joins_it,
+    the_same_request_id_for_another_request_is_invalid_argument,
+    the_same_request_id_from_another_caller_or_account_is_its_own,
+    a_retry_after_an_unknown_outcome_answers_ok_though_infobip_now_says_404,
+    a_retry_after_a_budget_refusal_runs_as_a_new_call,
+    allow_missing_answers_ok_where_infobip_says_404,
+);
+
+async fn the_same_request_id_twice_sends_once_and_answers_the_same(opts: Opts) {
+    let app = spawn_app(opts).await;
+    let mut client = app.client().await;
+    client
+        .delete_association(with_id(request(1), "ok-1"))
+        .await
+        .unwrap();
+    // Without the record, Infobip would answer 404 to a second DELETE.
+    client
+        .delete_association(with_id(request(1), "ok-1"))
+        .await
+        .unwrap();
+    assert_eq!(app.mock.arrivals().len(), 1);
+    // An error answer is kept the same way: code, message, details.
+    app.mock
+        .script([vendor(403, "FORBIDDEN", "not yours", Duration::ZERO)]);
+    let first = client
+        .delete_association(with_id(request(2), "denied-1"))
+        .await
+        .unwrap_err();
+    let again = client
+        .delete_association(with_id(request(2), "denied-1"))
+        .await
+        .unwrap_err();
+    assert_eq!(first.code(), Code::PermissionDenied);
+    assert_eq!(
+        (again.code(), again.message(), again.details()),
+        (first.code(), first.message(), first.details())
+    );
+    details::error_info_with(&again, "FORBIDDEN");
+    assert_eq!(app.mock.arrivals().len(), 2, "one request per request_id");
+}
+
+async fn a_retry_while_the_first_call_runs_joins_it(opts: Opts) {
+    let app = spawn_app(Opts {
+        account_name: "joins".into(),
+        ..opts
+    })
+    .await;
+    // Infobip takes its time to answer the first call.
+    let slow = Duration::from_millis(800);
+    app.mock.script([vendor(409, "CONFLICT", "busy", slow)]);
+    let client = app.client().await;
+    let mut first = client.clone();
+    let first = tokio::spawn(async move {
+        first
+            .delete_association(with_id(request(1), "join-1"))
+            .await
+    });
+    app.mock.wait_for_requests(1).await; // the first call is upstream
+    let retry = client
+        .clone()
+        .delete_association(with_id(request(1), "join-1"))
+        .await
+        .unwrap_err();
+    let first = first.await.unwrap().unwrap_err();
+    assert_eq!(first.code(), Code::Aborted);
+    assert_eq!(
+        (retry.code(), retry.message(), retry.details()),
+        (first.code(), first.message(), first.details())
+    );
+    assert_eq!(app.mock.arrivals().len(), 1, "no second upstream request");
+    // It waited for the first call's record, not in its flight.
+    let coalesced = metric(app.metrics_addr, &series(COALESCED, "joins")).await;
+    assert_eq!(coalesced.unwrap_or(0.0), 0.0);
+}
+
+async fn the_same_request_id_for_another_request_is_invalid_argument(opts: Opts) {
+    let app = spawn_app(opts).await;
+    let mut client = app.client().await;
+    client
+        .delete_association(with_id(request(1), "reused-1"))
+        .await
+        .unwrap();
+    for other in [request(2), allow_missing(1)] {
+        let status = client
+            .delete_association(with_id(other, "reused-1"))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        let violations = status.get_error_details().bad_request().cloned().unwrap();
+        let fields: Vec<_> = violations
+            .field_violations
+            .iter()
+            .map(|v| &v.field)
+            .collect();
+        assert_eq!(fields, ["request_id"]);
+        details::error_info_with(&status, "REQUEST_ID_REUSED");
+    }
+    assert_eq!(app.mock.arrivals().len(), 1);
+    // A request_id the gateway cannot keep is refused up front, like any field.
+    let status = client
+        .delete_association(with_id(request(3), "no spaces/or slashes"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let violations = status.get_error_details().bad_request().cloned().unwrap();
+    assert_eq!(violations.field_violations[0].field, "request_id");
+    details::error_info_with(&status, "INVALID_REQUEST");
+    assert_eq!(app.mock.arrivals().len(), 1);
+}
+
+async fn the_same_request_id_from_another_caller_or_account_is_its_own(opts: Opts) {
+    let (mock, addr, stop) = spawn_open_mock(opts.rate_per_second).await;
+    let upstream = format!("http://{addr}");
+    let two_accounts = config(&opts, &upstream).account(account("second", &upstream, "key-2"));
+    let app = spawn_config(two_accounts, mock, stop).await;
+    let mut client = app.client().await;
+    let id = "shared-id";
+    client
+        .delete_association(from("orders", "default", request(1), id))
+        .await
+        .unwrap();
+    // Another caller's id of the same name runs: Infobip says 404 now.
+    let other_caller = client
+        .delete_association(from("billing", "default", request(1), id))
+        .await
+        .unwrap_err();
+    assert_eq!(other_caller.code(), Code::NotFound);
+    // On another account, too (its own key: the association exists there).
+    client
+        .delete_association(from("orders", "second", request(1), id))
+        .await
+        .unwrap();
+    assert_eq!(app.mock.arrivals().len(), 3);
+    // The first caller's id still answers its own outcome.
+    client
+        .delete_association(from("orders", "default", request(1), id))
+        .await
+        .unwrap();
+    assert_eq!(app.mock.arrivals().len(), 3);
+}
+
+async fn a_retry_after_an_unknown_outcome_answers_ok_though_infobip_now_says_404(opts: Opts) {
+    let app = spawn_app(Opts {
+        upstream_timeout: Duration::from_millis(300),
+        ..opts
+    })
+    .await;
+    // The first DELETE takes effect, but its answer comes too late; by the
+    // retry the association is gone.
+    app.mock.script([
+        vendor(204, "", "", Duration::from_secs(2)),
+        vendor(
+            404,
+            "NOT_FOUND",
+            "Resource association not found.",
+            Duration::ZERO,
+        ),
+    ]);
+    let mut client = app.client().await;
+    let first = client
+        .delete_association(with_id(request(1), "unknown-1"))
+        .await
+        .unwrap_err();
+    assert_eq!(first.code(), Code::DeadlineExceeded, "{first:?}");
+    details::error_info_with(&first, "UPSTREAM_TIMEOUT");
+    client
+        .delete_association(with_id(request(1), "unknown-1"))
+        .await
+        .expect("the first call may have deleted it: OK, not NOT_FOUND");
+    app.mock.wait_for_requests(2).await;
+    let arrivals = app.mock.arrivals();
+    assert_eq!(arrivals.last().map(|a| a.status), Some(404));
+    // That answer is the id's outcome from now on.
+    client
+        .delete_association(with_id(request(1), "unknown-1"))
+        .await
+        .unwrap();
+    assert_eq!(app.mock.arrivals().len(), arrivals.len());
+}
+
+async fn a_retry_after_a_budget_refusal_runs_as_a_new_call(opts: Opts) {
+    let app = spawn_app(Opts {
+        rate_per_second: 1,
+        ..opts
+    })
+    .await;
+    let mut client = app.client().await;
+    client.delete_association(request(0)).await.unwrap(); // the next slot is ~1 s away
+    let mut hurried = with_id(request(1), "refused-1");
+    hurried.set_timeout(Duration::from_millis(500));
+    let refused = client.delete_association(hurried).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    details::error_info_with(&refused, "BUDGET_EXHAUSTED");
+    // Nothing was sent: the retry runs, and is served.
+    client
+        .delete_association(with_id(request(1), "refused-1"))
+        .await
+        .unwrap();
+    assert_eq!(app.mock.arrivals().len(), 2);
+}
+
+async fn allow_missing_answers_ok_where_infobip_says_404(opts: Opts) {
+    let app = spawn_app(opts).await;
+    let mut client = app.client().await;
+    client.delete_association(request(1)).await.unwrap();
+    client.delete_association(allow_missing(1)).await.unwrap();
+    let status = client.delete_association(request(1)).await.unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    let statuses: Vec<u16> = app.mock.arrivals().iter().map(|a| a.status).collect();
+    assert_eq!(statuses, [204, 404, 404]);
+    // Only a 404: any other refusal stays what it is.
+    app.mock
+        .script([vendor(403, "FORBIDDEN", "not yours", Duration::ZERO)]);
+    let status = client
+        .delete_association(allow_missing(2))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+}
+
+/// Identical calls with and without allow_missing share one upstream call,
+/// and each answers by its own flag.
+#[tokio::test]
+async fn identical_calls_share_a_404_and_each_settles_it_by_its_own_flag() {
+    let app = spawn_app(Opts::default()).await;
+    app.mock.script([vendor(
+        404,
+        "NOT_FOUND",
+        "Resource association not found.",
+        Duration::from_millis(500),
+    )]);
+    let client = app.client().await;
+    let mut strict = client.clone();
+    let strict = tokio::spawn(async move { strict.delete_association(request(1)).await });
+    app.mock.wait_for_requests(1).await;
+    client
+        .clone()
+        .delete_association(allow_missing(1))
+        .await
+        .unwrap();
+    let status = strict.await.unwrap().unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    assert_eq!(app.mock.arrivals().len(), 1);
+}
+
+/// Two replicas sharing one Redis: a retry on the other replica joins the
+/// call still running on the first, then answers its outcome; nothing is
+/// sent twice. The record's keys say nothing of the caller or the id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_on_one_redis_send_a_request_id_once() {
+    let redis = RedisServer::start();
+    let (mock, addr, _stop) = spawn_mock(20).await;
+    let opts = Opts::default().redis(&redis.url(), RedisFallback::Deny, 2);
+    let apps = replicas(2, &[opts], &mock, addr).await;
+    mock.script([vendor(204, "", "", Duration::from_millis(800))]);
+    let mut on_a = apps[0].client().await;
+    let mut on_b = apps[1].client().await;
+    let first = tokio::spawn(async move {
+        on_a.delete_association(with_id(request(1), "replicas-1"))
+            .await
+    });
+    mock.wait_for_requests(1).await; // running on replica A
+    on_b.delete_association(with_id(request(1), "replicas-1"))
+        .await
+        .expect("joined the call on A");
+    first.await.unwrap().unwrap();
+    on_b.delete_association(with_id(request(1), "replicas-1"))
+        .await
+        .expect("A's outcome");
+    assert_eq!(mock.arrivals().len(), 1, "one upstream request");
+
+    let mut c = raw(&redis).await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("provisioning-gateway:test:idem:*")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(keys.len(), 1, "one record, no lease left: {keys:?}");
+    let digest = keys[0]
+        .strip_prefix("provisioning-gateway:test:idem:{default}:")
+        .unwrap_or_else(|| panic!("{}", keys[0]));
+    assert!(digest.len() == 64 && digest.chars().all(|c| c.is_ascii_hexdigit()));
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(&keys[0])
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let day = 24 * 3600 * 1000;
+    assert!(ttl > day - 60_000 && ttl <= day, "{ttl}");
+}
+
+/// While Redis is lost, `--redis-fallback` decides: `deny` refuses a call
+/// with a request_id (UNAVAILABLE), `local` keeps its record in the replica.
+#[tokio::test]
+async fn while_redis_is_lost_request_ids_follow_the_fallback() {
+    let redis = RedisServer::start();
+    let (mock, addr, _stop) = spawn_mock(20).await;
+    let deny = Opts::default().redis(&redis.url(), RedisFallback::Deny, 1);
+    let local = Opts::default().redis(&redis.url(), RedisFallback::Local, 1);
+    let apps = replicas(2, &[deny, local], &mock, addr).await;
+    let _redis = redis.kill_async().await;
+    let status = apps[0]
+        .client()
+        .await
+        .delete_association(with_id(request(1), "lost-1"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    details::error_info_with(&status, "IDEMPOTENCY_BACKEND_UNAVAILABLE");
+    let mut local = apps[1].client().await;
+    for _ in 0..2 {
+        local
+            .delete_association(with_id(request(1), "lost-1"))
+            .await
+            .unwrap();
+    }
+    assert_eq!(mock.arrivals().len(), 1);
+}
