@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use provisioning_gateway::config::RedisFallback;
-use provisioning_gateway::mock::Scripted;
+use provisioning_gateway::mock::{Mock, Scripted};
 use provisioning_gateway::pb::DeleteAssociationRequest;
 use provisioning_gateway::telemetry::metrics::COALESCED;
 use tonic::Code;
@@ -65,6 +65,15 @@ fn vendor(status: u16, message_id: &str, text: &str, delay: Duration) -> Scripte
         delay,
         ..Scripted::new(status, body)
     }
+}
+
+/// Waits until the emulator has received `n` requests (answered or not);
+/// a test whose request never comes fails rather than hangs.
+async fn until_received(mock: &Mock, n: usize) {
+    let received = mock.wait_for_requests(n);
+    tokio::time::timeout(Duration::from_secs(10), received)
+        .await
+        .unwrap_or_else(|_| panic!("the emulator never received {n} requests"));
 }
 
 /// The tests below run on both backends, as in `budget.rs`.
@@ -152,7 +161,7 @@ async fn a_retry_while_the_first_call_runs_joins_it(opts: Opts) {
             .delete_association(with_id(request(1), "join-1"))
             .await
     });
-    app.mock.wait_for_requests(1).await; // the first call is upstream
+    until_received(&app.mock, 1).await; // the first call is upstream
     let retry = client
         .clone()
         .delete_association(with_id(request(1), "join-1"))
@@ -264,7 +273,7 @@ async fn a_retry_after_an_unknown_outcome_answers_ok_though_infobip_now_says_404
         .delete_association(with_id(request(1), "unknown-1"))
         .await
         .expect("the first call may have deleted it: OK, not NOT_FOUND");
-    app.mock.wait_for_requests(2).await;
+    until_received(&app.mock, 2).await;
     let arrivals = app.mock.arrivals();
     assert_eq!(arrivals.last().map(|a| a.status), Some(404));
     // That answer is the id's outcome from now on.
@@ -329,7 +338,7 @@ async fn identical_calls_share_a_404_and_each_settles_it_by_its_own_flag() {
     let client = app.client().await;
     let mut strict = client.clone();
     let strict = tokio::spawn(async move { strict.delete_association(request(1)).await });
-    app.mock.wait_for_requests(1).await;
+    until_received(&app.mock, 1).await;
     client
         .clone()
         .delete_association(allow_missing(1))
@@ -356,7 +365,7 @@ async fn two_replicas_on_one_redis_send_a_request_id_once() {
         on_a.delete_association(with_id(request(1), "replicas-1"))
             .await
     });
-    mock.wait_for_requests(1).await; // running on replica A
+    until_received(&mock, 1).await; // running on replica A
     on_b.delete_association(with_id(request(1), "replicas-1"))
         .await
         .expect("joined the call on A");
