@@ -10,7 +10,7 @@
 //! - [`Records`] (`records.rs`): the door the request path uses: picks the
 //!   store (the memory one while Redis is lost and `--redis-fallback` is
 //!   `local`), claims a key, waits for a call that runs, and hands out a
-//!   [`Claim`] that records how the call ended, even when its caller goes
+//!   [`Claim`](records::Claim) that records how the call ended, even when its caller goes
 //!   away.
 //!
 //! A running call holds a lease (its deadline plus [`LEASE_MARGIN`]): a
