@@ -141,7 +141,11 @@ pub async fn run(opts: &Opts) -> anyhow::Result<()> {
     let mut pending_rss = 0;
     let mut turn = 0usize;
     while Instant::now() < end {
-        let account = if turn % 2 == 0 { "busy" } else { "quiet" };
+        let account = if turn.is_multiple_of(2) {
+            "busy"
+        } else {
+            "quiet"
+        };
         turn += 1;
         if let Some(took) = probe(&mut client, account).await {
             if account == "busy" {
