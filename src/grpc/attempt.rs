@@ -4,12 +4,11 @@
 //! did not take effect is retried (no connection, 429, 503), each retry
 //! paying a slot, never past the deadline.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
+use opentelemetry::KeyValue;
 use tokio::time::Instant;
-use tracing::Instrument;
-use tracing::field::Empty;
 
 use super::accounts::Account;
 use super::report::Report;
@@ -131,53 +130,38 @@ impl Attempts<'_> {
     }
 }
 
-/// One budget wait, as its own `budget.wait` span with its metrics.
+/// One budget wait, with its metrics and its `budget.wait` span (a child of
+/// the server span, built once the wait is over: a call waiting in line
+/// holds no span for it).
 async fn wait_turn(
     account: &Account,
     caller: &Caller,
     ready_by: Instant,
 ) -> Result<Turn, BudgetError> {
-    let span = wait_span(account.name());
-    let result = account
-        .line
-        .wait_turn(caller, ready_by)
-        .instrument(span.clone())
-        .await;
-    record_wait(&span, account.name(), &result);
+    let started = SystemTime::now();
+    let result = account.line.wait_turn(caller, ready_by).await;
+    record_wait(started, account.name(), &result);
     result
 }
 
-/// The `budget.wait` span of one call.
-pub(super) fn wait_span(account: &str) -> tracing::Span {
-    let span = tracing::info_span!(
-        "budget.wait",
-        account,
-        budget.queue_position = Empty,
-        budget.waited_ms = Empty,
-        budget.outcome = Empty,
-        otel.status_code = Empty,
-        trace_id = Empty,
-        span_id = Empty,
-    );
-    telemetry::record_ids(&span);
-    span
-}
-
-/// A budget wait's outcome, on its span and in the metrics.
-pub(super) fn record_wait(span: &tracing::Span, account: &str, result: &Result<Turn, BudgetError>) {
+/// A budget wait's outcome, in the metrics and as its `budget.wait` span.
+fn record_wait(started: SystemTime, account: &str, result: &Result<Turn, BudgetError>) {
+    let mut attributes = vec![KeyValue::new("account", account.to_owned())];
     match result {
         Ok(turn) => {
-            span.record("budget.queue_position", turn.position);
-            span.record("budget.waited_ms", turn.waited.as_millis() as u64);
-            span.record("budget.outcome", "granted");
+            attributes.extend([
+                KeyValue::new("budget.queue_position", turn.position as i64),
+                KeyValue::new("budget.waited_ms", turn.waited.as_millis() as i64),
+                KeyValue::new("budget.outcome", "granted"),
+            ]);
             metrics::budget_wait(account, turn.waited);
         }
         Err(e) => {
-            span.record("budget.outcome", e.as_str());
-            span.record("otel.status_code", "ERROR");
+            attributes.push(KeyValue::new("budget.outcome", e.as_str()));
             metrics::rejection(account, e.as_str());
         }
     }
+    telemetry::child_span("budget.wait", started, attributes, result.is_err());
 }
 
 #[cfg(test)]
