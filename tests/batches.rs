@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use provisioning_gateway::config::RedisFallback;
+use provisioning_gateway::config::{BackendConfig, RedisFallback};
 use provisioning_gateway::proto::google::longrunning::{
     CancelOperationRequest, DeleteOperationRequest, GetOperationRequest, ListOperationsRequest,
 };
@@ -103,8 +103,19 @@ async fn a_unary_call_during_a_batch_of_fifteen_is_served_within_two_intervals()
 }
 
 #[tokio::test]
-async fn one_operation_per_request_id_and_a_cancel_sends_nothing_more() {
-    let app = spawn_app(Opts::default()).await;
+async fn one_operation_per_request_id_and_a_cancel_sends_nothing_more_in_memory() {
+    one_operation_per_request_id_and_a_cancel_sends_nothing_more(Opts::default()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_operation_per_request_id_and_a_cancel_sends_nothing_more_with_redis() {
+    let redis = RedisServer::start();
+    let opts = Opts::default().redis(&redis.url(), RedisFallback::Deny, 1);
+    one_operation_per_request_id_and_a_cancel_sends_nothing_more(opts).await;
+}
+
+async fn one_operation_per_request_id_and_a_cancel_sends_nothing_more(opts: Opts) {
+    let app = spawn_app(opts).await;
     let (mut client, mut ops) = (app.client().await, ops(app.addr).await);
     let requests: Vec<_> = (0..20).map(request).collect();
     let first = submit(&mut client, batch(requests.clone(), "job-1")).await;
@@ -154,7 +165,18 @@ async fn one_operation_per_request_id_and_a_cancel_sends_nothing_more() {
 }
 
 #[tokio::test]
-async fn only_the_caller_and_account_that_created_an_operation_see_it() {
+async fn only_the_caller_and_account_that_created_an_operation_see_it_in_memory() {
+    only_the_caller_and_account_that_created_an_operation_see_it(BackendConfig::Memory).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_caller_and_account_that_created_an_operation_see_it_with_redis() {
+    let redis = RedisServer::start();
+    let opts = Opts::default().redis(&redis.url(), RedisFallback::Deny, 1);
+    only_the_caller_and_account_that_created_an_operation_see_it(opts.backend).await;
+}
+
+async fn only_the_caller_and_account_that_created_an_operation_see_it(backend: BackendConfig) {
     let (mock, addr, stop) = spawn_open_mock(20).await;
     let upstream = format!("http://{addr}");
     let config = provisioning_gateway::Config::builder()
@@ -163,7 +185,8 @@ async fn only_the_caller_and_account_that_created_an_operation_see_it() {
         .rate_per_second(20)
         .safety_margin(Opts::default().safety_margin)
         .account(account("main", &upstream, "key-main"))
-        .account(account("other", &upstream, "key-other"));
+        .account(account("other", &upstream, "key-other"))
+        .backend(backend);
     let app = spawn_config(config, mock, stop).await;
     let (mut client, mut ops) = (app.client().await, ops(app.addr).await);
     let mut alices = Vec::new();

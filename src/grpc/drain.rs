@@ -67,6 +67,7 @@ async fn drain(gateway: &Gateway, account: &Account, stop: &CancellationToken) {
         work.borrow_and_update();
         match store.hold(name).await {
             Ok(true) => {
+                tracing::info!(account = name, "draining the account's batches");
                 while_held(gateway, account, stop).await;
                 if let Err(e) = store.release(name).await {
                     tracing::debug!(account = name, error = %e, "could not release the batch lease");

@@ -39,6 +39,7 @@ use tokio::sync::watch;
 use crate::config::BackendConfig;
 
 pub(crate) mod memory;
+pub(crate) mod redis;
 
 /// Requests in one batch at most.
 pub(crate) const MAX_BATCH: usize = 10_000;
@@ -141,7 +142,6 @@ pub(crate) enum Take {
     /// Only requests of cancelled or deleted operations were dropped: ask again.
     Skipped,
     /// The account's lease went to another drainer.
-    #[allow(dead_code)] // the Redis store lands next
     Lost,
 }
 
@@ -220,9 +220,8 @@ pub(crate) trait OperationStore: Send + Sync {
 /// The configured store: in Redis with the Redis budget backend, else here.
 pub(crate) fn start(backend: &BackendConfig, retention: Duration) -> Arc<dyn OperationStore> {
     match backend {
-        BackendConfig::Memory | BackendConfig::Redis(_) => {
-            Arc::new(memory::MemoryOperations::new(retention))
-        }
+        BackendConfig::Memory => Arc::new(memory::MemoryOperations::new(retention)),
+        BackendConfig::Redis(redis) => Arc::new(redis::RedisOperations::new(redis, retention)),
     }
 }
 
