@@ -38,7 +38,7 @@ use crate::operations::{Item, LEASE, OperationStore, Start, Take};
 use crate::pb::DeleteAssociationRequest;
 
 /// How often an idle drainer looks for work it was not told about.
-pub(crate) const POLL: Duration = Duration::from_secs(1);
+const POLL: Duration = Duration::from_secs(1);
 /// How often a holder renews its hold (well within [`LEASE`]).
 const RENEW: Duration = Duration::from_millis(1500);
 /// Pause after the store failed to answer.

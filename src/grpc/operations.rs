@@ -39,7 +39,7 @@ const DEFAULT_PAGE: usize = 50;
 /// Operations per page at most.
 const MAX_PAGE: usize = 1000;
 /// Longest WaitOperation without a timeout or a deadline.
-pub(crate) const MAX_WAIT: Duration = Duration::from_secs(60);
+const MAX_WAIT: Duration = Duration::from_secs(60);
 /// Time left to answer before the call's deadline.
 const WAIT_MARGIN: Duration = Duration::from_millis(50);
 /// How often WaitOperation looks again where other replicas drain.
