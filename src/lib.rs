@@ -6,7 +6,8 @@
 //! - leaves: [`domain`] (what a call is about), [`config`] (checked, inert
 //!   settings), `keys` (API keys), `coalesce` (generic single flight);
 //! - mechanisms: `telemetry`, `budget` (the line and the limiter), `upstream`
-//!   (the Infobip client), `auth` (who calls, may it);
+//!   (the Infobip client), `auth` (who calls, may it), `operations` (batches
+//!   as stored: in the process or in Redis);
 //! - the request path: `grpc`;
 //! - wiring: [`startup`] (build, serve, drain), [`cli`], [`demo`].
 //!
@@ -25,6 +26,7 @@ pub mod domain;
 mod grpc;
 mod keys;
 pub mod mock;
+mod operations;
 pub mod startup;
 pub mod telemetry;
 #[doc(hidden)]

@@ -81,6 +81,11 @@ impl Line {
         })
     }
 
+    /// The account's interval T between slots.
+    pub(crate) fn interval(&self) -> Duration {
+        self.interval
+    }
+
     /// Callers of this replica waiting now.
     #[cfg(test)]
     pub(crate) fn depth(&self) -> usize {

@@ -27,6 +27,7 @@ pub struct ConfigBuilder {
     insecure_upstream: bool,
     shutdown_grace: Duration,
     log_format: Option<LogFormat>,
+    operation_retention: Duration,
 }
 
 impl Default for ConfigBuilder {
@@ -51,6 +52,7 @@ impl Default for ConfigBuilder {
             insecure_upstream: false,
             shutdown_grace: defaults::SHUTDOWN_GRACE,
             log_format: None,
+            operation_retention: defaults::OPERATION_RETENTION,
         }
     }
 }
@@ -102,6 +104,8 @@ impl ConfigBuilder {
         shutdown_grace: Duration => shutdown_grace;
         /// Log format; `None`: json, or text on a terminal.
         log_format: Option<LogFormat> => log_format;
+        /// How long a done batch operation is kept.
+        operation_retention: Duration => operation_retention;
     }
 
     /// Adds an account; the first one is the default unless
@@ -138,6 +142,15 @@ impl ConfigBuilder {
             "--shutdown-grace (GATEWAY_SHUTDOWN_GRACE)",
             self.shutdown_grace,
             defaults::MAX_SHUTDOWN_GRACE,
+        )?;
+        const RETENTION: &str = "--operation-retention (GATEWAY_OPERATION_RETENTION)";
+        if self.operation_retention < Duration::from_secs(1) {
+            return Err(ConfigError::new(RETENTION, "must be at least 1s"));
+        }
+        duration_at_most(
+            RETENTION,
+            self.operation_retention,
+            defaults::MAX_OPERATION_RETENTION,
         )?;
         let budget = BudgetConfig::check(&self.budget)?;
         if let BackendConfig::Redis(redis) = &self.backend {
@@ -234,6 +247,7 @@ impl ConfigBuilder {
             insecure_upstream: self.insecure_upstream,
             shutdown_grace: self.shutdown_grace,
             log_format: self.log_format,
+            operation_retention: self.operation_retention,
         })
     }
 }

@@ -20,6 +20,8 @@ pub const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(10);
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 pub const REDIS_KEY_PREFIX: &str = "provisioning-gateway:budget:";
 pub const EXPECTED_REPLICAS: u32 = 1;
+/// How long a done batch operation is kept (a week).
+pub const OPERATION_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
 // Bounds: every duration and rate is checked against these before anything
 // binds, so no later sum or instant can overflow (a panic on a request path)
@@ -38,3 +40,5 @@ pub const MAX_UPSTREAM_RESERVE: Duration = Duration::from_secs(60);
 pub const MAX_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(300);
 pub const MAX_SHUTDOWN_GRACE: Duration = Duration::from_secs(600);
 pub const MAX_EXPECTED_REPLICAS: u32 = 1000;
+/// Longest `--operation-retention` (a year).
+pub const MAX_OPERATION_RETENTION: Duration = Duration::from_secs(366 * 24 * 3600);

@@ -73,6 +73,8 @@ pub struct Config {
     pub insecure_upstream: bool,
     pub shutdown_grace: Duration,
     pub log_format: Option<LogFormat>,
+    /// How long a done batch operation is kept before it is forgotten.
+    pub operation_retention: Duration,
 }
 
 impl Config {

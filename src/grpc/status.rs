@@ -15,6 +15,7 @@ use prost_types::Any;
 use tonic::{Code, Status};
 use tonic_types::pb::{BadRequest, RetryInfo, bad_request::FieldViolation};
 
+use super::operation_error::OperationError;
 use crate::auth::AuthError;
 use crate::budget::{BudgetError, Rejection};
 use crate::domain::InvalidRequest;
@@ -122,6 +123,9 @@ pub enum CallError {
     Upstream(Reply),
     #[error(transparent)]
     Transport(#[from] TransportError),
+    /// A batch or an `Operations` call refused.
+    #[error(transparent)]
+    Operation(#[from] OperationError),
 }
 
 impl CallError {
@@ -144,6 +148,7 @@ impl CallError {
                 .filter(|r| !r.is_empty())
                 .unwrap_or_else(|| format!("UPSTREAM_HTTP_{}", reply.status)),
             Self::Transport(TransportError::Timeout) => "UPSTREAM_TIMEOUT".into(),
+            Self::Operation(e) => e.reason().into(),
             Self::Transport(_) => "UPSTREAM_UNREACHABLE".into(),
         }
     }
@@ -159,6 +164,7 @@ impl CallError {
             Self::Auth(AuthError::Unauthenticated) => Some("unauthenticated"),
             Self::Auth(AuthError::NotAllowed(_)) => Some("caller_not_allowed"),
             Self::Budget(e) => Some(e.as_str()),
+            Self::Operation(e) => Some(e.kind()),
             Self::Upstream(_) | Self::Transport(_) => None,
         }
     }
@@ -178,6 +184,7 @@ impl CallError {
             Self::Upstream(reply) => code_for_http(reply.status),
             Self::Transport(TransportError::Timeout) => Code::DeadlineExceeded,
             Self::Transport(_) => Code::Unavailable,
+            Self::Operation(e) => e.code(),
         }
     }
 
@@ -244,6 +251,16 @@ impl CallError {
                 self.to_string()
             }
             Self::Budget(_) | Self::Transport(_) | Self::Auth(_) => self.to_string(),
+            Self::Operation(e) => {
+                let (violations, omitted) = e.violations();
+                for (field, problem) in violations {
+                    details.violation(field, problem);
+                }
+                if omitted > 0 {
+                    metadata.insert("violations_omitted".into(), omitted.to_string());
+                }
+                truncate(&e.to_string(), MAX_MESSAGE)
+            }
             Self::Upstream(reply) => {
                 metadata.insert("http_status".into(), reply.status.to_string());
                 if reply.status == 429 {
@@ -353,7 +370,6 @@ fn truncate(s: &str, max: usize) -> String {
 
 /// A status as `google.rpc.Status` (code, message, the same details), as a
 /// batch result or a stored outcome carries it.
-#[allow(dead_code)] // batches and idempotent calls (issue 13) land next
 pub(crate) fn to_rpc(status: &Status) -> tonic_types::pb::Status {
     let details = tonic_types::pb::Status::decode(status.details())
         .map(|s| s.details)
