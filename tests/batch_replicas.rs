@@ -102,3 +102,55 @@ async fn a_replica_killed_while_draining_loses_nothing_the_others_finish_the_bat
         "the survivors sent the rest"
     );
 }
+
+/// `cmdstat_<name>` calls in Redis' `INFO commandstats`.
+fn calls(info: &str, name: &str) -> u64 {
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("cmdstat_{name}:calls=")))
+        .and_then(|rest| rest.split(',').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn idle_drainers_of_many_accounts_read_one_set_a_second_not_each_account() {
+    const ACCOUNTS: usize = 40;
+    let redis = RedisServer::start();
+    let (_mock, addr, _stop) = spawn_mock(20).await;
+    let dir = tempfile::tempdir().unwrap();
+    let accounts = dir.path().join("accounts.toml");
+    let mut toml = String::from("default_account = \"a0\"\n");
+    for i in 0..ACCOUNTS {
+        toml.push_str(&format!(
+            "\n[[accounts]]\nname = \"a{i}\"\nbase_url = \"http://{addr}\"\napi_key_env = \"ACCOUNT_KEY\"\n"
+        ));
+    }
+    std::fs::write(&accounts, toml).unwrap();
+    let url = redis.url();
+    let gateway = GatewayProcess::start_with(&[
+        ("GATEWAY_ACCOUNTS_FILE", accounts.to_str().unwrap()),
+        ("ACCOUNT_KEY", "test-key"),
+        ("GATEWAY_BUDGET_BACKEND", "redis"),
+        ("GATEWAY_REDIS_URL", url.as_str()),
+    ])
+    .await;
+    let mut conn = crate::redis::raw(&redis).await;
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // An observation window: what 40 idle drainers cost Redis in 3 s.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let (scripts, reads) = (calls(&info, "evalsha"), calls(&info, "smembers"));
+    assert!(
+        scripts < ACCOUNTS as u64,
+        "{scripts} account commands in 3 s for {ACCOUNTS} idle accounts"
+    );
+    assert!((1..=8).contains(&reads), "{reads} reads of the set in 3 s");
+    drop(gateway);
+}

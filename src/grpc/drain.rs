@@ -65,7 +65,12 @@ async fn drain(gateway: &Gateway, account: &Account, stop: &CancellationToken) {
     let mut work = store.wakeups().work(name);
     loop {
         work.borrow_and_update();
-        match store.hold(name).await {
+        // One read per process tells every idle drainer whether to look.
+        let held = match store.may_have_work(name).await {
+            Ok(false) => Ok(false),
+            Ok(true) | Err(_) => store.hold(name).await,
+        };
+        match held {
             Ok(true) => {
                 tracing::info!(account = name, "draining the account's batches");
                 while_held(gateway, account, stop).await;
@@ -102,7 +107,13 @@ async fn while_held(gateway: &Gateway, account: &Account, stop: &CancellationTok
         let item = match taken {
             Ok(Take::Item(item)) => item,
             Ok(Take::Skipped) => continue,
-            Ok(Take::Empty | Take::Lost) => return,
+            Ok(Take::Empty) => {
+                if let Err(e) = store.went_quiet(account.name()).await {
+                    tracing::debug!(account = account.name(), error = %e, "batch drainer: store unavailable");
+                }
+                return;
+            }
+            Ok(Take::Lost) => return,
             Err(e) => {
                 tracing::debug!(account = account.name(), error = %e, "batch drainer: store unavailable");
                 tokio::time::sleep(PAUSE).await;

@@ -211,6 +211,18 @@ pub(crate) trait OperationStore: Send + Sync {
         ok: bool,
         result: Vec<u8>,
     ) -> Answer<'a, ()>;
+    /// Whether `account` may have work queued by another process (a cheap
+    /// check before [`OperationStore::hold`], made once a second by every
+    /// idle drainer: one read per process for all accounts, not one command
+    /// each).
+    fn may_have_work<'a>(&'a self, _account: &'a str) -> Answer<'a, bool> {
+        Box::pin(async { Ok(true) })
+    }
+    /// `account`'s queue was found empty: it may drop out of the accounts
+    /// [`OperationStore::may_have_work`] names, until work comes again.
+    fn went_quiet<'a>(&'a self, _account: &'a str) -> Answer<'a, ()> {
+        Box::pin(async { Ok(()) })
+    }
     /// This process' wake-ups.
     fn wakeups(&self) -> &Wakeups;
     /// Other processes change operations too (waiters must also poll).

@@ -28,8 +28,9 @@
 //! Delivery is at least once: the holder takes the oldest pending entry
 //! first (`XAUTOCLAIM`, a dead holder's included), and a request whose
 //! attempt started (`s:<i>`) before its holder died is sent again, where a
-//! 404 then counts as OK. Another replica learns of new work by polling
-//! each configured account's lease every second (`grpc::drain`).
+//! 404 then counts as OK. Replicas learn of new work from `P ops:active`,
+//! the accounts with queued work (read once a second by each replica, not
+//! once per account: see [`active`]), then take the account's lease.
 //!
 //! Its own connection (not the budget's): a batch of 10,000 requests is a
 //! large command that must not hold up budget decisions, and a failing
@@ -46,6 +47,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
+mod active;
 mod read;
 
 use super::{
@@ -54,6 +56,7 @@ use super::{
 };
 use crate::budget::redis::{RedisStore, StoreError};
 use crate::config::RedisConfig;
+use active::Active;
 use read::{FIELDS, parse};
 
 /// Longest command (accepting 10,000 requests takes tens of ms).
@@ -79,6 +82,8 @@ pub(crate) struct RedisOperations {
     connecting: Semaphore,
     /// When the last reconnect failed.
     failed_at: Mutex<Option<Instant>>,
+    /// The accounts with queued work.
+    active: Active,
 }
 
 fn unavailable(e: StoreError) -> Unavailable {
@@ -100,6 +105,7 @@ impl RedisOperations {
             wakeups: Wakeups::default(),
             connecting: Semaphore::new(1),
             failed_at: Mutex::new(None),
+            active: Active::new(&config.key_prefix),
         }
     }
 
@@ -186,6 +192,11 @@ impl RedisOperations {
         let snapshot = self.snapshot(&new.account, id, false).await?;
         let snapshot = snapshot.ok_or_else(|| unexpected("submit (operation gone)"))?;
         if created {
+            // Other replicas learn of the work from the set; should that
+            // fail, this replica's drainer has it.
+            if let Err(e) = self.active.add(&self.store, &new.account).await {
+                tracing::warn!(account = %new.account, error = %e.0, "batch queued, but not listed for other replicas");
+            }
             self.wakeups.submitted(&new.account);
             Ok(Submitted::Created(snapshot))
         } else {
@@ -336,6 +347,21 @@ impl OperationStore for RedisOperations {
             self.call::<Value>(account, args).await?;
             self.wakeups.touched();
             Ok(())
+        })
+    }
+
+    fn may_have_work<'a>(&'a self, account: &'a str) -> Answer<'a, bool> {
+        Box::pin(async move {
+            self.connected().await?;
+            self.active.has(&self.store, account).await
+        })
+    }
+
+    fn went_quiet<'a>(&'a self, account: &'a str) -> Answer<'a, ()> {
+        Box::pin(async move {
+            self.connected().await?;
+            let queue = format!("{}:queue", self.base(account));
+            self.active.quiet(&self.store, account, queue).await
         })
     }
 
