@@ -8,7 +8,8 @@
 //! - mechanisms: `telemetry`, `budget` (the line and the limiter), `upstream`
 //!   (the Infobip client), `auth` (who calls, may it), `idempotency` (what
 //!   calls with a request_id did; beside the budget, on its Redis
-//!   connection);
+//!   connection), `operations` (batches as stored: in the process or in
+//!   Redis);
 //! - the request path: `grpc`;
 //! - wiring: [`startup`] (build, serve, drain), [`cli`], [`demo`].
 //!
@@ -28,6 +29,7 @@ mod grpc;
 mod idempotency;
 mod keys;
 pub mod mock;
+mod operations;
 pub mod startup;
 pub mod telemetry;
 #[doc(hidden)]

@@ -174,6 +174,21 @@ fn each_bad_setting_is_named_in_one_line() {
         ),
         (
             &[url, key],
+            &["--operation-retention", "0s"],
+            "--operation-retention",
+        ),
+        (
+            &[url, key, ("GATEWAY_OPERATION_RETENTION", "400days")],
+            &[],
+            "--operation-retention",
+        ),
+        (
+            &[url, key],
+            &["--operation-retention", "a while"],
+            "--operation-retention",
+        ),
+        (
+            &[url, key],
             &["--expected-replicas", "1001"],
             "--expected-replicas",
         ),

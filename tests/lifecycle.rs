@@ -15,12 +15,13 @@ use crate::support::process::GatewayProcess;
 use crate::support::{API_KEY, Opts, details, request, spawn_app, spawn_mock};
 
 const SERVICE: &str = "infobip.provisioning.v1.AssociationService";
+const OPERATIONS: &str = "google.longrunning.Operations";
 
 #[tokio::test]
 async fn health_reports_serving_for_the_server_and_the_service() {
     let app = spawn_app(Opts::default()).await;
     let mut health = HealthClient::new(app.channel().await);
-    for service in ["", SERVICE] {
+    for service in ["", SERVICE, OPERATIONS] {
         let r = health
             .check(HealthCheckRequest {
                 service: service.into(),
@@ -64,6 +65,46 @@ async fn reflection_lists_the_service_in_v1_and_v1alpha() {
         names.contains(&"grpc.health.v1.Health".to_owned()),
         "{names:?}"
     );
+    assert!(names.contains(&OPERATIONS.to_owned()), "{names:?}");
+    // The batch messages are described (grpcurl describe), with what they import.
+    for symbol in [
+        "infobip.provisioning.v1.BatchDeleteAssociationsRequest",
+        "infobip.provisioning.v1.BatchDeleteAssociationsMetadata",
+        "infobip.provisioning.v1.BatchDeleteAssociationsResponse",
+        OPERATIONS,
+    ] {
+        let req = v1::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(
+                v1::server_reflection_request::MessageRequest::FileContainingSymbol(symbol.into()),
+            ),
+        };
+        let mut stream = c
+            .server_reflection_info(futures::stream::iter([req]))
+            .await
+            .unwrap()
+            .into_inner();
+        let answer = stream.message().await.unwrap().unwrap().message_response;
+        let Some(v1::server_reflection_response::MessageResponse::FileDescriptorResponse(files)) =
+            answer
+        else {
+            panic!("{symbol} not described: {answer:?}")
+        };
+        let files: Vec<prost_types::FileDescriptorProto> = files
+            .file_descriptor_proto
+            .iter()
+            .map(|b| prost::Message::decode(b.as_slice()).unwrap())
+            .collect();
+        let short = symbol.rsplit('.').next().unwrap();
+        assert!(
+            files
+                .iter()
+                .any(|f| f.message_type.iter().any(|m| m.name() == short)
+                    || f.service.iter().any(|s| s.name() == short)),
+            "{symbol} in none of {:?}",
+            files.iter().map(|f| f.name()).collect::<Vec<_>>()
+        );
+    }
 
     let mut c = v1alpha::server_reflection_client::ServerReflectionClient::new(channel);
     let req = v1alpha::ServerReflectionRequest {
@@ -83,6 +124,7 @@ async fn reflection_lists_the_service_in_v1_and_v1alpha() {
         panic!("no list")
     };
     assert!(list.service.iter().any(|s| s.name == SERVICE));
+    assert!(list.service.iter().any(|s| s.name == OPERATIONS));
 }
 
 #[tokio::test]

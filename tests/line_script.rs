@@ -198,9 +198,12 @@ async fn script_refuses_by_deadline_max_wait_and_queue_bound() {
     };
     let mut l = Both::new(&redis, "t:refuse", r).await;
     l.admit(&anon("a")).await;
-    // Useful for half an interval only: refused, told when a slot comes.
+    // Useful for half an interval only: refused, told to come back when
+    // its deadline would reach the slot, half an interval on.
     match l.admit(&ask("short", "x", 1, T / 2)).await {
-        Answer::Refused(Refusal::Deadline, wait) => assert!(wait > T - JITTER, "{wait}"),
+        Answer::Refused(Refusal::Deadline, wait) => {
+            assert!(wait > T / 2 - JITTER && wait <= T / 2, "{wait}")
+        }
         other => panic!("{other:?}"),
     }
     // An already passed deadline, a free slot or not.

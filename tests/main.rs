@@ -4,6 +4,8 @@
 // library's tokio-clock rule (clippy.toml) does not apply here.
 #![allow(clippy::disallowed_types)]
 
+mod batch_replicas;
+mod batches;
 mod budget;
 mod callers;
 mod certificates;

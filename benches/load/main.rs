@@ -12,13 +12,15 @@
 //!              used, smallest gap, admitted calls served, refusal latency
 //!   fairness   two callers weighted 1:3 flooding (on two replicas on Redis)
 //!   memory     RSS with 10,000 queued callers; budget state for 10,000 accounts
+//!   batch      a 10,000-item batch draining on Redis: upstream use, memory,
+//!              unary p99 wait next to an account without one (`--duration 10m`)
 //!   all        every scenario above (memory first)
 //!   replot     redraw the arrivals picture from the last accuracy.json
 //! options:
 //!   --rounds N           interleaved rounds per comparison (default 5)
 //!   --round DURATION     length of one round (default 1s)
 //!   --concurrency LIST   e.g. 1,64 (overhead, tracing; default 1,64)
-//!   --duration DURATION  accuracy run length (default 60s)
+//!   --duration DURATION  accuracy and batch run length (default 60s)
 //!   --callers N          accuracy callers (default 200)
 //!   --replicas N         accuracy replicas on Redis (default 3; 1: memory only)
 //!   --svg-dir DIR        where pictures go (default target/bench-results)
@@ -35,6 +37,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 
 mod accuracy;
+mod batch;
 mod fairness;
 mod flood;
 mod harness;
@@ -78,7 +81,7 @@ impl Default for Opts {
 /// In the order `all` runs them: memory first, while this process's own heap
 /// is still fresh (one of its figures is an in-process RSS delta).
 const SCENARIOS: &[&str] = &[
-    "memory", "overhead", "flood", "tracing", "accuracy", "fairness",
+    "memory", "overhead", "flood", "tracing", "accuracy", "fairness", "batch",
 ];
 
 fn parse(args: &[String]) -> anyhow::Result<(Vec<String>, Opts)> {
@@ -140,6 +143,7 @@ fn main() -> anyhow::Result<()> {
                 "tracing" => tracing_cost::run(&opts).await?,
                 "accuracy" => accuracy::run(&opts).await?,
                 "fairness" => fairness::run(&opts).await?,
+                "batch" => batch::run(&opts).await?,
                 "memory" => memory::run(&opts).await?,
                 "replot" => accuracy::replot(&opts)?,
                 // Internal: the memory scenario's bare tonic floor, as a child.

@@ -81,6 +81,11 @@ impl Line {
         })
     }
 
+    /// The account's interval T between slots.
+    pub(crate) fn interval(&self) -> Duration {
+        self.interval
+    }
+
     /// Callers of this replica waiting now.
     #[cfg(test)]
     pub(crate) fn depth(&self) -> usize {
@@ -467,16 +472,16 @@ mod tests {
         q.wait_turn(&anon(), start + FAR).await.unwrap();
         let _waiting = join(&q, &anon(), start + FAR).await;
         // The next slot is 2T out: a call useful for 1.5 T is refused on its
-        // first poll, and told when a slot would come.
+        // first poll, and told when coming back would reach it: T/2.
         let refused = q.wait_turn(&anon(), start + T * 3 / 2).now_or_never();
         match refused.expect("refused on the first poll") {
             Err(BudgetError::Exhausted {
                 reason: Rejection::Deadline,
                 retry_after,
-            }) => assert_eq!(retry_after, T * 2),
+            }) => assert_eq!(retry_after, T / 2),
             other => panic!("admitted or refused otherwise: {other:?}"),
         }
-        assert_eq!(q.retry_after(), T * 2);
+        assert_eq!(q.retry_after(), T / 2);
     }
 
     #[tokio::test(start_paused = true)]

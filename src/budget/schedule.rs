@@ -186,9 +186,10 @@ impl Schedule {
             None
         };
         if let Some(why) = refusal {
-            // When a slot would come for a caller joining at the tail.
-            let tail = self.slot(rules, now, self.line.len()) - now;
-            return (Answer::Refused(why, tail.max(wait)), regressed);
+            return (
+                Answer::Refused(why, self.come_back(rules, now, ask, why, wait)),
+                regressed,
+            );
         }
         if at == 0 && slot <= now {
             self.grant(rules, now, &ask.ticket, tag);
@@ -281,6 +282,23 @@ impl Schedule {
     pub fn pushback(&mut self, rules: &Rules, now: i64, wait: i64) {
         self.tidy(rules, now);
         self.push_tat(rules, now.saturating_add(wait.clamp(0, rules.horizon)));
+    }
+
+    /// When a refused caller coming back with the same deadline could be
+    /// admitted, if nobody else joins meanwhile: the tail's slot less what
+    /// its deadline (or `max_wait`) allows; for a full line, when its head
+    /// is served. Callers with different deadlines are told different
+    /// instants, so refused callers do not all come back at the slot the
+    /// head is granted (a burst then delays that request's departure), and
+    /// a caller that comes back waits in line instead of racing for a slot.
+    fn come_back(&self, rules: &Rules, now: i64, ask: &Ask, why: Refusal, wait: i64) -> i64 {
+        let slot = (self.slot(rules, now, self.line.len()) - now).max(wait);
+        match why {
+            Refusal::Deadline => slot - ask.ready_in.max(0),
+            Refusal::MaxWait => slot - rules.max_wait,
+            Refusal::QueueFull => self.slot(rules, now, 0) - now,
+        }
+        .max(0)
     }
 
     /// Waiting tickets (for depth and tests).
@@ -451,10 +469,11 @@ mod tests {
             s.admit(&rules(), 0, &ask("on-time", "x", 1, T)).0,
             Answer::Queued(T)
         );
-        // One µs short is refused, with when a slot would come.
+        // One µs short is refused, told to come back when its deadline
+        // would reach the slot: 1 µs later.
         assert_eq!(
             s.admit(&rules(), 0, &ask("late", "y", 1, 2 * T - 1)).0,
-            Answer::Refused(Refusal::Deadline, 2 * T)
+            Answer::Refused(Refusal::Deadline, 1)
         );
         // A deadline already passed, even with a free slot, is refused.
         let mut idle = Schedule::default();
@@ -477,7 +496,8 @@ mod tests {
         assert_eq!(s.admit(&r, 0, &anon("c")).0, Answer::Queued(2 * T));
         assert_eq!(
             s.admit(&r, 0, &anon("d")).0,
-            Answer::Refused(Refusal::MaxWait, 3 * T)
+            // The tail's slot at 3T is within max_wait from T on.
+            Answer::Refused(Refusal::MaxWait, T)
         );
         let r = Rules {
             max_queue: 2,
@@ -485,7 +505,8 @@ mod tests {
         };
         assert_eq!(
             s.admit(&r, 0, &anon("e")).0,
-            Answer::Refused(Refusal::QueueFull, 3 * T)
+            // A place frees when the head is served.
+            Answer::Refused(Refusal::QueueFull, T)
         );
         assert_eq!(s.waiting(), 2);
     }
@@ -711,7 +732,7 @@ mod tests {
         let mut far = Schedule::default();
         far.pushback(&r, 0, r.horizon);
         let (answer, reset) = far.admit(&r, 0, &anon("x"));
-        let kept = Answer::Refused(Refusal::MaxWait, r.horizon);
+        let kept = Answer::Refused(Refusal::MaxWait, r.horizon - r.max_wait);
         assert_eq!((answer, reset), (kept, false), "at the horizon: kept");
     }
 
@@ -740,10 +761,11 @@ mod tests {
     fn a_refusal_later_on_says_how_long_from_then() {
         let mut s = Schedule::default();
         admit_all(&mut s, 0, &[anon("a"), anon("b")]);
-        // The tail's slot is at 2T: from T/2, 1.5 T away.
+        // The tail's slot is at 2T: from T/2, 1.5 T away, and a deadline of
+        // T reaches it half an interval later.
         assert_eq!(
             s.admit(&rules(), T / 2, &ask("late", "x", 1, T)).0,
-            Answer::Refused(Refusal::Deadline, T * 3 / 2)
+            Answer::Refused(Refusal::Deadline, T / 2)
         );
     }
 
@@ -833,7 +855,7 @@ mod tests {
         let mut s = Schedule::default();
         assert_eq!(s.admit(&r, 0, &anon("c")).0, Answer::Granted);
         s.hold(&r, 0, "c", 10 * r.horizon);
-        let kept = Answer::Refused(Refusal::MaxWait, r.horizon + T);
+        let kept = Answer::Refused(Refusal::MaxWait, r.horizon + T - r.max_wait);
         assert_eq!(s.admit(&r, 0, &anon("d")), (kept, false));
     }
 }

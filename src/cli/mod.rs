@@ -99,6 +99,9 @@ pub struct ServeArgs {
     /// How long in-flight calls may take to finish after SIGTERM/SIGINT.
     #[arg(long, env = "GATEWAY_SHUTDOWN_GRACE", default_value_t = defaults::SHUTDOWN_GRACE.into(), value_parser = parse_duration)]
     pub shutdown_grace: Duration,
+    /// How long a finished batch operation is kept (GetOperation, ListOperations) before it is forgotten.
+    #[arg(long, env = "GATEWAY_OPERATION_RETENTION", default_value_t = defaults::OPERATION_RETENTION.into(), value_parser = parse_duration)]
+    pub operation_retention: Duration,
     /// Log format; default json unless stderr is a terminal.
     #[arg(long, env = "GATEWAY_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,

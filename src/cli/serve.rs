@@ -31,6 +31,7 @@ impl ServeArgs {
             .upstream_proxy(self.proxy()?)
             .insecure_upstream(self.insecure_upstream)
             .shutdown_grace(*self.shutdown_grace)
+            .operation_retention(*self.operation_retention)
             .log_format(self.log_format)
             .idempotency_max_entries(self.idempotency_max_entries)
             .tls(self.tls()?)

@@ -28,6 +28,7 @@ pub struct ConfigBuilder {
     shutdown_grace: Duration,
     log_format: Option<LogFormat>,
     idempotency_max_entries: usize,
+    operation_retention: Duration,
 }
 
 impl Default for ConfigBuilder {
@@ -53,6 +54,7 @@ impl Default for ConfigBuilder {
             shutdown_grace: defaults::SHUTDOWN_GRACE,
             log_format: None,
             idempotency_max_entries: defaults::IDEMPOTENCY_MAX_ENTRIES,
+            operation_retention: defaults::OPERATION_RETENTION,
         }
     }
 }
@@ -106,6 +108,8 @@ impl ConfigBuilder {
         log_format: Option<LogFormat> => log_format;
         /// Request ids kept in memory at most.
         idempotency_max_entries: usize => idempotency_max_entries;
+        /// How long a done batch operation is kept.
+        operation_retention: Duration => operation_retention;
     }
 
     /// Adds an account; the first one is the default unless
@@ -151,6 +155,15 @@ impl ConfigBuilder {
             ENTRIES,
             self.idempotency_max_entries,
             defaults::MAX_IDEMPOTENCY_MAX_ENTRIES,
+        )?;
+        const RETENTION: &str = "--operation-retention (GATEWAY_OPERATION_RETENTION)";
+        if self.operation_retention < Duration::from_secs(1) {
+            return Err(ConfigError::new(RETENTION, "must be at least 1s"));
+        }
+        duration_at_most(
+            RETENTION,
+            self.operation_retention,
+            defaults::MAX_OPERATION_RETENTION,
         )?;
         let budget = BudgetConfig::check(&self.budget)?;
         if let BackendConfig::Redis(redis) = &self.backend {
@@ -248,6 +261,7 @@ impl ConfigBuilder {
             shutdown_grace: self.shutdown_grace,
             log_format: self.log_format,
             idempotency_max_entries: self.idempotency_max_entries,
+            operation_retention: self.operation_retention,
         })
     }
 }

@@ -23,6 +23,8 @@ pub const EXPECTED_REPLICAS: u32 = 1;
 /// Request ids remembered in memory (the memory backend, and the `local`
 /// fallback while Redis is lost), the oldest forgotten first.
 pub const IDEMPOTENCY_MAX_ENTRIES: usize = 100_000;
+/// How long a done batch operation is kept (a week).
+pub const OPERATION_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
 // Bounds: every duration and rate is checked against these before anything
 // binds, so no later sum or instant can overflow (a panic on a request path)
@@ -42,3 +44,5 @@ pub const MAX_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(300);
 pub const MAX_SHUTDOWN_GRACE: Duration = Duration::from_secs(600);
 pub const MAX_EXPECTED_REPLICAS: u32 = 1000;
 pub const MAX_IDEMPOTENCY_MAX_ENTRIES: usize = 10_000_000;
+/// Longest `--operation-retention` (a year).
+pub const MAX_OPERATION_RETENTION: Duration = Duration::from_secs(366 * 24 * 3600);

@@ -75,6 +75,8 @@ pub struct Config {
     pub log_format: Option<LogFormat>,
     /// Request ids (idempotency keys) kept in memory at most.
     pub idempotency_max_entries: usize,
+    /// How long a done batch operation is kept before it is forgotten.
+    pub operation_retention: Duration,
 }
 
 impl Config {

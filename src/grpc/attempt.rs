@@ -1,15 +1,16 @@
-//! The upstream attempts of one flight: each waits for a budget slot, sends
-//! one DELETE bounded by the caller's deadline, and [`next_step`] decides
-//! from its outcome whether to answer or to try again. Only what provably
-//! did not take effect is retried (no connection, 429, 503), each retry
-//! paying a slot, never past the deadline.
+//! The upstream attempts of one flight or one batch item: each waits for a
+//! budget slot from its [`TurnSource`] (an interactive call's turn by its
+//! deadline, [`Interactive`]; a batch item's background turn, in
+//! `drain.rs`), sends one DELETE bounded by the attempt's deadline, and
+//! [`next_step`] decides from its outcome whether to answer or to try
+//! again. Only what provably did not take effect is retried (no
+//! connection, 429, 503), each retry paying a slot, never past the deadline.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
+use opentelemetry::KeyValue;
 use tokio::time::Instant;
-use tracing::Instrument;
-use tracing::field::Empty;
 
 use super::accounts::Account;
 use super::report::Report;
@@ -57,18 +58,46 @@ pub(super) struct Sender {
     pub(super) timeout: Duration,
 }
 
-/// One flight's work: attempts for an association on `account` in `caller`'s
-/// turn, under `deadline`.
-pub(super) struct Attempts<'a> {
-    pub(super) sender: &'a Sender,
-    pub(super) account: &'a Account,
-    pub(super) caller: &'a Caller,
+/// Where each attempt's budget slot comes from.
+pub(super) trait TurnSource {
+    /// The slot of the next attempt, and the instant that attempt must have
+    /// ended by.
+    async fn turn(
+        &self,
+        account: &Account,
+        caller: &Caller,
+    ) -> Result<(Turn, Instant), BudgetError>;
+}
+
+/// An interactive call's turns: in line, refused at once when the slot
+/// cannot come by `ready_by`; every attempt ends by the call's `deadline`.
+pub(super) struct Interactive {
     /// The latest instant a budget slot is still useful.
     pub(super) ready_by: Instant,
     pub(super) deadline: Instant,
 }
 
-impl Attempts<'_> {
+impl TurnSource for Interactive {
+    async fn turn(
+        &self,
+        account: &Account,
+        caller: &Caller,
+    ) -> Result<(Turn, Instant), BudgetError> {
+        let turn = wait_turn(account, caller, self.ready_by).await?;
+        Ok((turn, self.deadline))
+    }
+}
+
+/// One flight's (or batch item's) work: attempts for an association on
+/// `account` in `caller`'s turns from `turns`.
+pub(super) struct Attempts<'a, T> {
+    pub(super) sender: &'a Sender,
+    pub(super) account: &'a Account,
+    pub(super) caller: &'a Caller,
+    pub(super) turns: T,
+}
+
+impl<T: TurnSource> Attempts<'_, T> {
     /// Runs them; `mark` is set once a request goes upstream.
     pub(super) async fn run(
         &self,
@@ -82,14 +111,14 @@ impl Attempts<'_> {
         loop {
             // Every attempt pays a slot. A retry that cannot get one in time
             // answers with the last upstream outcome instead.
-            let turn = match wait_turn(self.account, self.caller, self.ready_by).await {
+            let (turn, deadline) = match self.turns.turn(self.account, self.caller).await {
                 Ok(turn) => turn,
                 Err(e) => return Err(last.unwrap_or(CallError::Budget(e))),
             };
             report.waited += turn.waited;
             report.attempts += 1;
 
-            let remaining = self.deadline.saturating_duration_since(Instant::now());
+            let remaining = deadline.saturating_duration_since(Instant::now());
             let timeout = self
                 .sender
                 .timeout
@@ -131,53 +160,38 @@ impl Attempts<'_> {
     }
 }
 
-/// One budget wait, as its own `budget.wait` span with its metrics.
+/// One budget wait, with its metrics and its `budget.wait` span (a child of
+/// the server span, built once the wait is over: a call waiting in line
+/// holds no span for it).
 async fn wait_turn(
     account: &Account,
     caller: &Caller,
     ready_by: Instant,
 ) -> Result<Turn, BudgetError> {
-    let span = wait_span(account.name());
-    let result = account
-        .line
-        .wait_turn(caller, ready_by)
-        .instrument(span.clone())
-        .await;
-    record_wait(&span, account.name(), &result);
+    let started = SystemTime::now();
+    let result = account.line.wait_turn(caller, ready_by).await;
+    record_wait(started, account.name(), &result);
     result
 }
 
-/// The `budget.wait` span of one call.
-pub(super) fn wait_span(account: &str) -> tracing::Span {
-    let span = tracing::info_span!(
-        "budget.wait",
-        account,
-        budget.queue_position = Empty,
-        budget.waited_ms = Empty,
-        budget.outcome = Empty,
-        otel.status_code = Empty,
-        trace_id = Empty,
-        span_id = Empty,
-    );
-    telemetry::record_ids(&span);
-    span
-}
-
-/// A budget wait's outcome, on its span and in the metrics.
-pub(super) fn record_wait(span: &tracing::Span, account: &str, result: &Result<Turn, BudgetError>) {
+/// A budget wait's outcome, in the metrics and as its `budget.wait` span.
+fn record_wait(started: SystemTime, account: &str, result: &Result<Turn, BudgetError>) {
+    let mut attributes = vec![KeyValue::new("account", account.to_owned())];
     match result {
         Ok(turn) => {
-            span.record("budget.queue_position", turn.position);
-            span.record("budget.waited_ms", turn.waited.as_millis() as u64);
-            span.record("budget.outcome", "granted");
+            attributes.extend([
+                KeyValue::new("budget.queue_position", turn.position as i64),
+                KeyValue::new("budget.waited_ms", turn.waited.as_millis() as i64),
+                KeyValue::new("budget.outcome", "granted"),
+            ]);
             metrics::budget_wait(account, turn.waited);
         }
         Err(e) => {
-            span.record("budget.outcome", e.as_str());
-            span.record("otel.status_code", "ERROR");
+            attributes.push(KeyValue::new("budget.outcome", e.as_str()));
             metrics::rejection(account, e.as_str());
         }
     }
+    telemetry::child_span("budget.wait", started, attributes, result.is_err());
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use tokio::time::Instant;
 
 use super::accounts::Account;
-use super::attempt::{ANSWER_MARGIN, Attempts, Sender};
+use super::attempt::{ANSWER_MARGIN, Attempts, Interactive, Sender};
 use super::report::Report;
 use super::status::CallError;
 use crate::budget::{BudgetError, Rejection};
@@ -71,8 +71,7 @@ impl Flights {
                     sender: &sender,
                     account: &leader,
                     caller: &lane,
-                    ready_by,
-                    deadline,
+                    turns: Interactive { ready_by, deadline },
                 };
                 let result = attempts.run(&flight.1, mark, &mut report).await;
                 (result, report)

@@ -8,18 +8,32 @@
 //! table; [`accounts`] the per-account registry; [`lanes`] bounds the
 //! fair-share lanes anonymous callers may open.
 //!
+//! Batches: [`batch`] checks and accepts BatchDeleteAssociations as an
+//! operation; [`drain`] runs each account's queued requests in background
+//! turns; [`operations`] serves `google.longrunning.Operations`; [`lro`]
+//! shows a stored operation as the contract's `Operation`;
+//! [`operation_error`] says why a batch or an operation call is refused.
+//!
 //! Imports the mechanisms (`auth`, `budget`, `coalesce`, `idempotency`,
-//! `upstream`, `telemetry`) and the leaves; nothing imports it but `startup`.
+//! `operations`, `upstream`, `telemetry`) and the leaves; nothing imports it
+//! but `startup`.
 
 mod accounts;
 mod attempt;
+mod batch;
+mod drain;
 mod flight;
 mod idempotent;
 mod lanes;
+mod lro;
+mod operation_error;
+mod operations;
 mod outcome;
 mod report;
 mod service;
 pub(crate) mod status;
 
 pub(crate) use accounts::Accounts;
+pub(crate) use drain::drain_all;
+pub(crate) use operations::OperationsService;
 pub(crate) use service::{CallLimits, Gateway};

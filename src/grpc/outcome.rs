@@ -7,8 +7,10 @@ use super::status::CallError;
 use crate::budget::{BudgetError, Rejection};
 use crate::upstream::TransportError;
 
-/// The outcome as this caller answers it: with `allow_missing`, an upstream
-/// 404 is OK (the association is gone either way).
+/// The outcome as this caller answers it: with `allow_missing` (the caller's
+/// flag, or an earlier attempt that may have deleted it: a retry after an
+/// unknown outcome, a redelivered batch request), an upstream 404 is OK
+/// (the association is gone either way).
 pub(super) fn settle(result: Result<(), CallError>, allow_missing: bool) -> Result<(), CallError> {
     match result {
         Err(CallError::Upstream(reply)) if allow_missing && reply.status == 404 => Ok(()),

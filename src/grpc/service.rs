@@ -23,6 +23,7 @@ use super::status::CallError;
 use crate::auth::{Authenticator, Identity};
 use crate::domain::Deletion;
 use crate::idempotency::Records;
+use crate::operations::OperationStore;
 use crate::pb::association_service_server::AssociationService;
 use crate::pb::{DeleteAssociationRequest, DeleteAssociationResponse};
 use crate::telemetry::refusals::RefusalLog;
@@ -45,16 +46,18 @@ pub(crate) struct CallLimits {
 /// The `AssociationService` implementation. Cheap to clone.
 #[derive(Clone)]
 pub(crate) struct Gateway {
-    accounts: Arc<Accounts>,
-    auth: Arc<Authenticator>,
-    sender: Sender,
-    limits: CallLimits,
+    pub(super) accounts: Arc<Accounts>,
+    pub(super) auth: Arc<Authenticator>,
+    pub(super) sender: Sender,
+    pub(super) limits: CallLimits,
     flights: Arc<Flights>,
     /// What calls with a request_id did.
     records: Arc<Records>,
     lanes: Arc<AnonymousLanes>,
     /// Refusals of one kind are logged once, then counted.
-    refusals: Arc<RefusalLog>,
+    pub(super) refusals: Arc<RefusalLog>,
+    /// Batches: where their operations and requests wait.
+    pub(super) operations: Arc<dyn OperationStore>,
 }
 
 #[tonic::async_trait]
@@ -131,11 +134,9 @@ impl AssociationService for Gateway {
 
     async fn batch_delete_associations(
         &self,
-        _request: Request<crate::pb::BatchDeleteAssociationsRequest>,
+        request: Request<crate::pb::BatchDeleteAssociationsRequest>,
     ) -> Result<Response<crate::proto::google::longrunning::Operation>, Status> {
-        Err(Status::unimplemented(
-            "BatchDeleteAssociations is not served yet",
-        ))
+        super::batch::submit(self, request).await
     }
 }
 
@@ -146,6 +147,7 @@ impl Gateway {
         upstream: Upstream,
         limits: CallLimits,
         records: Records,
+        operations: Arc<dyn OperationStore>,
     ) -> Self {
         Self {
             accounts,
@@ -159,6 +161,7 @@ impl Gateway {
             records: Arc::new(records),
             lanes: Arc::default(),
             refusals: Arc::default(),
+            operations,
         }
     }
 
@@ -169,7 +172,7 @@ impl Gateway {
 
     /// Who calls, on which account, and whether it may. On refusal, the
     /// account name for labels comes along.
-    fn admit(
+    pub(super) fn admit(
         &self,
         metadata: &MetadataMap,
         peer_certs: Option<&[tonic::transport::CertificateDer<'static>]>,
@@ -195,7 +198,7 @@ impl Gateway {
 
 /// The caller's `grpc-timeout` (gRPC over HTTP/2 spec: up to 8 digits and a
 /// unit H, M, S, m, u or n).
-fn grpc_timeout(metadata: &MetadataMap) -> Option<Duration> {
+pub(super) fn grpc_timeout(metadata: &MetadataMap) -> Option<Duration> {
     let value = metadata.get("grpc-timeout")?.to_str().ok()?;
     if value.len() < 2 || value.len() > 9 {
         return None;

@@ -15,6 +15,7 @@ use prost_types::Any;
 use tonic::{Code, Status};
 use tonic_types::pb::{BadRequest, RetryInfo, bad_request::FieldViolation};
 
+use super::operation_error::OperationError;
 use crate::auth::AuthError;
 use crate::budget::{BudgetError, Rejection};
 use crate::domain::InvalidRequest;
@@ -22,8 +23,10 @@ use crate::idempotency::Refused;
 use crate::upstream::{Reply, TransportError};
 
 mod rpc;
+mod vendor;
 
 pub(crate) use rpc::{from_rpc, to_rpc};
+use vendor::{proto_field, reason_from_vendor, truncate};
 
 /// `ErrorInfo.domain` of every error the gateway returns.
 pub const DOMAIN: &str = "provisioning-gateway";
@@ -135,6 +138,9 @@ pub enum CallError {
     /// An earlier call with the same request_id ended with this answer.
     #[error("the answer of an earlier call with this request_id")]
     Replayed(tonic_types::pb::Status),
+    /// A batch or an `Operations` call refused.
+    #[error(transparent)]
+    Operation(#[from] OperationError),
 }
 
 impl CallError {
@@ -157,6 +163,7 @@ impl CallError {
                 .filter(|r| !r.is_empty())
                 .unwrap_or_else(|| format!("UPSTREAM_HTTP_{}", reply.status)),
             Self::Transport(TransportError::Timeout) => "UPSTREAM_TIMEOUT".into(),
+            Self::Operation(e) => e.reason().into(),
             Self::Transport(_) => "UPSTREAM_UNREACHABLE".into(),
             Self::Idempotency(Refused::Reused) => "REQUEST_ID_REUSED".into(),
             Self::Idempotency(Refused::InProgress) => "REQUEST_IN_PROGRESS".into(),
@@ -179,6 +186,7 @@ impl CallError {
             Self::Idempotency(Refused::Reused) => Some("request_id_reused"),
             Self::Idempotency(Refused::InProgress) => Some("request_in_progress"),
             Self::Idempotency(Refused::Unavailable) => Some("idempotency_unavailable"),
+            Self::Operation(e) => Some(e.kind()),
             Self::Upstream(_) | Self::Transport(_) | Self::Replayed(_) => None,
         }
     }
@@ -202,6 +210,7 @@ impl CallError {
             Self::Idempotency(Refused::InProgress) => Code::DeadlineExceeded,
             Self::Idempotency(Refused::Unavailable) => Code::Unavailable,
             Self::Replayed(status) => Code::from_i32(status.code),
+            Self::Operation(e) => e.code(),
         }
     }
 
@@ -281,6 +290,16 @@ impl CallError {
                 self.to_string()
             }
             Self::Replayed(status) => return from_rpc(status),
+            Self::Operation(e) => {
+                let (violations, omitted) = e.violations();
+                for (field, problem) in violations {
+                    details.violation(field, problem);
+                }
+                if omitted > 0 {
+                    metadata.insert("violations_omitted".into(), omitted.to_string());
+                }
+                truncate(&e.to_string(), MAX_MESSAGE)
+            }
             Self::Upstream(reply) => {
                 metadata.insert("http_status".into(), reply.status.to_string());
                 if reply.status == 429 {
@@ -347,52 +366,6 @@ pub fn code_for_http(status: u16) -> Code {
         // Other 5xx, and anything outside the HTTP error ranges (1xx, 3xx).
         _ => Code::Unavailable,
     }
-}
-
-/// Infobip's camelCase field names, as the proto spells them.
-fn proto_field(vendor: &str) -> String {
-    let mut out = String::with_capacity(vendor.len() + 4);
-    for c in vendor.chars() {
-        if c.is_ascii_uppercase() {
-            out.push('_');
-            out.push(c.to_ascii_lowercase());
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-/// A vendor messageId as an AIP-193 reason: UPPER_SNAKE_CASE, at most 63 chars.
-fn reason_from_vendor(id: &str) -> String {
-    let mut r: String = id
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_uppercase()
-            } else {
-                '_'
-            }
-        })
-        .take(63)
-        .collect();
-    while r.ends_with('_') {
-        r.pop();
-    }
-    r.trim_start_matches(|c: char| c == '_' || c.is_ascii_digit())
-        .to_owned()
-}
-
-/// `s` cut to at most `max` bytes (on a character boundary), with `…`.
-fn truncate(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_owned();
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
 }
 
 #[cfg(test)]

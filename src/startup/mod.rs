@@ -21,14 +21,16 @@ use tonic_health::ServingStatus;
 use crate::auth::Authenticator;
 use crate::budget::{Backend, WallClock};
 use crate::config::{BackendConfig, Config};
-use crate::grpc::{Accounts, CallLimits, Gateway};
+use crate::grpc::{Accounts, CallLimits, Gateway, OperationsService};
 use crate::idempotency::Records;
 use crate::pb::association_service_server::AssociationServiceServer;
+use crate::proto::google::longrunning::operations_server::OperationsServer;
 use crate::telemetry::refusals::SUMMARY_INTERVAL;
 use crate::telemetry::{GrpcTraceLayer, metrics};
 use crate::upstream::Upstream;
 
 mod http;
+mod methods;
 mod tls;
 
 /// Largest request message tonic decodes at all (a memory guard, refused
@@ -110,7 +112,15 @@ impl App {
             ),
             _ => Records::memory(max_entries),
         };
-        let gateway = Gateway::new(Arc::clone(&accounts), auth, upstream, limits, records);
+        let operations = crate::operations::start(&config.backend, config.operation_retention);
+        let gateway = Gateway::new(
+            Arc::clone(&accounts),
+            auth,
+            upstream,
+            limits,
+            records,
+            operations,
+        );
         Ok(Self {
             grpc,
             metrics,
@@ -147,6 +157,9 @@ impl App {
         health
             .set_serving::<AssociationServiceServer<Gateway>>()
             .await;
+        health
+            .set_serving::<OperationsServer<OperationsService>>()
+            .await;
         // Each build_* consumes its builder. google.rpc error details are
         // registered so grpcurl can decode ErrorInfo/BadRequest/RetryInfo.
         let reflection = || {
@@ -158,8 +171,19 @@ impl App {
         let reflection_v1 = reflection().build_v1()?;
         let reflection_v1alpha = reflection().build_v1alpha()?;
         let refusals = self.gateway.refusals();
-        let service = AssociationServiceServer::new(self.gateway)
-            .max_decoding_message_size(MAX_DECODED_BYTES);
+        let operations = OperationsServer::new(OperationsService::new(self.gateway.clone()));
+        // Batch drainers stop at shutdown, leaving what is queued.
+        let stop_draining = CancellationToken::new();
+        let mut drainers = tokio::spawn(crate::grpc::drain_all(
+            self.gateway.clone(),
+            stop_draining.clone(),
+        ));
+        let service = methods::ByMethod {
+            single: AssociationServiceServer::new(self.gateway.clone())
+                .max_decoding_message_size(MAX_DECODED_BYTES),
+            batch: AssociationServiceServer::new(self.gateway)
+                .max_decoding_message_size(methods::MAX_BATCH_BYTES),
+        };
 
         let stop = CancellationToken::new();
         let grpc_addr = self.grpc.local_addr()?;
@@ -182,7 +206,8 @@ impl App {
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(service);
+            .add_service(service)
+            .add_service(operations);
         let stopped = stop.clone().cancelled_owned();
         let (grpc, tls_reload): (BoxFuture<'static, _>, _) = match self.tls {
             // TLS by our own acceptor (`tls.rs`): the certificate rotates,
@@ -264,13 +289,26 @@ impl App {
         health
             .set_not_serving::<AssociationServiceServer<Gateway>>()
             .await;
+        health
+            .set_not_serving::<OperationsServer<OperationsService>>()
+            .await;
         stop.cancel();
-        match tokio::time::timeout(self.shutdown_grace, &mut grpc).await {
+        stop_draining.cancel();
+        let grace_ends = tokio::time::Instant::now() + self.shutdown_grace;
+        match tokio::time::timeout_at(grace_ends, &mut grpc).await {
             Ok(res) => res?.context("gRPC server failed while draining")?,
             Err(_) => {
                 tracing::warn!("shutdown grace elapsed with calls still in flight");
                 grpc.abort();
             }
+        }
+        // A batch request in flight upstream finishes and is recorded.
+        if tokio::time::timeout_at(grace_ends, &mut drainers)
+            .await
+            .is_err()
+        {
+            tracing::warn!("shutdown grace elapsed with a batch request still in flight");
+            drainers.abort();
         }
         let _ = metrics.await;
         upkeep.abort();

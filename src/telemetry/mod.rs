@@ -22,12 +22,14 @@ use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::config::LogFormat;
 
+mod after;
 mod json_fields;
 pub mod metrics;
 mod otel;
 pub(crate) mod refusals;
 pub mod trace_layer;
 
+pub use after::child_span;
 pub use trace_layer::{GrpcTraceLayer, record_ids};
 
 /// The installed telemetry; flush it with [`Telemetry::shutdown`] on exit.
@@ -55,6 +57,7 @@ pub fn init(format: Option<LogFormat>) -> Telemetry {
     let warnings = otel::install_propagator();
     let (provider, exporting, export_error) = otel::tracer_provider();
     let tracer = provider.tracer(env!("CARGO_PKG_NAME"));
+    after::install(tracer.clone());
 
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // The exporter's own HTTP/2 and HTTP client events would otherwise be

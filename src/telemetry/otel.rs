@@ -15,7 +15,7 @@ use opentelemetry::propagation::{TextMapCompositePropagator, TextMapPropagator};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::{BaggagePropagator, TraceContextPropagator};
 use opentelemetry_sdk::resource::{EnvResourceDetector, TelemetryResourceDetector};
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 
 /// The default `service.name`.
 const SERVICE_NAME: &str = env!("CARGO_PKG_NAME");
@@ -92,7 +92,11 @@ pub(super) fn tracer_provider() -> (SdkTracerProvider, bool, Option<String>) {
     .iter()
     .any(|v| var(v).is_some());
     if !configured {
-        return (builder.build(), false, None);
+        // Nothing would export them: spans are not recorded (ids still flow
+        // to logs, `traceresponse` and upstream), unless the caller's trace
+        // is sampled, whose flag is kept.
+        let sampler = Sampler::ParentBased(Box::new(Sampler::AlwaysOff));
+        return (builder.with_sampler(sampler).build(), false, None);
     }
     match span_exporter() {
         Ok(exporter) => (builder.with_batch_exporter(exporter).build(), true, None),

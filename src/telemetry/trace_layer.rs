@@ -25,10 +25,16 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 /// Prefix of the paths that get a server span.
 const TRACED_PREFIX: &str = "/infobip.provisioning.v1.AssociationService/";
 /// The methods the service has, with their span names (`service/method`).
-const KNOWN_METHODS: &[(&str, &str)] = &[(
-    "DeleteAssociation",
-    "infobip.provisioning.v1.AssociationService/DeleteAssociation",
-)];
+const KNOWN_METHODS: &[(&str, &str)] = &[
+    (
+        "DeleteAssociation",
+        "infobip.provisioning.v1.AssociationService/DeleteAssociation",
+    ),
+    (
+        "BatchDeleteAssociations",
+        "infobip.provisioning.v1.AssociationService/BatchDeleteAssociations",
+    ),
+];
 /// `rpc.method` and span name of a method the service does not have (the
 /// semantic conventions' value for a method unknown to the instrumentation).
 const OTHER_METHOD: (&str, &str) = (

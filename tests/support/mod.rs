@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod batch;
 pub mod details;
 pub mod otlp;
 pub mod pki;

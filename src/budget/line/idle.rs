@@ -18,7 +18,6 @@ impl Line {
     /// free), for background work such as a batch item: interactive calls
     /// always go first, and one arriving just after waits one interval at
     /// most. No deadline: drop the future to stop waiting.
-    #[allow(dead_code)] // the batch drainer (issue 13) lands next
     pub(crate) async fn idle_turn(&self, caller: &Caller) -> Result<Turn, BudgetError> {
         let joined = Instant::now();
         let mut moved = self.store.moved();

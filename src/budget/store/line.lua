@@ -32,7 +32,8 @@
 --
 -- Answer {code, wait µs, clock_reset (0|1), refusal}
 --   code 1 granted | 2 queued, slot at the latest in `wait` | 3 refused,
---   a slot in `wait`, refusal 1 queue full, 2 max wait, 3 deadline |
+--   refusal 1 queue full, 2 max wait, 3 deadline; `wait`: when a caller
+--   coming back with the same deadline could be admitted |
 --   4 gone (not in line) | 0 done (leave, hold, left, pushback)
 --
 -- Invariants kept (schedule.rs): every waiting ticket's slot is at or
@@ -253,7 +254,18 @@ if cmd == 'admit' then
       refusal = 3
     end
     if refusal then
-      answer = {3, math.max(slot(#line) - now, wait), 0, refusal}
+      -- When a caller coming back with the same deadline could be admitted
+      -- (schedule.rs, come_back): the tail's slot less what its deadline or
+      -- max wait allows; for a full line, when its head is served.
+      local back = math.max(slot(#line) - now, wait)
+      if refusal == 3 then
+        back = back - math.max(ready_in, 0)
+      elseif refusal == 2 then
+        back = back - max_wait
+      else
+        back = slot(0) - now
+      end
+      answer = {3, math.max(back, 0), 0, refusal}
     elseif at == 0 and s <= now then
       grant(ticket, tag)
       answer = {1, 0}

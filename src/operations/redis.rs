@@ -1,0 +1,375 @@
+//! Operations in Redis, for several replicas: operations and their pending
+//! requests live in Redis, not in any replica, so any replica drains them
+//! and one killed mid-batch loses nothing. Every command is one call of
+//! [`operations.lua`](script) (atomic per account), or a plain read.
+//!
+//! Keys of account A, under `--redis-key-prefix` P, all with the hash tag
+//! `{A}` (one Cluster slot per account); B = `P{A}:ops`:
+//! - `B:queue`: a stream of pending requests (fields `op`, `i`, `req`: the
+//!   operation id, the request's index, the encoded request), in submission
+//!   order across batches, read by the consumer group `drainers`; an entry
+//!   is acknowledged and deleted once its result is stored (or it is
+//!   dropped as cancelled);
+//! - `B:op:<id>`: a hash per operation: `owner`, `fp` (fingerprint of its
+//!   requests), `rid`, `total`, `ok`, `failed`, `create`, `eta`, `end` (µs
+//!   since the epoch), `cancel`, `cancel_from` (requests from this index on
+//!   were never taken when it was cancelled), `taken`, `done`, one `r:<i>`
+//!   per result (an encoded `google.rpc.Status`) and `s:<i>` while an
+//!   attempt of request i may have gone upstream without a stored result;
+//!   it expires `--operation-retention` after it is done;
+//! - `B:owner:<owner>`: a sorted set (lexical) of the owner's operation ids,
+//!   for ListOperations; ids of expired operations are removed as met;
+//! - `B:rid:<sha256(owner, request_id)>`: the operation a batch request id
+//!   names (expires with it);
+//! - `B:lease`: the consumer name of the replica draining the account,
+//!   `SET NX PX` [`LEASE`] and renewed by its holder; a replica that dies
+//!   loses it within [`LEASE`].
+//!
+//! Delivery is at least once: the holder takes the oldest pending entry
+//! first (`XAUTOCLAIM`, a dead holder's included), and a request whose
+//! attempt started (`s:<i>`) before its holder died is sent again, where a
+//! 404 then counts as OK. Replicas learn of new work from `P ops:active`,
+//! the accounts with queued work (read once a second by each replica, not
+//! once per account: see [`active`]), then take the account's lease.
+//!
+//! Its own connection (not the budget's): a batch of 10,000 requests is a
+//! large command that must not hold up budget decisions, and a failing
+//! command here must not cost the budget its connection. Nothing read back
+//! from Redis can panic: an unexpected answer is [`Unavailable`].
+
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use redis::{Script, Value};
+use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+
+mod active;
+mod read;
+
+use super::{
+    Answer, Item, LEASE, NewOperation, OperationStore, Page, Removal, Snapshot, Start, Submitted,
+    Take, Unavailable, Wakeups, hex, micros, new_id, now_us,
+};
+use crate::budget::redis::{RedisStore, StoreError};
+use crate::config::RedisConfig;
+use active::Active;
+use read::{FIELDS, parse};
+
+/// Longest command (accepting 10,000 requests takes tens of ms).
+const TIMEOUT: Duration = Duration::from_secs(2);
+/// Reconnects at most this often.
+const RECONNECT_EVERY: Duration = Duration::from_millis(200);
+
+/// The script, called by its SHA (loaded on first use on a connection).
+fn script() -> &'static Script {
+    static SCRIPT: OnceLock<Script> = OnceLock::new();
+    SCRIPT.get_or_init(|| Script::new(include_str!("operations.lua")))
+}
+
+/// Operations of every account in Redis.
+pub(crate) struct RedisOperations {
+    store: RedisStore,
+    prefix: String,
+    /// This process' consumer name and lease value.
+    consumer: String,
+    retention_ms: String,
+    wakeups: Wakeups,
+    /// Held by the one caller reconnecting.
+    connecting: Semaphore,
+    /// When the last reconnect failed.
+    failed_at: Mutex<Option<Instant>>,
+    /// The accounts with queued work.
+    active: Active,
+}
+
+fn unavailable(e: StoreError) -> Unavailable {
+    Unavailable(e.to_string())
+}
+
+fn unexpected(what: &str) -> Unavailable {
+    Unavailable(format!("unexpected answer from Redis to {what}"))
+}
+
+impl RedisOperations {
+    pub(crate) fn new(config: &RedisConfig, retention: Duration) -> Self {
+        let consumer = RandomState::new().hash_one(std::process::id());
+        Self {
+            store: RedisStore::new(config, TIMEOUT),
+            prefix: config.key_prefix.clone(),
+            consumer: format!("{consumer:016x}"),
+            retention_ms: (micros(retention) / 1000).max(1).to_string(),
+            wakeups: Wakeups::default(),
+            connecting: Semaphore::new(1),
+            failed_at: Mutex::new(None),
+            active: Active::new(&config.key_prefix),
+        }
+    }
+
+    fn base(&self, account: &str) -> String {
+        format!("{}{{{account}}}:ops", self.prefix)
+    }
+
+    /// A live connection: one caller reconnects (after a failed try, not
+    /// again within [`RECONNECT_EVERY`]) while the others wait for it.
+    async fn connected(&self) -> Result<(), Unavailable> {
+        if self.store.is_connected() {
+            return Ok(());
+        }
+        let _connecting = self
+            .connecting
+            .acquire()
+            .await
+            .map_err(|_| Unavailable("not connected to Redis".into()))?;
+        if self.store.is_connected() {
+            return Ok(());
+        }
+        {
+            let mut failed = self.failed_at.lock().unwrap_or_else(|p| p.into_inner());
+            if failed.is_some_and(|at| at.elapsed() < RECONNECT_EVERY) {
+                return Err(Unavailable("not connected to Redis".into()));
+            }
+            *failed = None;
+        }
+        let connected = self.store.connect().await;
+        if connected.is_err() {
+            *self.failed_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        }
+        connected.map_err(unavailable)
+    }
+
+    /// One script command on `account`.
+    async fn call<T: redis::FromRedisValue>(
+        &self,
+        account: &str,
+        args: Vec<Vec<u8>>,
+    ) -> Result<T, Unavailable> {
+        self.connected().await?;
+        let key = self.base(account);
+        let run = self.store.run(|mut conn| async move {
+            let mut invocation = script().prepare_invoke();
+            invocation.key(key);
+            for arg in args {
+                invocation.arg(arg);
+            }
+            invocation.invoke_async(&mut conn).await
+        });
+        run.await.map_err(unavailable)
+    }
+
+    async fn submit_now(&self, new: NewOperation) -> Result<Submitted, Unavailable> {
+        let now = now_us();
+        let rid = if new.request_id.is_empty() {
+            String::new()
+        } else {
+            let mut hash = Sha256::new();
+            hash.update(new.owner.as_bytes());
+            hash.update([0]);
+            hash.update(new.request_id.as_bytes());
+            hex(&hash.finalize())
+        };
+        let mut args: Vec<Vec<u8>> = [
+            "submit".to_owned(),
+            now.to_string(),
+            micros(new.interval).to_string(),
+            new_id(now),
+            new.owner.clone(),
+            rid,
+            new.fingerprint(),
+        ]
+        .map(String::into_bytes)
+        .into();
+        args.extend(new.requests);
+        let answer: Vec<String> = self.call(&new.account, args).await?;
+        let (created, id) = match answer.as_slice() {
+            [kind, id] if kind == "created" => (true, id),
+            [kind, id] if kind == "existing" => (false, id),
+            _ => return Err(unexpected("submit")),
+        };
+        let snapshot = self.snapshot(&new.account, id, false).await?;
+        let snapshot = snapshot.ok_or_else(|| unexpected("submit (operation gone)"))?;
+        if created {
+            // Other replicas learn of the work from the set; should that
+            // fail, this replica's drainer has it.
+            if let Err(e) = self.active.add(&self.store, &new.account).await {
+                tracing::warn!(account = %new.account, error = %e.0, "batch queued, but not listed for other replicas");
+            }
+            self.wakeups.submitted(&new.account);
+            Ok(Submitted::Created(snapshot))
+        } else {
+            Ok(Submitted::Existing(snapshot))
+        }
+    }
+
+    async fn take_now(&self, account: &str) -> Result<Take, Unavailable> {
+        let args = vec![b"take".to_vec(), self.consumer.clone().into_bytes()];
+        let answer: Vec<Vec<u8>> = self.call(account, args).await?;
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        Ok(match answer.as_slice() {
+            [kind] if kind == b"empty" => Take::Empty,
+            [kind] if kind == b"lost" => Take::Lost,
+            [kind] if kind == b"busy" => Take::Skipped,
+            [kind, entry, op, index, request, owner, started] if kind == b"item" => {
+                Take::Item(Item {
+                    entry: text(entry),
+                    op: text(op),
+                    index: text(index).parse().map_err(|_| unexpected("take"))?,
+                    request: request.clone(),
+                    owner: text(owner),
+                    redelivered: started == b"1",
+                })
+            }
+            _ => return Err(unexpected("take")),
+        })
+    }
+
+    async fn word(&self, account: &str, args: &[&str]) -> Result<String, Unavailable> {
+        let args = args.iter().map(|a| a.as_bytes().to_vec()).collect();
+        self.call(account, args).await
+    }
+}
+
+impl OperationStore for RedisOperations {
+    fn submit(&self, new: NewOperation) -> Answer<'_, Submitted> {
+        Box::pin(self.submit_now(new))
+    }
+
+    fn get<'a>(
+        &'a self,
+        account: &'a str,
+        id: &'a str,
+        results: bool,
+    ) -> Answer<'a, Option<Snapshot>> {
+        Box::pin(self.snapshot(account, id, results))
+    }
+
+    fn list<'a>(
+        &'a self,
+        account: &'a str,
+        owner: &'a str,
+        before: Option<&'a str>,
+        limit: usize,
+    ) -> Answer<'a, Page> {
+        Box::pin(async move {
+            let fetch = (limit + 1).to_string();
+            let args = ["list", owner, before.unwrap_or(""), &fetch];
+            let args = args.iter().map(|a| a.as_bytes().to_vec()).collect();
+            let flat: Vec<Vec<u8>> = self.call(account, args).await?;
+            let mut operations: Vec<Snapshot> = flat
+                .chunks(1 + FIELDS.len())
+                .filter_map(|op| parse(&String::from_utf8_lossy(op.first()?), op.get(1..)?))
+                .collect();
+            let more = operations.len() > limit;
+            operations.truncate(limit);
+            let next = more
+                .then(|| operations.last().map(|s| s.id.clone()))
+                .flatten();
+            Ok(Page { operations, next })
+        })
+    }
+
+    fn cancel<'a>(&'a self, account: &'a str, id: &'a str) -> Answer<'a, ()> {
+        Box::pin(async move {
+            let now = now_us().to_string();
+            self.word(account, &["cancel", id, &now, &self.retention_ms])
+                .await?;
+            self.wakeups.touched();
+            Ok(())
+        })
+    }
+
+    fn delete<'a>(&'a self, account: &'a str, id: &'a str) -> Answer<'a, Removal> {
+        Box::pin(async move {
+            match self.word(account, &["delete", id]).await?.as_str() {
+                "deleted" => Ok(Removal::Deleted),
+                "running" => Ok(Removal::Running),
+                "missing" => Ok(Removal::Missing),
+                _ => Err(unexpected("delete")),
+            }
+        })
+    }
+
+    fn hold<'a>(&'a self, account: &'a str) -> Answer<'a, bool> {
+        Box::pin(async move {
+            let lease = micros(LEASE) / 1000;
+            let args = ["hold", &self.consumer, &lease.to_string()];
+            let args = args.iter().map(|a| a.as_bytes().to_vec()).collect();
+            let held: i64 = self.call(account, args).await?;
+            Ok(held == 1)
+        })
+    }
+
+    fn release<'a>(&'a self, account: &'a str) -> Answer<'a, ()> {
+        Box::pin(async move {
+            let args = vec![b"release".to_vec(), self.consumer.clone().into_bytes()];
+            self.call::<Value>(account, args).await.map(drop)
+        })
+    }
+
+    fn take<'a>(&'a self, account: &'a str) -> Answer<'a, Take> {
+        Box::pin(self.take_now(account))
+    }
+
+    fn start<'a>(&'a self, account: &'a str, item: &'a Item) -> Answer<'a, Start> {
+        Box::pin(async move {
+            let index = item.index.to_string();
+            let args = ["start", &self.consumer, &item.op, &index];
+            match self.word(account, &args).await?.as_str() {
+                "go" => Ok(Start::Go),
+                "cancelled" => Ok(Start::Cancelled),
+                "lost" | "gone" => Ok(Start::Stop),
+                _ => Err(unexpected("start")),
+            }
+        })
+    }
+
+    fn finish<'a>(
+        &'a self,
+        account: &'a str,
+        item: &'a Item,
+        ok: bool,
+        result: Vec<u8>,
+    ) -> Answer<'a, ()> {
+        Box::pin(async move {
+            let now = now_us().to_string();
+            let index = item.index.to_string();
+            let ok = if ok { "1" } else { "0" };
+            let mut args: Vec<Vec<u8>> = ["finish", &item.op, &index, &item.entry, ok]
+                .iter()
+                .map(|a| a.as_bytes().to_vec())
+                .collect();
+            args.push(result);
+            args.push(now.into_bytes());
+            args.push(self.retention_ms.clone().into_bytes());
+            self.call::<Value>(account, args).await?;
+            self.wakeups.touched();
+            Ok(())
+        })
+    }
+
+    fn may_have_work<'a>(&'a self, account: &'a str) -> Answer<'a, bool> {
+        Box::pin(async move {
+            self.connected().await?;
+            self.active.has(&self.store, account).await
+        })
+    }
+
+    fn went_quiet<'a>(&'a self, account: &'a str) -> Answer<'a, ()> {
+        Box::pin(async move {
+            self.connected().await?;
+            let queue = format!("{}:queue", self.base(account));
+            self.active.quiet(&self.store, account, queue).await
+        })
+    }
+
+    fn wakeups(&self) -> &Wakeups {
+        &self.wakeups
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+}

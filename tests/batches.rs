@@ -1,0 +1,353 @@
+//! Batch deletions as long-running operations on one replica (in memory,
+//! and with Redis): results in order as unary calls would have answered,
+//! arrivals spaced, interactive calls first, one operation per request id,
+//! cancel, who sees what, and batches refused whole.
+
+use std::time::{Duration, Instant};
+
+use provisioning_gateway::config::{BackendConfig, RedisFallback};
+use provisioning_gateway::proto::google::longrunning::{
+    CancelOperationRequest, DeleteOperationRequest, GetOperationRequest, ListOperationsRequest,
+};
+use tonic::Code;
+use tonic_types::StatusExt;
+
+use crate::redis::{VENDOR_T, assert_spacing, opts_20};
+use crate::support::batch::{batch, codes, done, metadata, ops, resource, results, submit, with};
+use crate::support::redis::RedisServer;
+use crate::support::{Opts, account, details, request, spawn_app, spawn_config, spawn_open_mock};
+
+/// The interval of `Opts::default()`: 50 ms + a 40 ms margin.
+const T: Duration = Duration::from_millis(90);
+
+/// A batch of six: two deletions of one association (the second is a 404:
+/// NOT_FOUND), two of another with `allow_missing` on the second (OK).
+async fn six_in_order_as_unary_calls_would_answer(opts: Opts, interval: Duration) {
+    let app = spawn_app(opts).await;
+    let (mut client, mut ops) = (app.client().await, ops(app.addr).await);
+    let mut allowed = request(3);
+    allowed.allow_missing = true;
+    let requests = vec![
+        request(0),
+        request(1),
+        request(1),
+        request(3),
+        allowed,
+        request(5),
+    ];
+    let accepted = submit(&mut client, batch(requests, "")).await;
+    assert!(accepted.name.starts_with("operations/"), "{accepted:?}");
+    assert!(!accepted.done);
+    let meta = metadata(&accepted);
+    assert_eq!((meta.total, meta.succeeded, meta.failed), (6, 0, 0));
+    let (created, eta) = (meta.create_time.unwrap(), meta.estimated_end_time.unwrap());
+    let estimated = Duration::from_secs((eta.seconds - created.seconds) as u64)
+        + Duration::from_nanos(eta.nanos as u64)
+        - Duration::from_nanos(created.nanos as u64);
+    assert_eq!(estimated, 6 * interval, "six intervals, nothing ahead");
+
+    let op = done(&mut ops, &accepted.name).await;
+    let (results, error) = results(&op);
+    assert!(error.is_none(), "{error:?}");
+    use Code::{NotFound, Ok};
+    assert_eq!(codes(&results), [Ok, Ok, NotFound, Ok, Ok, Ok]);
+    let meta = metadata(&op);
+    assert_eq!((meta.total, meta.succeeded, meta.failed), (6, 5, 1));
+    assert!(meta.end_time.is_some() && !meta.cancel_requested);
+
+    let arrivals = app.mock.arrivals();
+    let order: Vec<String> = arrivals.iter().map(resource).collect();
+    let want = ["0", "1", "1", "3", "3", "5"].map(|n| format!("number-key-{n}"));
+    assert_eq!(order, want, "one at a time, in request order");
+    let statuses: Vec<u16> = arrivals.iter().map(|a| a.status).collect();
+    assert_eq!(statuses, [204, 204, 404, 204, 404, 204]);
+    let gaps = arrivals.windows(2).map(|w| w[1].at - w[0].at);
+    assert!(
+        gaps.clone().all(|g| g >= VENDOR_T),
+        "spaced: {:?}",
+        gaps.collect::<Vec<_>>()
+    );
+
+    // The NOT_FOUND is the very status a unary call gets.
+    let unary = client.delete_association(request(1)).await.unwrap_err();
+    assert_eq!(results[2], details::rpc_status(&unary));
+}
+
+#[tokio::test]
+async fn a_batch_of_six_ends_with_results_in_request_order_in_memory() {
+    six_in_order_as_unary_calls_would_answer(Opts::default(), T).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_six_ends_with_results_in_request_order_with_redis() {
+    let redis = RedisServer::start();
+    let opts = opts_20().redis(&redis.url(), RedisFallback::Deny, 1);
+    six_in_order_as_unary_calls_would_answer(opts, Duration::from_millis(120)).await;
+}
+
+#[tokio::test]
+async fn a_unary_call_during_a_batch_of_fifteen_is_served_within_two_intervals() {
+    let app = spawn_app(Opts::default()).await;
+    let (mut client, mut ops) = (app.client().await, ops(app.addr).await);
+    let accepted = submit(&mut client, batch((0..15).map(request).collect(), "")).await;
+    app.mock.wait_for_requests(3).await;
+    let started = Instant::now();
+    client.delete_association(request(100)).await.unwrap();
+    let took = started.elapsed();
+    assert!(took < 2 * T, "served after {took:?}, over two intervals");
+    let op = done(&mut ops, &accepted.name).await;
+    assert_eq!(codes(&results(&op).0), [Code::Ok; 15]);
+    let arrivals = app.mock.arrivals();
+    assert_eq!(arrivals.len(), 16);
+    assert_spacing(&arrivals, "a batch with a unary call in between");
+}
+
+#[tokio::test]
+async fn one_operation_per_request_id_and_a_cancel_sends_nothing_more_in_memory() {
+    one_operation_per_request_id_and_a_cancel_sends_nothing_more(Opts::default()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_operation_per_request_id_and_a_cancel_sends_nothing_more_with_redis() {
+    let redis = RedisServer::start();
+    let opts = Opts::default().redis(&redis.url(), RedisFallback::Deny, 1);
+    one_operation_per_request_id_and_a_cancel_sends_nothing_more(opts).await;
+}
+
+async fn one_operation_per_request_id_and_a_cancel_sends_nothing_more(opts: Opts) {
+    let app = spawn_app(opts).await;
+    let (mut client, mut ops) = (app.client().await, ops(app.addr).await);
+    let requests: Vec<_> = (0..20).map(request).collect();
+    let first = submit(&mut client, batch(requests.clone(), "job-1")).await;
+    let again = submit(&mut client, batch(requests, "job-1")).await;
+    assert_eq!(again.name, first.name, "the same operation");
+    let other = client
+        .batch_delete_associations(batch(vec![request(7)], "job-1"))
+        .await
+        .unwrap_err();
+    assert_eq!(other.code(), Code::InvalidArgument, "{other:?}");
+    details::error_info_with(&other, "REQUEST_ID_REUSED");
+
+    app.mock.wait_for_requests(3).await;
+    let cancel = CancelOperationRequest {
+        name: first.name.clone(),
+    };
+    ops.cancel_operation(cancel).await.unwrap();
+    let op = done(&mut ops, &first.name).await;
+    let (results, error) = results(&op);
+    let error = error.expect("a cancelled operation ends in an error");
+    assert_eq!(Code::from_i32(error.code), Code::Cancelled);
+    let sent = codes(&results)
+        .iter()
+        .take_while(|c| **c == Code::Ok)
+        .count();
+    assert!((3..20).contains(&sent), "{:?}", codes(&results));
+    assert_eq!(codes(&results)[sent..], vec![Code::Cancelled; 20 - sent]);
+    let meta = metadata(&op);
+    assert!(meta.cancel_requested);
+    assert_eq!(
+        (meta.succeeded, meta.failed),
+        (sent as i32, 20 - sent as i32)
+    );
+
+    // A batch behind it is drained past the cancelled requests: they never go.
+    let next = submit(&mut client, batch(vec![request(999)], "")).await;
+    done(&mut ops, &next.name).await;
+    let arrivals: Vec<String> = app.mock.arrivals().iter().map(resource).collect();
+    let want: Vec<String> = (0..sent)
+        .map(|n| format!("number-key-{n}"))
+        .chain(["number-key-999".to_owned()])
+        .collect();
+    assert_eq!(
+        arrivals, want,
+        "each sent request once, none after the cancel"
+    );
+}
+
+#[tokio::test]
+async fn only_the_caller_and_account_that_created_an_operation_see_it_in_memory() {
+    only_the_caller_and_account_that_created_an_operation_see_it(BackendConfig::Memory).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_caller_and_account_that_created_an_operation_see_it_with_redis() {
+    let redis = RedisServer::start();
+    let opts = Opts::default().redis(&redis.url(), RedisFallback::Deny, 1);
+    only_the_caller_and_account_that_created_an_operation_see_it(opts.backend).await;
+}
+
+async fn only_the_caller_and_account_that_created_an_operation_see_it(backend: BackendConfig) {
+    let (mock, addr, stop) = spawn_open_mock(20).await;
+    let upstream = format!("http://{addr}");
+    let config = provisioning_gateway::Config::builder()
+        .listen("127.0.0.1:0".parse().unwrap())
+        .metrics_listen("127.0.0.1:0".parse().unwrap())
+        .rate_per_second(20)
+        .safety_margin(Opts::default().safety_margin)
+        .account(account("main", &upstream, "key-main"))
+        .account(account("other", &upstream, "key-other"))
+        .backend(backend);
+    let app = spawn_config(config, mock, stop).await;
+    let (mut client, mut ops) = (app.client().await, ops(app.addr).await);
+    let mut alices = Vec::new();
+    for n in 0..3 {
+        let submitted = client
+            .batch_delete_associations(with(batch(vec![request(n)], ""), "x-caller", "alice"))
+            .await
+            .unwrap();
+        alices.push(submitted.into_inner().name);
+    }
+    let bobs = client
+        .batch_delete_associations(with(batch(vec![request(9)], ""), "x-caller", "bob"))
+        .await
+        .unwrap()
+        .into_inner()
+        .name;
+    let get = |name: &str| GetOperationRequest { name: name.into() };
+
+    // Bob, or Alice on another account, sees nothing of Alice's.
+    let not_found = [
+        ops.get_operation(bob(get(&alices[0]))).await.unwrap_err(),
+        ops.cancel_operation(bob(CancelOperationRequest {
+            name: alices[0].clone(),
+        }))
+        .await
+        .unwrap_err(),
+        ops.delete_operation(bob(DeleteOperationRequest {
+            name: alices[0].clone(),
+        }))
+        .await
+        .unwrap_err(),
+        {
+            let mut r = with(get(&alices[0]), "x-caller", "alice");
+            r.metadata_mut()
+                .insert("x-infobip-account", "other".parse().unwrap());
+            ops.get_operation(r).await.unwrap_err()
+        },
+    ];
+    for status in not_found {
+        assert_eq!(status.code(), Code::NotFound, "{status:?}");
+        details::error_info_with(&status, "OPERATION_NOT_FOUND");
+    }
+
+    // Alice's list, newest first, in pages of two; Bob's holds his alone.
+    let list = |token: &str, caller: &str| {
+        let request = ListOperationsRequest {
+            page_size: 2,
+            page_token: token.into(),
+            ..Default::default()
+        };
+        with(request, "x-caller", caller)
+    };
+    let first = ops
+        .list_operations(list("", "alice"))
+        .await
+        .unwrap()
+        .into_inner();
+    let names: Vec<&str> = first.operations.iter().map(|o| o.name.as_str()).collect();
+    assert_eq!(names, [alices[2].as_str(), alices[1].as_str()]);
+    assert!(!first.next_page_token.is_empty());
+    let rest = ops
+        .list_operations(list(&first.next_page_token, "alice"))
+        .await
+        .unwrap()
+        .into_inner();
+    let names: Vec<&str> = rest.operations.iter().map(|o| o.name.as_str()).collect();
+    assert_eq!(
+        (names, rest.next_page_token.as_str()),
+        (vec![alices[0].as_str()], "")
+    );
+    let bob_list = ops
+        .list_operations(list("", "bob"))
+        .await
+        .unwrap()
+        .into_inner();
+    let names: Vec<&str> = bob_list
+        .operations
+        .iter()
+        .map(|o| o.name.as_str())
+        .collect();
+    assert_eq!(names, [bobs.as_str()]);
+
+    // Alice forgets a done operation of hers; a running one is kept.
+    let long = client
+        .batch_delete_associations(alice(batch((10..25).map(request).collect(), "")))
+        .await
+        .unwrap()
+        .into_inner()
+        .name;
+    let running = ops
+        .delete_operation(alice(DeleteOperationRequest { name: long.clone() }))
+        .await
+        .unwrap_err();
+    assert_eq!(running.code(), Code::FailedPrecondition, "{running:?}");
+    let mut wait = tonic::Request::new(
+        provisioning_gateway::proto::google::longrunning::WaitOperationRequest {
+            name: alices[0].clone(),
+            timeout: Some(prost_types::Duration {
+                seconds: 20,
+                nanos: 0,
+            }),
+        },
+    );
+    wait.metadata_mut()
+        .insert("x-caller", "alice".parse().unwrap());
+    assert!(ops.wait_operation(wait).await.unwrap().into_inner().done);
+    ops.delete_operation(alice(DeleteOperationRequest {
+        name: alices[0].clone(),
+    }))
+    .await
+    .unwrap();
+    let gone = ops.get_operation(alice(get(&alices[0]))).await.unwrap_err();
+    assert_eq!(gone.code(), Code::NotFound, "{gone:?}");
+}
+
+#[tokio::test]
+async fn an_invalid_request_refuses_the_whole_batch_naming_its_index() {
+    let app = spawn_app(Opts::default()).await;
+    let (mut client, mut ops) = (app.client().await, ops(app.addr).await);
+    let mut requests: Vec<_> = (0..6).map(request).collect();
+    requests[3].resource_id.clear();
+    let refused = client
+        .batch_delete_associations(batch(requests, ""))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    details::error_info_with(&refused, "INVALID_REQUEST");
+    let bad = refused.get_error_details();
+    let fields: Vec<&str> = bad
+        .bad_request()
+        .unwrap()
+        .field_violations
+        .iter()
+        .map(|v| v.field.as_str())
+        .collect();
+    assert_eq!(fields, ["requests[3].resource_id"]);
+    let empty = client
+        .batch_delete_associations(batch(Vec::new(), ""))
+        .await
+        .unwrap_err();
+    assert_eq!(empty.code(), Code::InvalidArgument, "{empty:?}");
+
+    // Nothing was queued: the next batch is the first to reach the emulator.
+    let next = submit(&mut client, batch(vec![request(42)], "")).await;
+    done(&mut ops, &next.name).await;
+    let arrivals: Vec<String> = app.mock.arrivals().iter().map(resource).collect();
+    assert_eq!(arrivals, ["number-key-42"]);
+    let listed = ops
+        .list_operations(ListOperationsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.operations.len(), 1);
+}
+
+/// `msg` from the anonymous caller `alice` (`x-caller`).
+fn alice<T>(msg: T) -> tonic::Request<T> {
+    with(msg, "x-caller", "alice")
+}
+
+/// `msg` from the anonymous caller `bob`.
+fn bob<T>(msg: T) -> tonic::Request<T> {
+    with(msg, "x-caller", "bob")
+}
