@@ -20,14 +20,11 @@ use super::report::UNKNOWN;
 use super::service::Gateway;
 use super::status::CallError;
 use crate::auth::Identity;
-use crate::domain::Association;
+use crate::domain::{Association, RequestId};
 use crate::operations::{MAX_BATCH, NewOperation, Submitted};
 use crate::pb::BatchDeleteAssociationsRequest;
 use crate::proto::google::longrunning::Operation;
 use crate::telemetry::metrics;
-
-/// Longest `request_id`, in characters (as DeleteAssociation's).
-const MAX_REQUEST_ID: usize = 64;
 
 /// Who may see an operation: the caller's identity. Anonymous callers
 /// (no authentication configured) in a namespace of their own, so an
@@ -134,12 +131,9 @@ fn check(batch: &BatchDeleteAssociationsRequest) -> Result<Vec<Vec<u8>>, Operati
             format!("must hold 1 to {MAX_BATCH} requests, got {n}"),
         ));
     }
-    let id_chars = batch.request_id.chars().count();
-    if id_chars > MAX_REQUEST_ID {
-        problems.push((
-            "request_id".into(),
-            format!("must be at most {MAX_REQUEST_ID} characters, got {id_chars}"),
-        ));
+    // The rules of DeleteAssociation's request_id.
+    if let Err(v) = RequestId::parse("request_id", batch.request_id.clone()) {
+        problems.push((v.field.into(), v.description));
     }
     // Past the limit nothing is checked: the refusal names the count.
     let requests = batch.requests.iter().take(MAX_BATCH);
@@ -205,6 +199,17 @@ mod tests {
                 "requests[3].resource_id"
             ]
         );
+    }
+
+    #[test]
+    fn the_batch_request_id_follows_delete_associations_rules() {
+        let batch = |id: &str| BatchDeleteAssociationsRequest {
+            requests: vec![valid(0)],
+            request_id: id.into(),
+        };
+        assert!(fields(batch("has space")) == ["request_id"]);
+        assert!(check(&batch("2f1c-ok_id:1.x~y")).is_ok());
+        assert!(check(&batch("")).is_ok());
     }
 
     #[test]
