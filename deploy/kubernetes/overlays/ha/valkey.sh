@@ -125,8 +125,10 @@ server() {
     # The state is ephemeral: no RDB snapshots, no AOF.
     echo "save \"\""
     echo "appendonly no"
-    # Budget keys are tiny; refuse writes rather than evict budget state.
-    echo "maxmemory 64mb"
+    # Budget keys are tiny; idempotency records (about 300 bytes per call
+    # with a request_id, for 24 h) and batches (about 250 bytes per request
+    # until retention) are not. Refuse writes rather than evict any of it.
+    echo "maxmemory 192mb"
     echo "maxmemory-policy noeviction"
     printf 'requirepass %s\n' "$(quoted "$pw")"
     if [ "$TOPOLOGY" = sentinel ]; then
