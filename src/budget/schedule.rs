@@ -19,7 +19,8 @@
 //!
 //! **Invariants** (kept by every command, checked by the tests):
 //! 1. *Promise*: every waiting ticket's slot is at or before its `ready_at`
-//!    (its caller's deadline minus the upstream reserve). Admission refuses
+//!    (its caller's deadline minus the upstream reserve), and the ticket is
+//!    kept a little past it ([`Rules::claim_late`]) for its claim. Admission refuses
 //!    a ticket it cannot place so, and places a new ticket only where
 //!    pushing the tickets behind it one interval on keeps their promise.
 //!    Only an upstream pushback (429) or a request held up on its way out
@@ -66,7 +67,18 @@ impl Rules {
     fn tau(&self) -> i64 {
         (self.burst - 1) * self.interval
     }
+
+    /// How long past its `ready_at` a waiting ticket is still kept: a
+    /// ticket admitted with its slot exactly at `ready_at` (a caller that
+    /// came back when its `RetryInfo` said) is claimed a few ms after the
+    /// slot, when its replica wakes; the upstream reserve absorbs that.
+    pub(crate) fn claim_late(&self) -> i64 {
+        (self.interval / 2).min(CLAIM_LATE)
+    }
 }
+
+/// At most this long (µs) past `ready_at` a ticket is kept for its claim.
+const CLAIM_LATE: i64 = 50_000;
 
 /// A caller's request for a place in line.
 #[derive(Debug, Clone, PartialEq)]
@@ -351,7 +363,8 @@ impl Schedule {
     /// Drops what has expired; resets state a clock step left beyond the
     /// horizon. Returns whether it did that.
     fn tidy(&mut self, rules: &Rules, now: i64) -> bool {
-        self.line.retain(|t| t.ready_at >= now);
+        let late = rules.claim_late();
+        self.line.retain(|t| t.ready_at.saturating_add(late) >= now);
         self.held.retain(|_, until| *until > now);
         let beyond = now.saturating_add(rules.horizon);
         let regressed =
@@ -734,6 +747,27 @@ mod tests {
         let (answer, reset) = far.admit(&r, 0, &anon("x"));
         let kept = Answer::Refused(Refusal::MaxWait, r.horizon - r.max_wait);
         assert_eq!((answer, reset), (kept, false), "at the horizon: kept");
+    }
+
+    #[test]
+    fn a_ticket_whose_slot_is_its_deadline_is_granted_to_a_claim_a_little_late() {
+        let mut s = Schedule::default();
+        s.admit(&rules(), 0, &anon("first"));
+        // Admitted with no time to spare, as a caller coming back when its
+        // RetryInfo said is.
+        assert_eq!(
+            s.admit(&rules(), 0, &ask("exact", "x", 1, T)).0,
+            Answer::Queued(T)
+        );
+        assert_eq!(
+            s.admit(&rules(), 0, &ask("other", "y", 1, 2 * T)).0,
+            Answer::Queued(2 * T)
+        );
+        // Its replica wakes 10 ms after the slot: still its.
+        assert_eq!(s.claim(&rules(), T + 10_000, "exact").0, Answer::Granted);
+        // Beyond the tolerance, a ticket is gone.
+        let late = 2 * T + rules().claim_late() + 1;
+        assert_eq!(s.claim(&rules(), late, "other").0, Answer::Gone);
     }
 
     #[test]

@@ -123,13 +123,16 @@ for _, until_ in pairs(held) do
   end
 end
 
--- The waiting tickets, in order, expired ones dropped.
+-- The waiting tickets, in order, expired ones dropped: kept until
+-- min(T/2, 50 ms) past their ready_at (schedule.rs, claim_late), so a claim
+-- that comes a few ms after a slot at exactly ready_at still finds it.
+local late = math.min(math.floor(T / 2), 50000)
 local line = {}
 if n > 0 then
   for _, entry in ipairs(redis.call('LRANGE', K_LINE, 0, -1)) do
     local id, tag, ready_at, lane = string.match(entry, '^([^\t]*)\t([^\t]*)\t([^\t]*)\t(.*)$')
     ready_at = tonumber(ready_at)
-    if id and ready_at and ready_at >= now then
+    if id and ready_at and ready_at + late >= now then
       line[#line + 1] = {id = id, tag = tonumber(tag), ready_at = ready_at, lane = lane, entry = entry}
     else
       redis.call('LREM', K_LINE, 1, entry)
