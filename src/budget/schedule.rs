@@ -73,12 +73,21 @@ impl Rules {
     /// came back when its `RetryInfo` said) is claimed a few ms after the
     /// slot, when its replica wakes; the upstream reserve absorbs that.
     pub(crate) fn claim_late(&self) -> i64 {
-        (self.interval / 2).min(CLAIM_LATE)
+        claim_late(self.interval)
     }
 }
 
 /// At most this long (µs) past `ready_at` a ticket is kept for its claim.
 const CLAIM_LATE: i64 = 50_000;
+
+/// How long past its `ready_at` a ticket is kept, for an interval of
+/// `interval` µs: half of it, at most 50 ms. Replicas ask for a `ready_at`
+/// this much before their caller's own, so a slot promised at `ready_at`
+/// may come that much late (claims a few ms after their slot, each moving
+/// the next slot on) and still be in time.
+pub(crate) fn claim_late(interval: i64) -> i64 {
+    (interval / 2).min(CLAIM_LATE)
+}
 
 /// A caller's request for a place in line.
 #[derive(Debug, Clone, PartialEq)]
