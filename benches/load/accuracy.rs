@@ -123,7 +123,7 @@ async fn caller(addr: SocketAddr, end: Instant, deadline: Duration) -> Tally {
 }
 
 /// A number in [0, 1), different at every call.
-fn jitter() -> f64 {
+pub fn jitter() -> f64 {
     use std::hash::BuildHasher;
     let n = std::collections::hash_map::RandomState::new().hash_one(Instant::now());
     (n >> 11) as f64 / (1u64 << 53) as f64

@@ -3,7 +3,8 @@
 //! Redis), at the vendor's real 1 request/second, for `--duration` (the
 //! issue's figure: `--duration 10m`), then cancelled. Side by side in the
 //! same process, account `quiet` (its own emulator, same rate) has no batch.
-//! A prober calls each account alternately with a unary call every ~2.5 s.
+//! A prober calls each account alternately with a unary call every 2 to 3.5
+//! s, at random (a fixed period would lock its calls to the slot grid).
 //!
 //! Reports: upstream use on `busy` (arrivals/s ÷ rate, target ≥ 0.98), the
 //! gateway's resident memory while the batch is pending ÷ idle (≤ 1.2), and
@@ -24,14 +25,14 @@ use serde_json::json;
 use tonic::transport::Channel;
 
 use crate::Opts;
-use crate::accuracy::redis_server;
+use crate::accuracy::{jitter, redis_server};
 use crate::harness::{API_KEY, request};
 use crate::report::{table, verdict, write};
 use crate::systems::{GatewayBin, emulator, results_dir, rss};
 
 const ITEMS: usize = 10_000;
 const INTERVAL: Duration = Duration::from_secs(1);
-const PROBE_EVERY: Duration = Duration::from_millis(2500);
+const PROBE_EVERY: Duration = Duration::from_millis(2000);
 const DEADLINE: Duration = Duration::from_secs(10);
 
 /// Two accounts, each in front of its own emulator at 1 request/second.
@@ -111,9 +112,22 @@ pub async fn run(opts: &Opts) -> anyhow::Result<()> {
     let mut client = AssociationServiceClient::new(channel.clone());
     let mut ops = OperationsClient::new(channel);
 
-    // Warm both accounts, then the idle footprint.
+    // Warm both accounts and the batch path (a one-request batch, drained:
+    // the operations store's connection, the drainer), then the idle
+    // footprint: nothing pending.
     for account in ["busy", "quiet"] {
         probe(&mut client, account).await;
+    }
+    let warm = BatchDeleteAssociationsRequest {
+        requests: vec![request()],
+        request_id: String::new(),
+    };
+    let warm = client
+        .batch_delete_associations(on_account(warm, "busy"))
+        .await?
+        .into_inner();
+    while !metadata(&mut ops, &warm.name).await?.0 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let idle = rss(gateway.pid()).0;
@@ -155,7 +169,7 @@ pub async fn run(opts: &Opts) -> anyhow::Result<()> {
             }
         }
         pending_rss = pending_rss.max(rss(gateway.pid()).0);
-        tokio::time::sleep(PROBE_EVERY).await;
+        tokio::time::sleep(PROBE_EVERY + INTERVAL.mul_f64(1.5 * jitter())).await;
     }
     let (done, progress) = metadata(&mut ops, &op.name).await?;
     ops.cancel_operation(on_account(

@@ -51,7 +51,7 @@ pub(super) async fn submit(
     };
     let account = Arc::clone(account);
     let caller = gateway.auth.label(&identity);
-    let batch = request.into_inner();
+    let mut batch = request.into_inner();
     let requests = match check(&batch) {
         Ok(requests) => requests,
         Err(invalid) => {
@@ -65,6 +65,8 @@ pub(super) async fn submit(
         }
     };
     let total = requests.len();
+    // Encoded for the store: the decoded requests go before it is asked.
+    batch.requests = Vec::new();
     let new = NewOperation {
         account: account.name().to_owned(),
         owner: owner(&identity),
