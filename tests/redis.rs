@@ -562,6 +562,97 @@ async fn losing_redis_the_local_budget_starts_after_the_last_shared_slot() {
 }
 
 #[tokio::test]
+async fn redis_lost_between_calls_the_local_budget_still_starts_after_the_last_shared_slot() {
+    // T = 5 s: the probe finds Redis gone (three failed pings, ~3 s) well
+    // inside one interval, so the next call goes to the local budget with no
+    // failed command of its own: only what the shared answer said (the slot
+    // it granted) keeps the local budget from granting at once.
+    let redis = RedisServer::start();
+    let (mock, addr, _stop) = spawn_mock(1).await;
+    let opts = Opts {
+        safety_margin: Duration::from_secs(4),
+        ..opts_1(&redis)
+    };
+    let apps = replicas(1, &[opts], &mock, addr).await;
+    let mut client = apps[0].client().await;
+    client.delete_association(request(0)).await.unwrap(); // a shared slot
+    let _redis = redis.kill_async().await;
+    until_degraded_is(&apps, true, Duration::from_secs(4)).await;
+    client.delete_association(request(1)).await.unwrap(); // a local one
+    let arrivals = mock.arrivals();
+    let gap = arrivals[1].at - arrivals[0].at;
+    assert!(
+        gap >= Duration::from_secs(5),
+        "{gap:?} after the shared slot (T = 5 s)"
+    );
+}
+
+#[tokio::test]
+async fn a_429_that_could_not_reach_redis_reaches_it_when_redis_returns_even_unserved_meanwhile() {
+    // `deny`: while Redis is lost nothing is served here, so only the
+    // pushback itself, kept unsent, can carry the vendor's Retry-After.
+    let redis = RedisServer::start();
+    let (mock, addr, _stop) = spawn_mock(20).await;
+    let opts = Opts {
+        upstream_timeout: Duration::from_secs(2),
+        ..opts_20().redis(&redis.url(), RedisFallback::Deny, 1)
+    };
+    let apps = replicas(1, &[opts], &mock, addr).await;
+    let mut client = apps[0].client().await;
+    let mut pushed = Scripted::new(
+        429,
+        r#"{"requestError":{"serviceException":{"messageId":"TOO_MANY_REQUESTS","text":"slow down"}}}"#,
+    );
+    pushed.headers.push(("retry-after".into(), "4".into()));
+    pushed.delay = Duration::from_millis(400);
+    mock.script([pushed]);
+    let call = tokio::spawn(async move {
+        client
+            .delete_association(with_timeout(request(0), Duration::from_millis(1500)))
+            .await
+    });
+    mock.wait_for_requests(1).await;
+    let redis = redis.kill_async().await; // before the 429 comes back
+    let _ = call.await.unwrap();
+    let pushed_at = mock.arrivals()[0].at + Duration::from_millis(400);
+    let _redis = redis.restart_async().await; // empty: it knows nothing of the 429
+    until_degraded_is(&apps, false, Duration::from_secs(3)).await;
+    let mut client = apps[0].client().await;
+    client
+        .delete_association(with_timeout(request(1), Duration::from_secs(8)))
+        .await
+        .unwrap();
+    let arrivals = mock.arrivals();
+    let after = arrivals.last().unwrap().at - pushed_at;
+    assert!(
+        after >= Duration::from_millis(3900),
+        "sent {after:?} after a 429 with Retry-After: 4"
+    );
+}
+
+#[tokio::test]
+async fn back_on_a_new_redis_the_first_grant_waits_an_interval_after_the_last_one() {
+    // Redis restarts empty between two calls, no failure seen by a command:
+    // the new connection alone says the shared state may be gone, and a
+    // grant given just before it must still be an interval behind.
+    let redis = RedisServer::start();
+    let (mock, addr, _stop) = spawn_mock(1).await;
+    let apps = replicas(1, &[opts_1(&redis)], &mock, addr).await;
+    let mut client = apps[0].client().await;
+    client.delete_association(request(0)).await.unwrap(); // a shared slot
+    let redis = redis.kill_async().await;
+    let _redis = redis.restart_async().await;
+    client.delete_association(request(1)).await.unwrap();
+    let arrivals = mock.arrivals();
+    assert_eq!(arrivals[1].status, 204, "the vendor accepted it");
+    let gap = arrivals[1].at - arrivals[0].at;
+    assert!(
+        gap >= Duration::from_secs(1),
+        "{gap:?} after the grant before the restart"
+    );
+}
+
+#[tokio::test]
 async fn back_on_redis_the_shared_budget_starts_after_the_last_local_grant() {
     let mut redis = RedisServer::start();
     redis = redis.kill_async().await;
