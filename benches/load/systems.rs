@@ -183,7 +183,8 @@ pub fn results_dir() -> PathBuf {
 }
 
 /// The release binary (`serve`) as a child process, logging JSON at `info`
-/// (its production default) to `target/bench-results/logs/<name>.log`.
+/// (its production default) to `target/bench-results/logs/<name>.log`, with
+/// the image's malloc setting.
 pub struct GatewayBin {
     child: tokio::process::Child,
     pub addr: SocketAddr,
@@ -211,6 +212,9 @@ impl GatewayBin {
         .args(flags)
         .env_clear()
         .env("RUST_LOG", "info")
+        // As the image sets it (deploy/Dockerfile): large buffers always
+        // go back to the system when freed.
+        .env("MALLOC_MMAP_THRESHOLD_", "131072")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log)?)
