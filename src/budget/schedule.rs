@@ -81,10 +81,10 @@ impl Rules {
 const CLAIM_LATE: i64 = 50_000;
 
 /// How long past its `ready_at` a ticket is kept, for an interval of
-/// `interval` µs: half of it, at most 50 ms. Replicas ask for a `ready_at`
-/// this much before their caller's own, so a slot promised at `ready_at`
-/// may come that much late (claims a few ms after their slot, each moving
-/// the next slot on) and still be in time.
+/// `interval` µs: half of it, at most 50 ms. A slot promised at `ready_at`
+/// may come that much late (claims come a few ms after their slot, each
+/// moving the next slot on); replicas wait for it as long, taking it from
+/// the upstream reserve.
 pub(crate) fn claim_late(interval: i64) -> i64 {
     (interval / 2).min(CLAIM_LATE)
 }
