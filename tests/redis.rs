@@ -580,9 +580,11 @@ async fn redis_lost_between_calls_the_local_budget_still_starts_after_the_last_s
     until_degraded_is(&apps, true, Duration::from_secs(4)).await;
     client.delete_association(request(1)).await.unwrap(); // a local one
     let arrivals = mock.arrivals();
+    // Arrivals, not grants: the first request's transit may take a few ms
+    // more than the second's. Without the shared answer's bound: ~1 s.
     let gap = arrivals[1].at - arrivals[0].at;
     assert!(
-        gap >= Duration::from_secs(5),
+        gap >= Duration::from_millis(4900),
         "{gap:?} after the shared slot (T = 5 s)"
     );
 }
