@@ -358,3 +358,36 @@ async fn a_request_held_up_on_one_replica_holds_the_line_on_another() {
     );
     drop(unaccepted);
 }
+
+#[tokio::test]
+async fn an_answer_lost_past_the_timeout_counts_for_the_local_budget_as_a_slot_taken_when_asked() {
+    // Every reply held back 5 s from now: the admission script runs in Redis
+    // (the slot is taken there) but no answer comes within the command
+    // timeout, three times, and the replica falls back. Its local budget
+    // must treat each unanswered command as a slot taken when asked.
+    let redis = RedisServer::start();
+    let proxy = StallProxy::start(redis.port()).await;
+    let url = format!("redis://127.0.0.1:{}", proxy.port);
+    let (mock, addr, _stop) = spawn_mock(1).await;
+    let opts = crate::support::Opts {
+        rate_per_second: 1,
+        ..crate::support::Opts::default()
+    }
+    .redis(&url, RedisFallback::Local, 1);
+    let apps = replicas(1, &[opts], &mock, addr).await;
+    until_degraded_is(&apps, false, Duration::from_secs(2)).await;
+    let mut client = apps[0].client().await;
+    proxy.stall(Duration::from_secs(5));
+    let asked = Instant::now();
+    client
+        .delete_association(with_timeout(request(0), Duration::from_secs(10)))
+        .await
+        .unwrap();
+    let sent = mock.arrivals()[0].at - asked;
+    // T = 1010 ms after the first unanswered command at the earliest; taking
+    // none as a slot, the fallback grants at once (~0.8 s, three timeouts).
+    assert!(
+        sent >= Duration::from_millis(1010),
+        "the local budget granted {sent:?} after the first unanswered command"
+    );
+}
