@@ -590,6 +590,40 @@ async fn redis_lost_between_calls_the_local_budget_still_starts_after_the_last_s
 }
 
 #[tokio::test]
+async fn a_call_queued_on_redis_whose_claim_goes_local_waits_an_interval_past_its_shared_slot() {
+    // T = 2 s. A call queued for the slot after the first one; Redis lost
+    // meanwhile, found by the probe (~1 s) before that slot: its claim goes
+    // to the local budget with no failed command of its own, and must wait
+    // an interval past the slot Redis gave it (it may have been granted
+    // there by an answer that never came).
+    let redis = RedisServer::start();
+    let (mock, addr, _stop) = spawn_mock(1).await;
+    let opts = Opts {
+        safety_margin: Duration::from_secs(1),
+        ..opts_1(&redis)
+    };
+    let apps = replicas(1, &[opts], &mock, addr).await;
+    let mut client = apps[0].client().await;
+    client.delete_association(request(0)).await.unwrap(); // a shared slot
+    let mut second = apps[0].client().await;
+    let queued = tokio::spawn(async move {
+        second
+            .delete_association(with_timeout(request(1), Duration::from_secs(10)))
+            .await
+    });
+    let depth = r#"provisioning_gateway_budget_queue_depth{account="default"}"#;
+    crate::support::until_metric(apps[0].metrics_addr, depth, 1.0).await;
+    let _redis = redis.kill_async().await;
+    queued.await.unwrap().unwrap();
+    let arrivals = mock.arrivals();
+    let gap = arrivals[1].at - arrivals[0].at;
+    assert!(
+        gap >= Duration::from_millis(3900),
+        "{gap:?} after the first slot (its own shared slot at T = 2 s, then one more)"
+    );
+}
+
+#[tokio::test]
 async fn a_429_that_could_not_reach_redis_reaches_it_when_redis_returns_even_unserved_meanwhile() {
     // `deny`: while Redis is lost nothing is served here, so only the
     // pushback itself, kept unsent, can carry the vendor's Retry-After.
