@@ -12,7 +12,8 @@ use tonic_types::StatusExt;
 use provisioning_gateway::telemetry::metrics::{LATE_SENDS, QUEUE_DEPTH, REJECTIONS};
 
 use crate::support::{
-    Opts, TestApp, details, metric, request, series, spawn_app, until_metric, with_timeout,
+    Opts, TestApp, details, metric, on_both_backends, request, series, spawn_app, until_metric,
+    with_timeout,
 };
 
 /// Gaps between consecutive upstream arrivals.
@@ -51,33 +52,7 @@ async fn concurrent_callers_are_all_served_and_arrivals_keep_the_interval() {
     );
 }
 
-/// The tests below run on both backends: in memory, and on Redis (one
-/// replica on its own `redis-server`): one behaviour.
-macro_rules! on_both_backends {
-    ($($test:ident),* $(,)?) => {
-        mod in_memory {
-            $(
-                #[tokio::test]
-                async fn $test() {
-                    super::$test(super::Opts::default()).await
-                }
-            )*
-        }
-        mod on_redis {
-            use provisioning_gateway::config::RedisFallback;
-            use crate::support::redis::RedisServer;
-            $(
-                #[tokio::test]
-                async fn $test() {
-                    let redis = RedisServer::start();
-                    let opts = super::Opts::default().redis(&redis.url(), RedisFallback::Deny, 1);
-                    super::$test(opts).await
-                }
-            )*
-        }
-    };
-}
-
+// The budget's behaviours, on both backends: one behaviour.
 on_both_backends!(
     a_caller_that_cancels_does_not_waste_a_slot,
     a_call_that_cannot_be_served_in_time_is_refused_at_once,

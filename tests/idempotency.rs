@@ -18,8 +18,8 @@ use tonic_types::StatusExt;
 use crate::redis::{raw, replicas};
 use crate::support::redis::RedisServer;
 use crate::support::{
-    Opts, account, config, details, metric, request, series, spawn_app, spawn_config, spawn_mock,
-    spawn_open_mock, with_timeout,
+    Opts, account, config, details, metric, on_both_backends, request, series, spawn_app,
+    spawn_config, spawn_mock, spawn_open_mock, with_timeout,
 };
 
 /// `request` under the idempotency key `id`.
@@ -74,32 +74,6 @@ async fn until_received(mock: &Mock, n: usize) {
     tokio::time::timeout(Duration::from_secs(10), received)
         .await
         .unwrap_or_else(|_| panic!("the emulator never received {n} requests"));
-}
-
-/// The tests below run on both backends, as in `budget.rs`.
-macro_rules! on_both_backends {
-    ($($test:ident),* $(,)?) => {
-        mod in_memory {
-            $(
-                #[tokio::test]
-                async fn $test() {
-                    super::$test(super::Opts::default()).await
-                }
-            )*
-        }
-        mod on_redis {
-            use provisioning_gateway::config::RedisFallback;
-            use crate::support::redis::RedisServer;
-            $(
-                #[tokio::test]
-                async fn $test() {
-                    let redis = RedisServer::start();
-                    let opts = super::Opts::default().redis(&redis.url(), RedisFallback::Deny, 1);
-                    super::$test(opts).await
-                }
-            )*
-        }
-    };
 }
 
 on_both_backends!(

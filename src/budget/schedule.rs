@@ -20,7 +20,7 @@
 //! **Invariants** (kept by every command, checked by the tests):
 //! 1. *Promise*: every waiting ticket's slot is at or before its `ready_at`
 //!    (its caller's deadline minus the upstream reserve), and the ticket is
-//!    kept a little past it ([`Rules::claim_late`]) for its claim. Admission refuses
+//!    kept a little past it ([`claim_late`]) for its claim. Admission refuses
 //!    a ticket it cannot place so, and places a new ticket only where
 //!    pushing the tickets behind it one interval on keeps their promise.
 //!    Only an upstream pushback (429) or a request held up on its way out
@@ -66,14 +66,6 @@ pub(crate) const RECENT: usize = 16;
 impl Rules {
     fn tau(&self) -> i64 {
         (self.burst - 1) * self.interval
-    }
-
-    /// How long past its `ready_at` a waiting ticket is still kept: a
-    /// ticket admitted with its slot exactly at `ready_at` (a caller that
-    /// came back when its `RetryInfo` said) is claimed a few ms after the
-    /// slot, when its replica wakes; the upstream reserve absorbs that.
-    pub(crate) fn claim_late(&self) -> i64 {
-        claim_late(self.interval)
     }
 }
 
@@ -372,7 +364,7 @@ impl Schedule {
     /// Drops what has expired; resets state a clock step left beyond the
     /// horizon. Returns whether it did that.
     fn tidy(&mut self, rules: &Rules, now: i64) -> bool {
-        let late = rules.claim_late();
+        let late = claim_late(rules.interval);
         self.line.retain(|t| t.ready_at.saturating_add(late) >= now);
         self.held.retain(|_, until| *until > now);
         let beyond = now.saturating_add(rules.horizon);
@@ -775,7 +767,7 @@ mod tests {
         // Its replica wakes 10 ms after the slot: still its.
         assert_eq!(s.claim(&rules(), T + 10_000, "exact").0, Answer::Granted);
         // Beyond the tolerance, a ticket is gone.
-        let late = 2 * T + rules().claim_late() + 1;
+        let late = 2 * T + claim_late(T) + 1;
         assert_eq!(s.claim(&rules(), late, "other").0, Answer::Gone);
     }
 

@@ -176,21 +176,23 @@ async fn wait_turn(
 
 /// A budget wait's outcome, in the metrics and as its `budget.wait` span.
 fn record_wait(started: SystemTime, account: &str, result: &Result<Turn, BudgetError>) {
-    let mut attributes = vec![KeyValue::new("account", account.to_owned())];
     match result {
-        Ok(turn) => {
-            attributes.extend([
+        Ok(turn) => metrics::budget_wait(account, turn.waited),
+        Err(e) => metrics::rejection(account, e.as_str()),
+    }
+    // The attributes are built only for a recorded span.
+    let attributes = || {
+        let account = KeyValue::new("account", account.to_owned());
+        match result {
+            Ok(turn) => vec![
+                account,
                 KeyValue::new("budget.queue_position", turn.position as i64),
                 KeyValue::new("budget.waited_ms", turn.waited.as_millis() as i64),
                 KeyValue::new("budget.outcome", "granted"),
-            ]);
-            metrics::budget_wait(account, turn.waited);
+            ],
+            Err(e) => vec![account, KeyValue::new("budget.outcome", e.as_str())],
         }
-        Err(e) => {
-            attributes.push(KeyValue::new("budget.outcome", e.as_str()));
-            metrics::rejection(account, e.as_str());
-        }
-    }
+    };
     telemetry::child_span("budget.wait", started, attributes, result.is_err());
 }
 

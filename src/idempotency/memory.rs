@@ -218,30 +218,10 @@ impl Store for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::{Association, RequestId};
-    use crate::pb;
+    use crate::idempotency::fixtures::{fingerprint, key};
     use tonic_types::pb::Status as RpcStatus;
 
     const LEASE: Duration = Duration::from_secs(10);
-
-    fn key(n: usize) -> Key {
-        let id = RequestId::parse("request_id", format!("r-{n}"))
-            .unwrap()
-            .unwrap();
-        Key::new("default", "anonymous", &id)
-    }
-
-    fn fingerprint(allow_missing: bool) -> Fingerprint {
-        let association = Association::try_from(pb::DeleteAssociationRequest {
-            resource_type: pb::ResourceType::Number as i32,
-            channel: pb::Channel::Sms as i32,
-            application_id: "app".into(),
-            resource_id: "n-1".into(),
-            ..Default::default()
-        })
-        .unwrap();
-        Fingerprint::of(&association, allow_missing)
-    }
 
     fn store(max_entries: usize) -> MemoryStore {
         MemoryStore::new(max_entries, watch::Sender::new(0))

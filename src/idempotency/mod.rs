@@ -38,6 +38,35 @@ pub(crate) use record::{Fingerprint, State};
 pub use records::Refused;
 pub(crate) use records::{Begun, End, Records};
 
+/// A key and a fingerprint for the stores' and the door's unit tests.
+#[cfg(test)]
+mod fixtures {
+    use super::{Fingerprint, Key};
+    use crate::domain::{Association, RequestId};
+    use crate::pb;
+
+    /// The key of request id `r-<n>` from the anonymous caller on `default`.
+    pub(super) fn key(n: usize) -> Key {
+        let id = RequestId::parse("request_id", format!("r-{n}"))
+            .unwrap()
+            .unwrap();
+        Key::new("default", "anonymous", &id)
+    }
+
+    /// The fingerprint of one valid request, with `allow_missing`.
+    pub(super) fn fingerprint(allow_missing: bool) -> Fingerprint {
+        let association = Association::try_from(pb::DeleteAssociationRequest {
+            resource_type: pb::ResourceType::Number as i32,
+            channel: pb::Channel::Sms as i32,
+            application_id: "app".into(),
+            resource_id: "n-1".into(),
+            ..Default::default()
+        })
+        .unwrap();
+        Fingerprint::of(&association, allow_missing)
+    }
+}
+
 /// How long a key is remembered, from its first call.
 pub(crate) const RETENTION: Duration = Duration::from_secs(24 * 3600);
 /// Added to a running call's deadline for its lease: its replica answers by

@@ -226,26 +226,14 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::domain::{Association, RequestId};
-    use crate::pb;
+    use crate::idempotency::fixtures;
 
     fn key() -> Key {
-        let id = RequestId::parse("request_id", "r-1".into())
-            .unwrap()
-            .unwrap();
-        Key::new("default", "anonymous", &id)
+        fixtures::key(1)
     }
 
     fn fingerprint() -> Fingerprint {
-        let association = Association::try_from(pb::DeleteAssociationRequest {
-            resource_type: pb::ResourceType::Number as i32,
-            channel: pb::Channel::Sms as i32,
-            application_id: "app".into(),
-            resource_id: "n-1".into(),
-            ..Default::default()
-        })
-        .unwrap();
-        Fingerprint::of(&association, false)
+        fixtures::fingerprint(false)
     }
 
     fn in_(secs: u64) -> Instant {

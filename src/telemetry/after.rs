@@ -20,8 +20,14 @@ pub(super) fn install(tracer: SdkTracer) {
 }
 
 /// Records a finished child span of the current span, named `name`, from
-/// `start` to now, with `attributes`, failed if `error`.
-pub fn child_span(name: &'static str, start: SystemTime, attributes: Vec<KeyValue>, error: bool) {
+/// `start` to now, with `attributes` (asked for only when it is recorded),
+/// failed if `error`.
+pub fn child_span(
+    name: &'static str,
+    start: SystemTime,
+    attributes: impl FnOnce() -> Vec<KeyValue>,
+    error: bool,
+) {
     let Some(tracer) = TRACER.get() else { return };
     let parent = tracing::Span::current().context();
     if !parent.span().span_context().is_sampled() {
@@ -31,7 +37,7 @@ pub fn child_span(name: &'static str, start: SystemTime, attributes: Vec<KeyValu
         .span_builder(name)
         .with_kind(SpanKind::Internal)
         .with_start_time(start)
-        .with_attributes(attributes)
+        .with_attributes(attributes())
         .start_with_context(tracer, &parent);
     if error {
         span.set_status(Status::error(""));

@@ -306,3 +306,32 @@ pub async fn until_metric(metrics_addr: SocketAddr, series: &str, want: f64) {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
+
+/// Runs each named `async fn name(opts: Opts)` of the calling module on both
+/// budget backends: in memory, and on Redis (one replica on its own
+/// `redis-server`, `--redis-fallback deny`): one behaviour.
+macro_rules! on_both_backends {
+    ($($test:ident),* $(,)?) => {
+        mod in_memory {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    super::$test(super::Opts::default()).await
+                }
+            )*
+        }
+        mod on_redis {
+            use provisioning_gateway::config::RedisFallback;
+            use crate::support::redis::RedisServer;
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    let redis = RedisServer::start();
+                    let opts = super::Opts::default().redis(&redis.url(), RedisFallback::Deny, 1);
+                    super::$test(opts).await
+                }
+            )*
+        }
+    };
+}
+pub(crate) use on_both_backends;
