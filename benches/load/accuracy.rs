@@ -22,8 +22,8 @@ use tonic_types::StatusExt;
 use crate::Opts;
 use crate::harness::{label, request};
 use crate::report::{table, verdict, write};
-use crate::systems::{GatewayBin, emulator, scrape};
-use provisioning_gateway::telemetry::metrics::LATE_SENDS;
+use crate::systems::{GatewayBin, emulator_apart, scrape};
+use provisioning_gateway::telemetry::metrics::{LATE_SENDS, REQUEST_DURATION};
 
 /// The longest caller deadline; caller i calls with a deadline of
 /// 1 + (i mod 10) seconds, so deadlines spread over 1 to 10 s.
@@ -33,6 +33,8 @@ fn deadline_of(caller: usize) -> Duration {
     Duration::from_secs(1 + (caller % 10) as u64)
 }
 const RATE_TARGET: f64 = 0.98;
+/// Callers start spread evenly over this long.
+const RAMP_UP: Duration = Duration::from_secs(1);
 
 /// Whether this build of the binary has the Redis budget backend.
 fn has_redis_backend() -> bool {
@@ -68,15 +70,17 @@ struct Tally {
     outcomes: BTreeMap<String, u64>,
     late: u64,
     hung: u64,
-    /// How long each refusal at admission took to come back.
-    refusal_latency: Vec<Duration>,
+    /// Each refusal at admission: when it was sent (since the run started)
+    /// and how long it took to come back.
+    refusal_latency: Vec<(Duration, Duration)>,
 }
 
 /// One caller: calls with its deadline, one after another; when refused it
 /// comes back after the RetryInfo delay (jittered), as a well-behaved client
 /// does.
-async fn caller(addr: SocketAddr, end: Instant, deadline: Duration) -> Tally {
+async fn caller(addr: SocketAddr, started: Instant, end: Instant, deadline: Duration) -> Tally {
     let mut tally = Tally::default();
+    tokio::time::sleep_until(started.into()).await;
     let Ok(mut client) = AssociationServiceClient::connect(format!("http://{addr}")).await else {
         tally.hung += 1;
         return tally;
@@ -104,7 +108,7 @@ async fn caller(addr: SocketAddr, end: Instant, deadline: Duration) -> Tally {
             ),
         };
         if outcome.contains("BUDGET_EXHAUSTED") && !outcome.ends_with("timed_out") {
-            tally.refusal_latency.push(took);
+            tally.refusal_latency.push((t0 - started, took));
         }
         *tally.outcomes.entry(outcome).or_default() += 1;
         if let Some(delay) = back_off {
@@ -120,6 +124,55 @@ async fn caller(addr: SocketAddr, end: Instant, deadline: Duration) -> Tally {
         }
     }
     tally
+}
+
+/// The floor under a refusal's latency on this machine: a health check
+/// (the cheapest call a gateway answers, no budget, no Redis) sent to
+/// `addr` every 2 to 12 ms on its own connection until `end`, each round
+/// trip timed at the client like the refusals.
+async fn health_probe(addr: SocketAddr, end: Instant) -> Vec<Duration> {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    let mut took = Vec::new();
+    let Ok(channel) = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("a loopback address is a valid URI")
+        .connect()
+        .await
+    else {
+        return took;
+    };
+    let mut client = HealthClient::new(channel);
+    while Instant::now() < end {
+        let t0 = Instant::now();
+        if client.check(HealthCheckRequest::default()).await.is_ok() {
+            took.push(t0.elapsed());
+        }
+        tokio::time::sleep(Duration::from_micros(2_000 + (jitter() * 10_000.0) as u64)).await;
+    }
+    took
+}
+
+/// Runs `work` on a thread and single-threaded runtime of its own.
+fn on_own_thread<F>(work: F) -> tokio::task::JoinHandle<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    tokio::task::spawn_blocking(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a current-thread runtime builds")
+            .block_on(work)
+    })
+}
+
+/// The `q`th percentile of `sorted`.
+fn percentile(sorted: &[Duration], q: usize) -> Duration {
+    sorted
+        .get(sorted.len().saturating_sub(1) * q / 100)
+        .copied()
+        .unwrap_or_default()
 }
 
 /// A number in [0, 1), different at every call.
@@ -176,7 +229,7 @@ pub async fn run(opts: &Opts) -> anyhow::Result<()> {
 }
 
 async fn run_one(opts: &Opts, replicas: usize) -> anyhow::Result<serde_json::Value> {
-    let (mock, upstream) = emulator(1).await?;
+    let (mock, upstream, _emulator) = emulator_apart(1)?;
     let redis = if replicas > 1 {
         Some(redis_server().await?)
     } else {
@@ -199,12 +252,31 @@ async fn run_one(opts: &Opts, replicas: usize) -> anyhow::Result<serde_json::Val
     );
     let started = Instant::now();
     let end = started + opts.duration;
-    let callers: Vec<_> = (0..opts.callers)
-        .map(|i| tokio::spawn(caller(gateways[i % replicas].addr, end, deadline_of(i))))
+    // Callers join over the first second (a ramp-up, as load generators
+    // do): 200 calls sent in the same millisecond queue behind each other on
+    // 2 cores whatever the gateway does, and would measure that burst.
+    let ramp = RAMP_UP.div_f64(opts.callers.max(1) as f64);
+    let addrs: Vec<SocketAddr> = gateways.iter().map(|g| g.addr).collect();
+    let n = opts.callers;
+    // The callers share one thread of their own and each probe has one, as
+    // client hosts would: none waits behind the tool's other work.
+    let callers = on_own_thread(async move {
+        let each = (0..n).map(|i| {
+            caller(
+                addrs[i % replicas],
+                started + ramp * i as u32,
+                end,
+                deadline_of(i),
+            )
+        });
+        futures::future::join_all(each).await
+    });
+    let probes: Vec<_> = gateways
+        .iter()
+        .map(|g| on_own_thread(health_probe(g.addr, end)))
         .collect();
     let mut tally = Tally::default();
-    for c in futures::future::join_all(callers).await {
-        let t = c?;
+    for t in callers.await? {
         tally.late += t.late;
         tally.hung += t.hung;
         tally.refusal_latency.extend(t.refusal_latency);
@@ -212,12 +284,30 @@ async fn run_one(opts: &Opts, replicas: usize) -> anyhow::Result<serde_json::Val
             *tally.outcomes.entry(k).or_default() += v;
         }
     }
+    let mut health = Vec::new();
+    for p in futures::future::join_all(probes).await {
+        health.extend(p?);
+    }
+    health.sort();
     // Requests that left later than their slot allowed for (a cold upstream
     // connection, a starved thread): each moved the next slot.
     let mut late_sends = 0.0;
+    // Refusals inside the gateways: how many of them the handler answered
+    // within 5 ms (its request-duration histogram), to tell the gateway's
+    // share of a slow refusal from the time the call spent on this shared
+    // machine before and after it.
+    let (mut within_5ms, mut refusals_inside) = (0.0, 0.0);
     for g in &gateways {
         late_sends += scrape(g.metrics_addr, LATE_SENDS).await.unwrap_or(0.0);
+        let bucket = |le: &str| {
+            format!("{REQUEST_DURATION}_bucket{{code=\"RESOURCE_EXHAUSTED\",le=\"{le}\"}}")
+        };
+        within_5ms += scrape(g.metrics_addr, &bucket("0.005"))
+            .await
+            .unwrap_or(0.0);
+        refusals_inside += scrape(g.metrics_addr, &bucket("+Inf")).await.unwrap_or(0.0);
     }
+    let inside_share = within_5ms / refusals_inside.max(1.0);
     for g in gateways {
         g.stop().await;
     }
@@ -254,15 +344,24 @@ async fn run_one(opts: &Opts, replicas: usize) -> anyhow::Result<serde_json::Val
         .sum();
     let admitted = total - refused + timed_out;
     let served_share = ok as f64 / admitted.max(1) as f64;
-    let mut refusals = tally.refusal_latency.clone();
+    let mut slowest = tally.refusal_latency.clone();
+    slowest.sort_by_key(|(_, took)| std::cmp::Reverse(*took));
+    let slowest: Vec<String> = slowest
+        .iter()
+        .take(5)
+        .map(|(at, took)| {
+            format!(
+                "{:.1} ms at {:.3} s",
+                took.as_secs_f64() * 1e3,
+                at.as_secs_f64()
+            )
+        })
+        .collect();
+    println!("  slowest refusals: {}", slowest.join(", "));
+    let mut refusals: Vec<Duration> = tally.refusal_latency.iter().map(|(_, t)| *t).collect();
     refusals.sort();
-    let at = |q: usize| {
-        refusals
-            .get(refusals.len().saturating_sub(1) * q / 100)
-            .copied()
-            .unwrap_or_default()
-    };
-    let (p50, p99) = (at(50), at(99));
+    let (p50, p99) = (percentile(&refusals, 50), percentile(&refusals, 99));
+    let (health_p50, health_p99) = (percentile(&health, 50), percentile(&health, 99));
     table(
         &["figure", "value", "target"],
         &[
@@ -305,6 +404,27 @@ async fn run_one(opts: &Opts, replicas: usize) -> anyhow::Result<serde_json::Val
                 format!("< 5 ms: {}", verdict(p99 < Duration::from_millis(5))),
             ],
             vec![
+                "health check beside them, p99 (p50)".into(),
+                format!(
+                    "{:.2} ms ({:.2} ms), {} checks",
+                    health_p99.as_secs_f64() * 1e3,
+                    health_p50.as_secs_f64() * 1e3,
+                    health.len()
+                ),
+                format!(
+                    "refusal ÷ health p99 = {:.2}",
+                    p99.as_secs_f64() / health_p99.as_secs_f64().max(1e-9)
+                ),
+            ],
+            vec![
+                "refusals answered within 5 ms inside the gateway".into(),
+                format!(
+                    "{:.2} % ({within_5ms} of {refusals_inside})",
+                    100.0 * inside_share
+                ),
+                String::new(),
+            ],
+            vec![
                 "admitted and served within deadline".into(),
                 format!("{:.2} % ({ok} of {admitted})", 100.0 * served_share),
                 format!("≥ 99 %: {}", verdict(served_share >= 0.99)),
@@ -330,6 +450,9 @@ async fn run_one(opts: &Opts, replicas: usize) -> anyhow::Result<serde_json::Val
         "timed_out_in_queue": timed_out, "late": tally.late, "hung": tally.hung,
         "refusal_p99_ms": p99.as_secs_f64() * 1e3,
         "refusal_p50_ms": p50.as_secs_f64() * 1e3,
+        "refusals_within_5ms_inside_gateway": inside_share,
+        "health_p99_ms": health_p99.as_secs_f64() * 1e3,
+        "health_p50_ms": health_p50.as_secs_f64() * 1e3,
         "late_sends": late_sends,
         "served_share_of_admitted": served_share,
         "outcomes": tally.outcomes, "arrival_times_s": times,

@@ -141,6 +141,41 @@ pub async fn emulator(rate_per_second: u32) -> anyhow::Result<(Mock, SocketAddr)
     Ok((mock, addr))
 }
 
+/// The emulator as a host of its own: its own thread and single-threaded
+/// runtime, so the load tool's callers never delay the moment it stamps an
+/// arrival (on the callers' runtime a stamp can come 10 ms late, and its
+/// own limiter then answers 429 to a request the gateway spaced correctly).
+/// Stops when the returned guard drops.
+pub fn emulator_apart(
+    rate_per_second: u32,
+) -> anyhow::Result<(Mock, SocketAddr, tokio::sync::oneshot::Sender<()>)> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?;
+    let mock = Mock::new(MockConfig {
+        api_key: None,
+        rate_per_second,
+    });
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = mock.clone();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("emulator".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let listener = TcpListener::from_std(listener)?;
+                server
+                    .serve(listener, async {
+                        let _ = stopped.await;
+                    })
+                    .await
+            })
+        })?;
+    Ok((mock, addr, stop))
+}
+
 /// `serve` flags, parsed exactly as the binary parses them.
 pub fn config(upstream: SocketAddr, flags: &[&str]) -> anyhow::Result<Config> {
     let url = format!("http://{upstream}");
