@@ -85,6 +85,9 @@ async fn spans_follow_the_grpc_conventions_and_the_resource_names_the_gateway() 
             ("OTEL_EXPORTER_OTLP_ENDPOINT", &format!("http://{grpc}")),
             ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
             ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+            // A call must have 5 s left for its slot: 2 s deadlines are
+            // refused at once.
+            ("GATEWAY_UPSTREAM_RESERVE", "5s"),
         ],
     )
     .await;
@@ -118,6 +121,14 @@ async fn spans_follow_the_grpc_conventions_and_the_resource_names_the_gateway() 
         .delete_association(traced(request(3), "1000000000000003"))
         .await
         .unwrap();
+    // Two identical budget refusals: the first is logged, the second held
+    // back; both spans are sampled, so both are exported whole.
+    for caller_span in ["1000000000000006", "1000000000000007"] {
+        let mut call = traced(request(6), caller_span);
+        call.set_timeout(Duration::from_secs(2));
+        let refused = client.delete_association(call).await.unwrap_err();
+        assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    }
     for (method, caller_span) in [("Nope", "1000000000000004"), ("Other", "1000000000000005")] {
         let status = call_method(channel.clone(), method, traced(request(4), caller_span)).await;
         assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
@@ -161,6 +172,20 @@ async fn spans_follow_the_grpc_conventions_and_the_resource_names_the_gateway() 
     );
     let ok = server_span(&spans, "1000000000000003");
     assert_eq!(status(ok), StatusCode::Unset as i32);
+
+    // A sampled refusal names its account and caller on its span, logged
+    // or held back.
+    for caller_span in ["1000000000000006", "1000000000000007"] {
+        let refused = server_span(&spans, caller_span);
+        assert_eq!(
+            attr(&refused.span, "account").as_deref(),
+            Some("default"),
+            "{caller_span}: {:?}",
+            refused.span.attributes
+        );
+        assert_eq!(attr(&refused.span, "caller").as_deref(), Some("anonymous"));
+        assert_eq!(status(refused), StatusCode::Unset as i32);
+    }
 
     // Methods the service does not have: one name, whatever the caller sent.
     for caller_span in ["1000000000000004", "1000000000000005"] {

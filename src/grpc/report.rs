@@ -32,19 +32,18 @@ pub(super) struct Report {
 
 impl Report {
     /// Records the call on its span, in the metrics and in one log event, and
-    /// turns its result into the answer.
+    /// turns its result into the answer. `sampled`: the server span will be
+    /// exported, so it gets the account and caller even when no log line is
+    /// written.
     pub(super) fn answer(
         &self,
         refusals: &RefusalLog,
-        account: &str,
-        caller: &str,
+        (account, caller): (&str, &str),
         started: Instant,
+        sampled: bool,
         result: Result<(), CallError>,
     ) -> Result<Response<DeleteAssociationResponse>, Status> {
         let elapsed = started.elapsed();
-        let span = tracing::Span::current();
-        span.record("account", account);
-        span.record("caller", caller);
         let code = result
             .as_ref()
             .map_or_else(CallError::code, |()| tonic::Code::Ok);
@@ -55,6 +54,13 @@ impl Report {
                 .refusal()
                 .is_none_or(|kind| refusals.log_now(account, caller, kind)),
         };
+        let span = tracing::Span::current();
+        // A held-back refusal on a span nobody exports has no reader for
+        // these fields: a flood skips recording them.
+        if logged || sampled {
+            span.record("account", account);
+            span.record("caller", caller);
+        }
         let (answer, reason) = match result {
             Ok(()) => (Ok(Response::new(DeleteAssociationResponse {})), None),
             Err(error) => {

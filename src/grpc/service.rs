@@ -27,6 +27,7 @@ use crate::operations::OperationStore;
 use crate::pb::association_service_server::AssociationService;
 use crate::pb::{DeleteAssociationRequest, DeleteAssociationResponse};
 use crate::telemetry::refusals::RefusalLog;
+use crate::telemetry::trace_layer::Sampled;
 use crate::upstream::Upstream;
 
 /// Largest request accepted, as its fields encode: a valid request is well
@@ -74,6 +75,7 @@ impl AssociationService for Gateway {
             .checked_add(timeout)
             .unwrap_or_else(|| started + self.limits.default_deadline);
         let mut report = Report::default();
+        let sampled = request.extensions().get::<Sampled>().is_some();
 
         // 1. Admit: decided before any budget is spent.
         let peer_certs = request.peer_certs();
@@ -81,7 +83,13 @@ impl AssociationService for Gateway {
         let (account, identity) = match self.admit(request.metadata(), peer_certs) {
             Ok(admitted) => admitted,
             Err((account, error)) => {
-                return report.answer(&self.refusals, account, UNKNOWN, started, Err(error));
+                return report.answer(
+                    &self.refusals,
+                    (account, UNKNOWN),
+                    started,
+                    sampled,
+                    Err(error),
+                );
             }
         };
         let caller = self.auth.label(&identity);
@@ -101,9 +109,9 @@ impl AssociationService for Gateway {
             };
             return report.answer(
                 &self.refusals,
-                account.name(),
-                caller,
+                (account.name(), caller),
                 started,
+                sampled,
                 Err(too_large),
             );
         }
@@ -129,7 +137,8 @@ impl AssociationService for Gateway {
         };
 
         // 5. Answer.
-        report.answer(&self.refusals, account.name(), caller, started, result)
+        let who = (account.name(), caller);
+        report.answer(&self.refusals, who, started, sampled, result)
     }
 
     async fn batch_delete_associations(

@@ -42,6 +42,12 @@ const OTHER_METHOD: (&str, &str) = (
     "infobip.provisioning.v1.AssociationService/_OTHER",
 );
 
+/// In a traced call's request extensions when its server span is sampled
+/// (will be exported): what the call records on the span only for an
+/// exported span can skip the work otherwise.
+#[derive(Debug, Clone, Copy)]
+pub struct Sampled;
+
 /// Adds [`GrpcTrace`] to a service.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct GrpcTraceLayer;
@@ -74,7 +80,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
         let Some(method) = request.uri().path().strip_prefix(TRACED_PREFIX) else {
             return Box::pin(self.inner.call(request));
         };
@@ -108,6 +114,9 @@ where
         // formatting and storing them.
         let context =
             Some(span.context().span().span_context().clone()).filter(SpanContext::is_valid);
+        if context.as_ref().is_some_and(SpanContext::is_sampled) {
+            request.extensions_mut().insert(Sampled);
+        }
         let future = self.inner.call(request);
         Box::pin(async move {
             let mut response = future.instrument(span.clone()).await?;
@@ -155,20 +164,43 @@ pub fn record_ids(span: &tracing::Span) -> Option<SpanContext> {
     Some(context)
 }
 
-/// `traceresponse: 00-<trace-id>-<span-id>-<flags>` naming the server span.
+/// `traceresponse: 00-<trace-id>-<span-id>-<flags>` naming the server span,
+/// written straight into its 55 bytes (every answer carries one, refusals
+/// in a flood included).
 fn traceresponse(context: &SpanContext) -> Option<HeaderValue> {
-    HeaderValue::from_str(&format!(
-        "00-{}-{}-{:02x}",
-        context.trace_id(),
-        context.span_id(),
-        context.trace_flags().to_u8()
-    ))
-    .ok()
+    fn hex(out: &mut [u8], bytes: &[u8]) {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+            pair[0] = DIGITS[usize::from(b >> 4)];
+            pair[1] = DIGITS[usize::from(b & 0xf)];
+        }
+    }
+    let mut value = *b"00-00000000000000000000000000000000-0000000000000000-00";
+    hex(&mut value[3..35], &context.trace_id().to_bytes());
+    hex(&mut value[36..52], &context.span_id().to_bytes());
+    hex(&mut value[53..55], &[context.trace_flags().to_u8()]);
+    HeaderValue::from_bytes(&value).ok()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn traceresponse_names_trace_span_and_flags_in_lowercase_hex() {
+        use opentelemetry::trace::{SpanId, TraceFlags, TraceId, TraceState};
+        let context = SpanContext::new(
+            TraceId::from_hex("0af7651916cd43dd8448eb211c80319c").unwrap(),
+            SpanId::from_hex("b7ad6b7169203331").unwrap(),
+            TraceFlags::SAMPLED,
+            true,
+            TraceState::default(),
+        );
+        assert_eq!(
+            traceresponse(&context).unwrap(),
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        );
+    }
 
     #[test]
     fn only_the_six_server_failure_codes_are_span_errors() {
