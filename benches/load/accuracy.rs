@@ -241,9 +241,15 @@ async fn run_one(opts: &Opts, replicas: usize) -> anyhow::Result<serde_json::Val
         flags.extend(["--budget-backend", "redis", "--redis-url", url]);
         flags.extend(["--expected-replicas", "3"]);
     }
+    // Each replica as the manifests deploy it: a CPU limit of 1, under
+    // which its runtime sizes itself to one worker thread (the standard
+    // library reads the cgroup quota). Three replicas share two cores here.
+    let as_deployed = [("TOKIO_WORKER_THREADS", "1".to_owned())];
     let mut gateways = Vec::new();
     for r in 0..replicas {
-        gateways.push(GatewayBin::start(&format!("accuracy-{r}"), upstream, &flags, &[]).await?);
+        gateways.push(
+            GatewayBin::start(&format!("accuracy-{r}"), upstream, &flags, &as_deployed).await?,
+        );
     }
     let backend = if replicas > 1 { "redis" } else { "memory" };
     println!(
