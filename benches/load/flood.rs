@@ -190,13 +190,26 @@ async fn binary_logs(opts: &Opts) -> anyhow::Result<serde_json::Value> {
     const CONCURRENCY: usize = 64;
     let (_mock, upstream) = emulator(1).await?;
     let flags = &["--rate-per-second", "1"];
-    let info = GatewayBin::start("flood-info", upstream, flags, &[]).await?;
+    // As the manifests deploy it: a CPU limit of 1, under which the runtime
+    // sizes itself to one worker thread (the standard library reads the
+    // cgroup quota); the clients take the other core.
+    let one_core = ("TOKIO_WORKER_THREADS", "1".to_owned());
+    let info = GatewayBin::start(
+        "flood-info",
+        upstream,
+        flags,
+        std::slice::from_ref(&one_core),
+    )
+    .await?;
     // Errors only; the startup module's one info line ("serving") is how
     // the tool learns the bound addresses.
-    let quiet = [(
-        "RUST_LOG",
-        "error,provisioning_gateway::startup=info".to_owned(),
-    )];
+    let quiet = [
+        (
+            "RUST_LOG",
+            "error,provisioning_gateway::startup=info".to_owned(),
+        ),
+        one_core,
+    ];
     let error = GatewayBin::start("flood-error", upstream, flags, &quiet).await?;
     let deadline = Some(Duration::from_millis(100));
     let systems = [

@@ -1,20 +1,22 @@
 //! Span fields for the JSON logs, kept as a JSON object string that grows
-//! by appending. tracing-subscriber's own `JsonFields` re-parses a span's
-//! whole JSON and serializes it again on every `span.record(…)`; a call's
-//! spans record a handful of fields each (ids, account, caller, outcome), so
-//! under a flood of refusals that parsing was most of what logging at
-//! `info` cost, even with no line written. Appending keeps the same JSON
-//! (a field recorded twice appears twice; a reader keeps the last, as
-//! `serde_json` does when the log line embeds the span).
+//! by appending, each value written straight into it. tracing-subscriber's
+//! own `JsonFields` collects a span's fields into a map of `serde_json`
+//! values and serializes it, and re-parses the whole object on every
+//! `span.record(…)`; under a flood of refusals every call opens a span, so
+//! that work was most of what logging at `info` cost, even with no line
+//! written. Appending keeps the same JSON (a field recorded twice appears
+//! twice; a reader keeps the last, as `serde_json` does when the log line
+//! embeds the span), members in the order recorded.
 //!
 //! A mechanism: imports nothing of the crate.
 
-use std::fmt;
+use std::fmt::{self, Write};
 
-use tracing_subscriber::field::{RecordFields, VisitOutput};
+use tracing::field::{Field, Visit};
+use tracing_subscriber::field::RecordFields;
 use tracing_subscriber::fmt::FormatFields;
 use tracing_subscriber::fmt::FormattedFields;
-use tracing_subscriber::fmt::format::{JsonVisitor, Writer};
+use tracing_subscriber::fmt::format::Writer;
 
 /// See the module docs.
 #[derive(Debug, Default, Clone, Copy)]
@@ -26,9 +28,11 @@ impl<'writer> FormatFields<'writer> for AppendJsonFields {
         mut writer: Writer<'writer>,
         fields: R,
     ) -> fmt::Result {
-        let mut visitor = JsonVisitor::new(&mut writer);
-        fields.record(&mut visitor);
-        visitor.finish()
+        writer.write_char('{')?;
+        let mut members = Members::new(&mut writer, true);
+        fields.record(&mut members);
+        members.result?;
+        writer.write_char('}')
     }
 
     fn add_fields(
@@ -36,31 +40,146 @@ impl<'writer> FormatFields<'writer> for AppendJsonFields {
         current: &'writer mut FormattedFields<Self>,
         fields: &tracing::span::Record<'_>,
     ) -> fmt::Result {
-        let mut added = String::new();
-        let mut visitor = JsonVisitor::new(&mut added);
-        fields.record(&mut visitor);
-        visitor.finish()?;
-        // `added` is `{…}`: splice its members into the object so far.
-        let Some(members) = added.strip_prefix('{').and_then(|a| a.strip_suffix('}')) else {
-            return Err(fmt::Error);
-        };
-        if members.is_empty() {
-            return Ok(());
-        }
         let so_far = &mut current.fields;
         if so_far.is_empty() {
-            so_far.push_str(&added);
-            return Ok(());
+            so_far.push_str("{}");
         }
         if so_far.pop() != Some('}') {
+            so_far.push('}');
             return Err(fmt::Error);
         }
-        if !so_far.ends_with('{') {
-            so_far.push(',');
+        let kept = so_far.len();
+        let first = so_far.ends_with('{');
+        let mut members = Members::new(so_far, first);
+        fields.record(&mut members);
+        let result = members.result;
+        if result.is_err() {
+            // A value whose Debug failed: the object as it was.
+            so_far.truncate(kept);
         }
-        so_far.push_str(members);
         so_far.push('}');
-        Ok(())
+        result
+    }
+}
+
+/// Writes each field it visits as a JSON object member (`"name":value`,
+/// comma separated) into `out`; values as tracing-subscriber's `JsonFields`
+/// writes them (numbers, booleans, strings, bytes as an array of numbers,
+/// anything else as the string of its `Debug`).
+struct Members<'a, W: Write> {
+    out: &'a mut W,
+    first: bool,
+    result: fmt::Result,
+}
+
+impl<'a, W: Write> Members<'a, W> {
+    fn new(out: &'a mut W, first: bool) -> Self {
+        Self {
+            out,
+            first,
+            result: Ok(()),
+        }
+    }
+
+    /// Writes one member; the first error stops the rest.
+    fn member(&mut self, field: &Field, value: impl FnOnce(&mut W) -> fmt::Result) {
+        if self.result.is_err() {
+            return;
+        }
+        let name = field.name();
+        let name = name.strip_prefix("r#").unwrap_or(name);
+        let comma = !std::mem::replace(&mut self.first, false);
+        self.result = (|| {
+            if comma {
+                self.out.write_char(',')?;
+            }
+            self.out.write_char('"')?;
+            Escaped(self.out).write_str(name)?;
+            self.out.write_str("\":")?;
+            value(self.out)
+        })();
+    }
+}
+
+impl<W: Write> Visit for Members<'_, W> {
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.member(field, |out| {
+            if value.is_finite() {
+                write!(out, "{value:?}")
+            } else {
+                out.write_str("null")
+            }
+        });
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.member(field, |out| write!(out, "{value}"));
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.member(field, |out| write!(out, "{value}"));
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.member(field, |out| write!(out, "{value}"));
+    }
+
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.member(field, |out| {
+            out.write_char('"')?;
+            Escaped(&mut *out).write_str(value)?;
+            out.write_char('"')
+        });
+    }
+
+    fn record_bytes(&mut self, field: &Field, value: &[u8]) {
+        self.member(field, |out| {
+            out.write_char('[')?;
+            for (i, b) in value.iter().enumerate() {
+                if i > 0 {
+                    out.write_char(',')?;
+                }
+                write!(out, "{b}")?;
+            }
+            out.write_char(']')
+        });
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        if field.name().starts_with("log.") {
+            return; // log metadata, as JsonFields skips it
+        }
+        self.member(field, |out| {
+            out.write_char('"')?;
+            write!(Escaped(&mut *out), "{value:?}")?;
+            out.write_char('"')
+        });
+    }
+}
+
+/// Writes text as the inside of a JSON string (RFC 8259: `"`, `\` and
+/// control characters escaped).
+struct Escaped<'a, W: Write>(&'a mut W);
+
+impl<W: Write> Write for Escaped<'_, W> {
+    fn write_str(&mut self, text: &str) -> fmt::Result {
+        let mut rest = text;
+        while let Some(at) = rest.find(|c: char| c == '"' || c == '\\' || c < ' ') {
+            self.0.write_str(&rest[..at])?;
+            let c = rest[at..].chars().next().unwrap_or_default();
+            match c {
+                '"' => self.0.write_str("\\\""),
+                '\\' => self.0.write_str("\\\\"),
+                '\n' => self.0.write_str("\\n"),
+                '\r' => self.0.write_str("\\r"),
+                '\t' => self.0.write_str("\\t"),
+                '\u{8}' => self.0.write_str("\\b"),
+                '\u{c}' => self.0.write_str("\\f"),
+                c => write!(self.0, "\\u{:04x}", u32::from(c)),
+            }?;
+            rest = &rest[at + c.len_utf8()..];
+        }
+        self.0.write_str(rest)
     }
 }
 
@@ -120,5 +239,58 @@ mod tests {
         assert_eq!(spans[0]["n"], 8, "the last value recorded: {line}");
         assert_eq!(spans[1]["later"], true, "{line}");
         assert_eq!(line["outcome"], "OK");
+    }
+
+    /// Every kind of value, and text needing every kind of escape, reads
+    /// back as what was recorded, at creation and when recorded later.
+    #[test]
+    fn every_value_reads_back_as_recorded() {
+        #[derive(Debug)]
+        #[allow(dead_code)] // read through Debug only
+        struct Odd(&'static str);
+        let tricky =
+            "quote \" backslash \\ newline \n tab \t cr \r nul \0 bell \u{7} del \u{7f} é 😀";
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let layer = tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(true)
+            .fmt_fields(super::AppendJsonFields)
+            .with_writer(move || writer.clone());
+        let subscriber = tracing_subscriber::registry().with(layer);
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!(
+                "call",
+                text = tricky,
+                r#type = "raw",
+                negative = -7i64,
+                big = u64::MAX,
+                ratio = 0.25f64,
+                nan = f64::NAN,
+                yes = true,
+                odd = ?Odd(tricky),
+                later = tracing::field::Empty,
+                bytes = tracing::field::Empty,
+            );
+            span.record("later", tricky);
+            span.record("bytes", &b"\x00\xff"[..]);
+            let _in = span.enter();
+            tracing::info!("done");
+        });
+        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        let line: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+        let span = &line["spans"][0];
+        assert_eq!(span["text"], tricky, "{line}");
+        assert_eq!(span["later"], tricky, "{line}");
+        assert_eq!(span["type"], "raw", "{line}");
+        assert_eq!(span["negative"], -7, "{line}");
+        assert_eq!(span["big"], u64::MAX, "{line}");
+        assert_eq!(span["ratio"], 0.25, "{line}");
+        assert!(span["nan"].is_null(), "{line}");
+        assert_eq!(span["yes"], true, "{line}");
+        assert_eq!(span["odd"], format!("{:?}", Odd(tricky)), "{line}");
+        assert_eq!(span["bytes"], serde_json::json!([0, 255]), "{line}");
     }
 }
