@@ -381,6 +381,36 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_key_claimed_again_after_forgotten_does_not_hold_back_older_keys_expiry() {
+        let store = store(10);
+        let keep = |n| {
+            let t = token(claim(&store, n));
+            store.finish_now(&key(n), t, Some(done()));
+        };
+        keep(0);
+        let first = token(claim(&store, 1));
+        store.finish_now(&key(1), first, None);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        keep(2);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        keep(1);
+        // Key 2's day is over; key 1, claimed again after it, has a second
+        // left, and its first place (before key 2's) counts for nothing.
+        tokio::time::advance(RETENTION - Duration::from_secs(1)).await;
+        assert!(
+            matches!(
+                claim(&store, 2),
+                Found::Claimed {
+                    prior_unknown: false,
+                    ..
+                }
+            ),
+            "key 2 expired"
+        );
+        assert!(matches!(claim(&store, 1), Found::Done(_)), "key 1 kept");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn forgotten_keys_leave_no_trail() {
         let store = store(4);
         for n in 0..1000 {
