@@ -320,6 +320,50 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_key_forgotten_and_claimed_again_is_as_new_as_its_new_claim() {
+        let store = store(2);
+        let keep = |n| {
+            let t = token(claim(&store, n));
+            store.finish_now(&key(n), t, Some(done()));
+        };
+        keep(0);
+        let first = token(claim(&store, 1));
+        store.finish_now(&key(1), first, None);
+        keep(2);
+        // Key 1 again, after key 2: key 0, the oldest, goes.
+        keep(1);
+        // The next goes by age too: key 2, not key 1 by its first place.
+        token(claim(&store, 3));
+        assert!(matches!(claim(&store, 1), Found::Done(_)), "key 1 kept");
+        assert!(
+            matches!(claim(&store, 2), Found::Claimed { .. }),
+            "key 2 went"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn places_are_swept_once_they_outnumber_twice_the_entries_and_64() {
+        let store = store(10);
+        for n in 0..3 {
+            let t = token(claim(&store, n));
+            store.finish_now(&key(n), t, Some(done()));
+        }
+        let forget = |n| {
+            let t = token(claim(&store, n));
+            store.finish_now(&key(n), t, None);
+        };
+        let places = || store.lock().order.len();
+        // 3 kept and 69 forgotten: 72 places, never more than 2 × 4 + 64
+        // while one of them was held (4 entries): none swept.
+        (3..72).for_each(&forget);
+        assert_eq!(places(), 72);
+        // The 73rd outnumbers them: only the places of the 3 kept and the
+        // one held then are left.
+        forget(72);
+        assert_eq!(places(), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_key_is_kept_24_hours_from_its_first_call() {
         let store = store(10);
         let t = token(claim(&store, 1));
@@ -334,6 +378,36 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_key_claimed_again_after_forgotten_does_not_hold_back_older_keys_expiry() {
+        let store = store(10);
+        let keep = |n| {
+            let t = token(claim(&store, n));
+            store.finish_now(&key(n), t, Some(done()));
+        };
+        keep(0);
+        let first = token(claim(&store, 1));
+        store.finish_now(&key(1), first, None);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        keep(2);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        keep(1);
+        // Key 2's day is over; key 1, claimed again after it, has a second
+        // left, and its first place (before key 2's) counts for nothing.
+        tokio::time::advance(RETENTION - Duration::from_secs(1)).await;
+        assert!(
+            matches!(
+                claim(&store, 2),
+                Found::Claimed {
+                    prior_unknown: false,
+                    ..
+                }
+            ),
+            "key 2 expired"
+        );
+        assert!(matches!(claim(&store, 1), Found::Done(_)), "key 1 kept");
     }
 
     #[tokio::test(start_paused = true)]

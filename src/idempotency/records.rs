@@ -294,6 +294,19 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_running_call_holds_its_key_until_its_deadline_and_the_lease_margin() {
+        let records = Records::memory(10);
+        let deadline = in_(10);
+        let _first = run(&records).await;
+        let retry = begin(&records, in_(60)).await;
+        assert!(
+            matches!(&retry, Ok(Begun::Run(claim)) if claim.prior_unknown()),
+            "{retry:?}"
+        );
+        assert_eq!(Instant::now(), deadline + LEASE_MARGIN, "taken over then");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_call_whose_caller_went_away_leaves_an_unknown_outcome() {
         let records = Records::memory(10);
         drop(run(&records).await);
