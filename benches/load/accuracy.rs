@@ -4,6 +4,12 @@
 //! smallest gap between upstream arrivals, the vendor's 429s, and how callers
 //! fared against their deadlines; draws the arrivals over time.
 //!
+//! Measured as a client host would see it: the callers join over a
+//! one-second ramp-up and run on a thread of their own, the emulator is a
+//! host of its own, each replica runs as deployed (one runtime worker, as
+//! under the manifests' CPU limit of 1), and a health check timed beside
+//! the refusals shows the floor of any call on this machine.
+//!
 //! Several replicas share one budget only through Redis: with `--replicas`
 //! above 1 the tool starts its own `redis-server` on a free loopback port and
 //! runs the replicas with `--budget-backend redis`, which needs a binary that
