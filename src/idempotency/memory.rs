@@ -238,6 +238,18 @@ mod tests {
         }
     }
 
+    /// Key `n` claimed and finished with an outcome: kept.
+    fn keep(store: &MemoryStore, n: usize) {
+        let t = token(claim(store, n));
+        store.finish_now(&key(n), t, Some(done()));
+    }
+
+    /// Key `n` claimed and finished with none: forgotten.
+    fn forget(store: &MemoryStore, n: usize) {
+        let t = token(claim(store, n));
+        store.finish_now(&key(n), t, None);
+    }
+
     fn done() -> State {
         State::Done(RpcStatus::default())
     }
@@ -256,8 +268,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_forgotten_key_runs_anew_and_an_unknown_one_is_taken_over() {
         let store = store(10);
-        let first = token(claim(&store, 1));
-        store.finish_now(&key(1), first, None);
+        forget(&store, 1);
         let again = claim(&store, 1);
         assert!(
             matches!(
@@ -322,13 +333,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_key_forgotten_and_claimed_again_is_as_new_as_its_new_claim() {
         let store = store(2);
-        let keep = |n| {
-            let t = token(claim(&store, n));
-            store.finish_now(&key(n), t, Some(done()));
-        };
+        let keep = |n| keep(&store, n);
         keep(0);
-        let first = token(claim(&store, 1));
-        store.finish_now(&key(1), first, None);
+        forget(&store, 1);
         keep(2);
         // Key 1 again, after key 2: key 0, the oldest, goes.
         keep(1);
@@ -344,14 +351,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn places_are_swept_once_they_outnumber_twice_the_entries_and_64() {
         let store = store(10);
-        for n in 0..3 {
-            let t = token(claim(&store, n));
-            store.finish_now(&key(n), t, Some(done()));
-        }
-        let forget = |n| {
-            let t = token(claim(&store, n));
-            store.finish_now(&key(n), t, None);
-        };
+        (0..3).for_each(|n| keep(&store, n));
+        let forget = |n| forget(&store, n);
         let places = || store.lock().order.len();
         // 3 kept and 69 forgotten: 72 places, never more than 2 × 4 + 64
         // while one of them was held (4 entries): none swept.
@@ -383,13 +384,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_key_claimed_again_after_forgotten_does_not_hold_back_older_keys_expiry() {
         let store = store(10);
-        let keep = |n| {
-            let t = token(claim(&store, n));
-            store.finish_now(&key(n), t, Some(done()));
-        };
+        let keep = |n| keep(&store, n);
         keep(0);
-        let first = token(claim(&store, 1));
-        store.finish_now(&key(1), first, None);
+        forget(&store, 1);
         tokio::time::advance(Duration::from_secs(1)).await;
         keep(2);
         tokio::time::advance(Duration::from_secs(1)).await;

@@ -203,8 +203,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn recorded_span_fields_reach_the_log_line_as_json() {
+    /// The one log line `body` writes, as the gateway's JSON layer writes it.
+    fn log_line(body: impl FnOnce()) -> serde_json::Value {
         let buffer = Buffer::default();
         let writer = buffer.clone();
         let layer = tracing_subscriber::fmt::layer()
@@ -214,8 +214,14 @@ mod tests {
             .with_span_list(true)
             .fmt_fields(super::AppendJsonFields)
             .with_writer(move || writer.clone());
-        let subscriber = tracing_subscriber::registry().with(layer);
-        tracing::subscriber::with_default(subscriber, || {
+        tracing::subscriber::with_default(tracing_subscriber::registry().with(layer), body);
+        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        serde_json::from_str(text.trim()).unwrap()
+    }
+
+    #[test]
+    fn recorded_span_fields_reach_the_log_line_as_json() {
+        let line = log_line(|| {
             let span = tracing::info_span!(
                 "call",
                 rpc.method = "M",
@@ -231,8 +237,6 @@ mod tests {
             let _b = empty.enter();
             tracing::info!(outcome = "OK", "done");
         });
-        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
-        let line: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
         let spans = line["spans"].as_array().unwrap();
         assert_eq!(spans[0]["rpc.method"], "M", "{line}");
         assert_eq!(spans[0]["account"], "acme \"eu\"", "{line}");
@@ -250,17 +254,7 @@ mod tests {
         struct Odd(&'static str);
         let tricky =
             "quote \" backslash \\ newline \n tab \t cr \r nul \0 bell \u{7} del \u{7f} é 😀";
-        let buffer = Buffer::default();
-        let writer = buffer.clone();
-        let layer = tracing_subscriber::fmt::layer()
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .with_span_list(true)
-            .fmt_fields(super::AppendJsonFields)
-            .with_writer(move || writer.clone());
-        let subscriber = tracing_subscriber::registry().with(layer);
-        tracing::subscriber::with_default(subscriber, || {
+        let line = log_line(|| {
             let span = tracing::info_span!(
                 "call",
                 text = tricky,
@@ -279,8 +273,6 @@ mod tests {
             let _in = span.enter();
             tracing::info!("done");
         });
-        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
-        let line: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
         let span = &line["spans"][0];
         assert_eq!(span["text"], tricky, "{line}");
         assert_eq!(span["later"], tricky, "{line}");
