@@ -11,7 +11,9 @@
 //! A mechanism: imports nothing of the crate.
 
 use std::fmt::{self, Write};
+use std::io;
 
+use serde::Serialize;
 use tracing::field::{Field, Visit};
 use tracing_subscriber::field::RecordFields;
 use tracing_subscriber::fmt::FormatFields;
@@ -63,9 +65,10 @@ impl<'writer> FormatFields<'writer> for AppendJsonFields {
 }
 
 /// Writes each field it visits as a JSON object member (`"name":value`,
-/// comma separated) into `out`; values as tracing-subscriber's `JsonFields`
-/// writes them (numbers, booleans, strings, bytes as an array of numbers,
-/// anything else as the string of its `Debug`).
+/// comma separated) into `out`, each value serialized by `serde_json` as
+/// tracing-subscriber's `JsonFields` has it (numbers, booleans, strings,
+/// bytes as an array of numbers, anything else as the string of its
+/// `Debug`).
 struct Members<'a, W: Write> {
     out: &'a mut W,
     first: bool,
@@ -82,104 +85,70 @@ impl<'a, W: Write> Members<'a, W> {
     }
 
     /// Writes one member; the first error stops the rest.
-    fn member(&mut self, field: &Field, value: impl FnOnce(&mut W) -> fmt::Result) {
+    fn member(&mut self, field: &Field, value: &(impl Serialize + ?Sized)) {
         if self.result.is_err() {
             return;
         }
         let name = field.name();
         let name = name.strip_prefix("r#").unwrap_or(name);
-        let comma = !std::mem::replace(&mut self.first, false);
-        self.result = (|| {
-            if comma {
-                self.out.write_char(',')?;
-            }
-            self.out.write_char('"')?;
-            Escaped(self.out).write_str(name)?;
-            self.out.write_str("\":")?;
-            value(self.out)
-        })();
+        if !std::mem::replace(&mut self.first, false) {
+            self.result = self.out.write_char(',');
+        }
+        let mut out = Utf8(&mut *self.out);
+        self.result = self
+            .result
+            .and_then(|()| serde_json::to_writer(&mut out, name).map_err(|_| fmt::Error))
+            .and_then(|()| out.0.write_char(':'))
+            .and_then(|()| serde_json::to_writer(&mut out, value).map_err(|_| fmt::Error));
     }
 }
 
 impl<W: Write> Visit for Members<'_, W> {
     fn record_f64(&mut self, field: &Field, value: f64) {
-        self.member(field, |out| {
-            if value.is_finite() {
-                write!(out, "{value:?}")
-            } else {
-                out.write_str("null")
-            }
-        });
+        self.member(field, &value); // not finite: null
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.member(field, |out| write!(out, "{value}"));
+        self.member(field, &value);
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.member(field, |out| write!(out, "{value}"));
+        self.member(field, &value);
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
-        self.member(field, |out| write!(out, "{value}"));
+        self.member(field, &value);
     }
 
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.member(field, |out| {
-            out.write_char('"')?;
-            Escaped(&mut *out).write_str(value)?;
-            out.write_char('"')
-        });
+        self.member(field, value);
     }
 
     fn record_bytes(&mut self, field: &Field, value: &[u8]) {
-        self.member(field, |out| {
-            out.write_char('[')?;
-            for (i, b) in value.iter().enumerate() {
-                if i > 0 {
-                    out.write_char(',')?;
-                }
-                write!(out, "{b}")?;
-            }
-            out.write_char(']')
-        });
+        self.member(field, value);
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
         if field.name().starts_with("log.") {
             return; // log metadata, as JsonFields skips it
         }
-        self.member(field, |out| {
-            out.write_char('"')?;
-            write!(Escaped(&mut *out), "{value:?}")?;
-            out.write_char('"')
-        });
+        self.member(field, &format!("{value:?}"));
     }
 }
 
-/// Writes text as the inside of a JSON string (RFC 8259: `"`, `\` and
-/// control characters escaped).
-struct Escaped<'a, W: Write>(&'a mut W);
+/// `serde_json`'s output into a `fmt::Write`: it writes whole UTF-8 pieces
+/// (text split only where an ASCII escape goes).
+struct Utf8<'a, W: Write>(&'a mut W);
 
-impl<W: Write> Write for Escaped<'_, W> {
-    fn write_str(&mut self, text: &str) -> fmt::Result {
-        let mut rest = text;
-        while let Some(at) = rest.find(|c: char| c == '"' || c == '\\' || c < ' ') {
-            self.0.write_str(&rest[..at])?;
-            let c = rest[at..].chars().next().unwrap_or_default();
-            match c {
-                '"' => self.0.write_str("\\\""),
-                '\\' => self.0.write_str("\\\\"),
-                '\n' => self.0.write_str("\\n"),
-                '\r' => self.0.write_str("\\r"),
-                '\t' => self.0.write_str("\\t"),
-                '\u{8}' => self.0.write_str("\\b"),
-                '\u{c}' => self.0.write_str("\\f"),
-                c => write!(self.0, "\\u{:04x}", u32::from(c)),
-            }?;
-            rest = &rest[at + c.len_utf8()..];
-        }
-        self.0.write_str(rest)
+impl<W: Write> io::Write for Utf8<'_, W> {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        let text = std::str::from_utf8(bytes).map_err(io::Error::other)?;
+        self.0.write_str(text).map_err(io::Error::other)?;
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 

@@ -168,17 +168,10 @@ pub fn record_ids(span: &tracing::Span) -> Option<SpanContext> {
 /// written straight into its 55 bytes (every answer carries one, refusals
 /// in a flood included).
 fn traceresponse(context: &SpanContext) -> Option<HeaderValue> {
-    fn hex(out: &mut [u8], bytes: &[u8]) {
-        const DIGITS: &[u8; 16] = b"0123456789abcdef";
-        for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
-            pair[0] = DIGITS[usize::from(b >> 4)];
-            pair[1] = DIGITS[usize::from(b & 0xf)];
-        }
-    }
     let mut value = *b"00-00000000000000000000000000000000-0000000000000000-00";
-    hex(&mut value[3..35], &context.trace_id().to_bytes());
-    hex(&mut value[36..52], &context.span_id().to_bytes());
-    hex(&mut value[53..55], &[context.trace_flags().to_u8()]);
+    hex::encode_to_slice(context.trace_id().to_bytes(), &mut value[3..35]).ok()?;
+    hex::encode_to_slice(context.span_id().to_bytes(), &mut value[36..52]).ok()?;
+    hex::encode_to_slice([context.trace_flags().to_u8()], &mut value[53..55]).ok()?;
     HeaderValue::from_bytes(&value).ok()
 }
 
