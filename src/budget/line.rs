@@ -739,6 +739,15 @@ mod tests {
         assert_eq!(q.retry_after(), seven);
     }
 
+    /// A background turn (a batch item) takes the slot as any grant does:
+    /// a caller refused right after is told to come back one interval on.
+    #[tokio::test(start_paused = true)]
+    async fn retry_after_counts_one_interval_after_a_background_grant() {
+        let q = line_with(&store());
+        q.idle_turn(&anon()).await.unwrap();
+        assert_eq!(q.retry_after(), T);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn the_depth_gauge_counts_the_callers_waiting() {
         let metrics = crate::telemetry::metrics::handle();
