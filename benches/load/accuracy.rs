@@ -81,12 +81,18 @@ struct Tally {
     refusal_latency: Vec<(Duration, Duration)>,
 }
 
-/// One caller: calls with its deadline, one after another; when refused it
+/// One caller, joining at `joins` a run that `started`: calls with its
+/// deadline, one after another; when refused it
 /// comes back after the RetryInfo delay (jittered), as a well-behaved client
 /// does.
-async fn caller(addr: SocketAddr, started: Instant, end: Instant, deadline: Duration) -> Tally {
+async fn caller(
+    addr: SocketAddr,
+    (started, joins): (Instant, Instant),
+    end: Instant,
+    deadline: Duration,
+) -> Tally {
     let mut tally = Tally::default();
-    tokio::time::sleep_until(started.into()).await;
+    tokio::time::sleep_until(joins.into()).await;
     let Ok(mut client) = AssociationServiceClient::connect(format!("http://{addr}")).await else {
         tally.hung += 1;
         return tally;
@@ -276,7 +282,7 @@ async fn run_one(opts: &Opts, replicas: usize) -> anyhow::Result<serde_json::Val
         let each = (0..n).map(|i| {
             caller(
                 addrs[i % replicas],
-                started + ramp * i as u32,
+                (started, started + ramp * i as u32),
                 end,
                 deadline_of(i),
             )
