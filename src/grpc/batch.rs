@@ -214,6 +214,29 @@ mod tests {
         assert!(check(&batch("")).is_ok());
     }
 
+    /// A batch of garbage costs bounded work: checking stops once the
+    /// problems pass 50 × what BadRequest shows, one item past the bound.
+    #[test]
+    fn checking_stops_one_item_past_fifty_times_the_violations_shown() {
+        let bound = MAX_VIOLATIONS * 50;
+        let requests = (0..MAX_BATCH)
+            .map(|n| DeleteAssociationRequest {
+                request_id: "inside".into(),
+                ..valid(n)
+            })
+            .collect();
+        let batch = BatchDeleteAssociationsRequest {
+            requests,
+            request_id: String::new(),
+        };
+        let found = fields(batch);
+        assert_eq!(found.len(), bound + 1);
+        assert_eq!(
+            found.last().map(String::as_str),
+            Some(format!("requests[{bound}].request_id").as_str())
+        );
+    }
+
     #[test]
     fn a_batch_holds_one_to_ten_thousand_requests() {
         let empty = BatchDeleteAssociationsRequest::default();
