@@ -28,7 +28,7 @@ use tonic_types::StatusExt;
 use crate::Opts;
 use crate::harness::{label, request};
 use crate::report::{table, verdict, write};
-use crate::systems::{GatewayBin, emulator_apart, scrape};
+use crate::systems::{GatewayBin, emulator_apart, on_own_thread, scrape};
 use provisioning_gateway::telemetry::metrics::{LATE_SENDS, REQUEST_DURATION};
 
 /// The longest caller deadline; caller i calls with a deadline of
@@ -162,21 +162,6 @@ async fn health_probe(addr: SocketAddr, end: Instant) -> Vec<Duration> {
         tokio::time::sleep(Duration::from_micros(2_000 + (jitter() * 10_000.0) as u64)).await;
     }
     took
-}
-
-/// Runs `work` on a thread and single-threaded runtime of its own.
-fn on_own_thread<F>(work: F) -> tokio::task::JoinHandle<F::Output>
-where
-    F: Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    tokio::task::spawn_blocking(move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("a current-thread runtime builds")
-            .block_on(work)
-    })
 }
 
 /// The `q`th percentile of `sorted`.

@@ -158,22 +158,30 @@ pub fn emulator_apart(
     });
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = mock.clone();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    std::thread::Builder::new()
-        .name("emulator".into())
-        .spawn(move || {
-            runtime.block_on(async move {
-                let listener = TcpListener::from_std(listener)?;
-                server
-                    .serve(listener, async {
-                        let _ = stopped.await;
-                    })
-                    .await
+    drop(on_own_thread(async move {
+        let listener = TcpListener::from_std(listener)?;
+        server
+            .serve(listener, async {
+                let _ = stopped.await;
             })
-        })?;
+            .await
+    }));
     Ok((mock, addr, stop))
+}
+
+/// Runs `work` on a thread and single-threaded runtime of its own.
+pub fn on_own_thread<F>(work: F) -> tokio::task::JoinHandle<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    tokio::task::spawn_blocking(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a current-thread runtime builds")
+            .block_on(work)
+    })
 }
 
 /// `serve` flags, parsed exactly as the binary parses them.

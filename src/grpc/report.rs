@@ -38,7 +38,8 @@ impl Report {
     pub(super) fn answer(
         &self,
         refusals: &RefusalLog,
-        (account, caller): (&str, &str),
+        account: &str,
+        caller: &str,
         started: Instant,
         sampled: bool,
         result: Result<(), CallError>,

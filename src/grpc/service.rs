@@ -85,7 +85,8 @@ impl AssociationService for Gateway {
             Err((account, error)) => {
                 return report.answer(
                     &self.refusals,
-                    (account, UNKNOWN),
+                    account,
+                    UNKNOWN,
                     started,
                     sampled,
                     Err(error),
@@ -109,7 +110,8 @@ impl AssociationService for Gateway {
             };
             return report.answer(
                 &self.refusals,
-                (account.name(), caller),
+                account.name(),
+                caller,
                 started,
                 sampled,
                 Err(too_large),
@@ -137,8 +139,8 @@ impl AssociationService for Gateway {
         };
 
         // 5. Answer.
-        let who = (account.name(), caller);
-        report.answer(&self.refusals, who, started, sampled, result)
+        let account = account.name();
+        report.answer(&self.refusals, account, caller, started, sampled, result)
     }
 
     async fn batch_delete_associations(

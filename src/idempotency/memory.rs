@@ -333,12 +333,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_key_forgotten_and_claimed_again_is_as_new_as_its_new_claim() {
         let store = store(2);
-        let keep = |n| keep(&store, n);
-        keep(0);
+        keep(&store, 0);
         forget(&store, 1);
-        keep(2);
+        keep(&store, 2);
         // Key 1 again, after key 2: key 0, the oldest, goes.
-        keep(1);
+        keep(&store, 1);
         // The next goes by age too: key 2, not key 1 by its first place.
         token(claim(&store, 3));
         assert!(matches!(claim(&store, 1), Found::Done(_)), "key 1 kept");
@@ -352,15 +351,14 @@ mod tests {
     async fn places_are_swept_once_they_outnumber_twice_the_entries_and_64() {
         let store = store(10);
         (0..3).for_each(|n| keep(&store, n));
-        let forget = |n| forget(&store, n);
         let places = || store.lock().order.len();
         // 3 kept and 69 forgotten: 72 places, never more than 2 × 4 + 64
         // while one of them was held (4 entries): none swept.
-        (3..72).for_each(&forget);
+        (3..72).for_each(|n| forget(&store, n));
         assert_eq!(places(), 72);
         // The 73rd outnumbers them: only the places of the 3 kept and the
         // one held then are left.
-        forget(72);
+        forget(&store, 72);
         assert_eq!(places(), 4);
     }
 
@@ -384,13 +382,12 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_key_claimed_again_after_forgotten_does_not_hold_back_older_keys_expiry() {
         let store = store(10);
-        let keep = |n| keep(&store, n);
-        keep(0);
+        keep(&store, 0);
         forget(&store, 1);
         tokio::time::advance(Duration::from_secs(1)).await;
-        keep(2);
+        keep(&store, 2);
         tokio::time::advance(Duration::from_secs(1)).await;
-        keep(1);
+        keep(&store, 1);
         // Key 2's day is over; key 1, claimed again after it, has a second
         // left, and its first place (before key 2's) counts for nothing.
         tokio::time::advance(RETENTION - Duration::from_secs(1)).await;
