@@ -16,6 +16,7 @@ use crate::redis::{VENDOR_T, assert_spacing, opts_20};
 use crate::support::batch::{batch, codes, done, metadata, ops, resource, results, submit, with};
 use crate::support::redis::RedisServer;
 use crate::support::{Opts, account, details, request, spawn_app, spawn_config, spawn_open_mock};
+use provisioning_gateway::mock::Scripted;
 
 /// The interval of `Opts::default()`: 50 ms + a 40 ms margin.
 const T: Duration = Duration::from_millis(90);
@@ -340,6 +341,41 @@ async fn an_invalid_request_refuses_the_whole_batch_naming_its_index() {
         .unwrap()
         .into_inner();
     assert_eq!(listed.operations.len(), 1);
+}
+
+/// Shutdown stops the drainer between requests: the request in flight
+/// upstream finishes and is recorded, and no other is taken; the rest stay
+/// untaken in Redis for the next holder (the operation's `taken` count
+/// stays at one).
+#[tokio::test]
+async fn a_stopping_drainer_finishes_the_request_in_flight_and_takes_no_other() {
+    let redis = RedisServer::start();
+    let opts = Opts::default().redis(&redis.url(), RedisFallback::Deny, 1);
+    let app = spawn_app(opts).await;
+    let slow = Scripted {
+        delay: Duration::from_millis(300),
+        ..Scripted::new(204, "")
+    };
+    app.mock.script([slow]);
+    let mut client = app.client().await;
+    let accepted = submit(&mut client, batch((0..3).map(request).collect(), "")).await;
+    app.mock.wait_for_requests(1).await;
+    let mock = app.mock.clone();
+    app.shutdown().await.unwrap();
+
+    assert_eq!(mock.arrivals().len(), 1, "sent after the stop");
+    let id = accepted.name.strip_prefix("operations/").unwrap();
+    let key = format!("provisioning-gateway:test:{{default}}:ops:op:{id}");
+    let mut conn = crate::redis::raw(&redis).await;
+    let (taken, first): (Option<i64>, Option<Vec<u8>>) = redis::cmd("HMGET")
+        .arg(&key)
+        .arg("taken")
+        .arg("r:0")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(first.is_some(), "the request in flight was recorded");
+    assert_eq!(taken, Some(1), "requests taken from the queue");
 }
 
 /// `msg` from the anonymous caller `alice` (`x-caller`).

@@ -19,6 +19,7 @@ use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use prost::Message;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -142,10 +143,15 @@ async fn while_held(gateway: &Gateway, account: &Account, stop: &CancellationTok
 /// Renews the hold every [`RENEW`]; completes once it is lost (another
 /// holder, or no renewal confirmed for a whole [`LEASE`]).
 async fn renew(store: &dyn OperationStore, account: &str) {
+    renew_with(|| store.hold(account)).await
+}
+
+/// [`renew`], each renewal by `hold`.
+async fn renew_with<'a, E>(mut hold: impl FnMut() -> BoxFuture<'a, Result<bool, E>>) {
     let mut confirmed = Instant::now();
     loop {
         tokio::time::sleep(RENEW).await;
-        match store.hold(account).await {
+        match hold().await {
             Ok(true) => confirmed = Instant::now(),
             Ok(false) => return,
             Err(_) if confirmed.elapsed() >= LEASE => return,
@@ -272,5 +278,56 @@ impl TurnSource for Background<'_> {
                 Err(BudgetError::BackendUnavailable)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+
+    use futures::FutureExt;
+
+    use super::*;
+
+    /// When `renew_with` completes, given the answers of its renewals in
+    /// turn (one every [`RENEW`]); `None` if it still holds after them all
+    /// and a minute more of failures.
+    async fn lost_after(answers: &[Result<bool, ()>]) -> Option<Duration> {
+        let started = Instant::now();
+        let limit = started + RENEW * answers.len() as u32 + Duration::from_secs(60);
+        let mut answers: VecDeque<_> = answers.iter().copied().collect();
+        let hold = || futures::future::ready(answers.pop_front().unwrap_or(Err(()))).boxed();
+        tokio::time::timeout_at(limit, renew_with(hold))
+            .await
+            .ok()
+            .map(|()| started.elapsed())
+    }
+
+    /// A failed renewal keeps the hold while the last confirmed one is less
+    /// than a lease old; the first failure a whole lease after it lets go.
+    #[tokio::test(start_paused = true)]
+    async fn renewals_that_fail_keep_the_hold_until_a_lease_has_passed_unconfirmed() {
+        // Confirmed at 1.5 s; failures at 3, 4.5, 6 (4.5 s unconfirmed) and
+        // 7.5 s (6 s unconfirmed: lost).
+        let answers = [Ok(true), Err(()), Err(()), Err(()), Err(()), Ok(true)];
+        assert_eq!(lost_after(&answers).await, Some(RENEW * 5));
+        // A confirmed renewal starts the count again.
+        let answers = [Err(()), Err(()), Ok(true), Err(()), Err(()), Err(())];
+        assert_eq!(lost_after(&answers).await, Some(RENEW * 7));
+    }
+
+    /// Another holder (the renewal answered false) ends the hold at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_renewal_another_holder_refuses_ends_the_hold_at_once() {
+        assert_eq!(lost_after(&[Ok(true), Ok(false)]).await, Some(RENEW * 2));
+    }
+
+    /// Renewals that all succeed keep the hold.
+    #[tokio::test(start_paused = true)]
+    async fn confirmed_renewals_keep_the_hold() {
+        let started = Instant::now();
+        let renewing = renew_with(|| futures::future::ready(Ok::<_, ()>(true)).boxed());
+        let held = tokio::time::timeout(LEASE * 10, renewing).await;
+        assert!(held.is_err(), "let go after {:?}", started.elapsed());
     }
 }
