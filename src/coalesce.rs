@@ -17,10 +17,10 @@
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 
 use futures::future::BoxFuture;
-use tokio::sync::watch;
+use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 use tokio::time::{Instant, timeout_at};
 use tracing::Instrument;
@@ -40,7 +40,7 @@ struct Entry<K: Hash + Eq, T> {
 
 /// One execution and everyone waiting for it.
 struct Flight<K: Hash + Eq, T> {
-    outcome: watch::Receiver<Option<T>>,
+    outcome: Arc<Outcome<T>>,
     deadline: Instant,
     mark: Mark,
     /// The task finishing the work after its leader left, if it did.
@@ -68,7 +68,8 @@ impl<K: Hash + Eq, T> Drop for Flight<K, T> {
 struct Lead<K: Hash + Eq + Clone + Send + Sync + 'static, T: Send + Sync + 'static> {
     /// `None` once finished (or handed over).
     work: Option<BoxFuture<'static, T>>,
-    tx: watch::Sender<Option<T>>,
+    /// `None` once published (or handed over with the work).
+    publisher: Option<Publisher<T>>,
     flight: Arc<Flight<K, T>>,
     /// The leader's span, for the work if it is handed over.
     span: tracing::Span,
@@ -82,7 +83,9 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, T: Clone + Send + Sync + 'sta
         };
         let value = work.await;
         self.work = None;
-        self.tx.send_replace(Some(value.clone()));
+        if let Some(publisher) = self.publisher.take() {
+            publisher.publish(value.clone());
+        }
         forget(&self.flight.registry, &self.flight.key, self.flight.id);
         value
     }
@@ -102,13 +105,15 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, T: Send + Sync + 'static> Dro
         let runtime = tokio::runtime::Handle::try_current();
         match runtime {
             Ok(runtime) if Arc::strong_count(flight) > 1 => {
-                let tx = self.tx.clone();
+                let publisher = self.publisher.take();
                 let (registry, key, id) =
                     (Arc::downgrade(&registry), flight.key.clone(), flight.id);
                 let task = runtime.spawn(
                     async move {
                         let value = work.await;
-                        tx.send_replace(Some(value));
+                        if let Some(publisher) = publisher {
+                            publisher.publish(value);
+                        }
                         forget(&registry, &key, id);
                     }
                     .instrument(self.span.clone()),
@@ -124,6 +129,61 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, T: Send + Sync + 'static> Dro
                 drop(work);
             }
         }
+    }
+}
+
+/// A flight's outcome, published once to every follower: a lighter
+/// `watch` (one per flight, so its size counts per waiting call).
+struct Outcome<T> {
+    value: OnceLock<T>,
+    /// Its publisher went without publishing.
+    abandoned: AtomicBool,
+    ready: Notify,
+}
+
+/// The side of an [`Outcome`] that publishes it: the leader's, or the
+/// task's it hands the work to. Dropped unpublished, the flight is
+/// abandoned and its followers stop waiting.
+struct Publisher<T>(Arc<Outcome<T>>);
+
+impl<T: Clone> Outcome<T> {
+    fn channel() -> (Publisher<T>, Arc<Self>) {
+        let outcome = Arc::new(Self {
+            value: OnceLock::new(),
+            abandoned: AtomicBool::new(false),
+            ready: Notify::new(),
+        });
+        (Publisher(Arc::clone(&outcome)), outcome)
+    }
+
+    /// The outcome once published; `None` if it never will be.
+    async fn wait(&self) -> Option<T> {
+        loop {
+            // Registered before the checks: a publication in between wakes it.
+            let ready = self.ready.notified();
+            if let Some(value) = self.value.get() {
+                return Some(value.clone());
+            }
+            if self.abandoned.load(Ordering::Acquire) {
+                return None;
+            }
+            ready.await;
+        }
+    }
+}
+
+impl<T> Publisher<T> {
+    fn publish(self, value: T) {
+        let _ = self.0.value.set(value);
+    }
+}
+
+impl<T> Drop for Publisher<T> {
+    fn drop(&mut self) {
+        if self.0.value.get().is_none() {
+            self.0.abandoned.store(true, Ordering::Release);
+        }
+        self.0.ready.notify_waiters();
     }
 }
 
@@ -207,13 +267,12 @@ where
                 }
             }
             Join::Follower(flight) => {
-                let mut outcome = flight.outcome.clone();
-                let waited = timeout_at(patience, outcome.wait_for(Option::is_some)).await;
+                let waited = timeout_at(patience, flight.outcome.wait()).await;
                 let outcome = match waited {
-                    Ok(Ok(value)) => value.clone().ok_or(Expired { marked: false }),
-                    // The sender goes unsent only when the work was cancelled
-                    // or could not be handed over: expiry all the same.
-                    Ok(Err(_)) | Err(_) => Err(Expired {
+                    Ok(Some(value)) => Ok(value),
+                    // Unpublished only when the work was cancelled or could
+                    // not be handed over: expiry all the same.
+                    Ok(None) | Err(_) => Err(Expired {
                         marked: flight.mark.is_set(),
                     }),
                 };
@@ -290,10 +349,10 @@ where
             return Join::Follower(flight);
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = watch::channel(None);
+        let (publisher, outcome) = Outcome::channel();
         let mark = Mark::default();
         let flight = Arc::new(Flight {
-            outcome: rx,
+            outcome,
             deadline,
             mark: mark.clone(),
             handed_over: Mutex::new(None),
@@ -309,7 +368,7 @@ where
         drop(flights);
         Join::Leader(Lead {
             work: Some(Box::pin(work(mark))),
-            tx,
+            publisher: Some(publisher),
             flight,
             span: tracing::Span::current(),
         })

@@ -126,13 +126,13 @@ impl<T: TurnSource> Attempts<'_, T> {
             mark.set();
             let clock = line.send_clock(turn);
             // Boxed: a call still waiting in line holds no room for it.
-            let attempt = Box::pin(self.sender.upstream.delete(
+            let attempt = self.sender.upstream.delete(
                 self.account.target(),
                 clock.body(body.clone()),
                 timeout,
                 report.attempts,
-            ));
-            let outcome = line.keep_spacing(attempt, &clock).await;
+            );
+            let outcome = Box::pin(line.keep_spacing(attempt, &clock)).await;
             report.http_status = outcome.as_ref().ok().map(|r| r.status);
 
             let step = next_step(&outcome);

@@ -14,7 +14,7 @@ use super::flight::{Call, Flights};
 use super::outcome::{Effect, effect, settle};
 use super::report::Report;
 use super::status::{CallError, to_rpc};
-use crate::domain::Deletion;
+use crate::domain::{Association, Deletion, RequestId};
 use crate::idempotency::{Begun, End, Fingerprint, Key, Records};
 
 /// What a deletion runs with.
@@ -42,6 +42,21 @@ impl Deleter<'_> {
             let result = self.flights.fly(self.sender, call, association, report);
             return settle(result.await, allow_missing);
         };
+        // Boxed: a call without a request_id holds no room for the record.
+        let once = self.once(call, caller, association, allow_missing, request_id, report);
+        Box::pin(once).await
+    }
+
+    /// [`Self::delete`] of a deletion with a `request_id`.
+    async fn once(
+        &self,
+        call: Call<'_>,
+        caller: &str,
+        association: Association,
+        allow_missing: bool,
+        request_id: RequestId,
+        report: &mut Report,
+    ) -> Result<(), CallError> {
         let (account, deadline) = (call.account, call.deadline);
         let key = Key::new(account.name(), caller, &request_id);
         let fingerprint = Fingerprint::of(&association, allow_missing);

@@ -1,6 +1,6 @@
-//! The tonic handler. A call reads top to bottom in
-//! [`Gateway::delete_association`]: admit (who, which account, allowed?) →
-//! size and parse → its request_id's record (answer a stored outcome, join
+//! The tonic handler. A call reads top to bottom in [`Gateway::admit_call`]
+//! (admit: who, which account, allowed? → size and parse; done before the
+//! call's future exists) and [`Gateway::delete`]: its request_id's record (answer a stored outcome, join
 //! the call that runs) → flight (identical calls share one) → attempts
 //! (budget slot, one DELETE, retry what did not take effect) → answer
 //! (status, span, metrics, one log event).
@@ -8,6 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use prost::Message;
 use tokio::time::Instant;
 use tonic::metadata::MetadataMap;
@@ -21,7 +22,7 @@ use super::lanes::AnonymousLanes;
 use super::report::{Report, UNKNOWN};
 use super::status::CallError;
 use crate::auth::{Authenticator, Identity};
-use crate::domain::Deletion;
+use crate::domain::{Caller, Deletion};
 use crate::idempotency::Records;
 use crate::operations::OperationStore;
 use crate::pb::association_service_server::AssociationService;
@@ -61,86 +62,38 @@ pub(crate) struct Gateway {
     pub(super) operations: Arc<dyn OperationStore>,
 }
 
+/// A call admitted, sized and parsed: what its future holds while it
+/// waits in line (the request itself is gone by then).
+struct Admitted<'a> {
+    account: &'a Arc<Account>,
+    identity: Identity,
+    /// The fair-share lane: the identity, or a bounded anonymous one.
+    lane: Caller,
+    deletion: Deletion,
+    started: Instant,
+    deadline: Instant,
+    sampled: bool,
+}
+
+type Answer = Result<Response<DeleteAssociationResponse>, Status>;
+
 #[tonic::async_trait]
 impl AssociationService for Gateway {
-    async fn delete_association(
-        &self,
+    /// Steps 1–2 run before the call's future exists, so a call waiting in
+    /// line holds only what its deletion needs: 10,000 waiting calls are
+    /// mostly this future (BENCHMARKS §5).
+    fn delete_association<'life0, 'async_trait>(
+        &'life0 self,
         request: Request<DeleteAssociationRequest>,
-    ) -> Result<Response<DeleteAssociationResponse>, Status> {
-        let started = Instant::now();
-        // A caller's timeout may be up to 8 digits of hours: never past what
-        // an instant can hold (no panic on a request path).
-        let timeout = grpc_timeout(request.metadata()).unwrap_or(self.limits.default_deadline);
-        let deadline = started
-            .checked_add(timeout)
-            .unwrap_or_else(|| started + self.limits.default_deadline);
-        let mut report = Report::default();
-        let sampled = request.extensions().get::<Sampled>().is_some();
-
-        // 1. Admit: decided before any budget is spent.
-        let peer_certs = request.peer_certs();
-        let peer_certs = peer_certs.as_deref().map(Vec::as_slice);
-        let (account, identity) = match self.admit(request.metadata(), peer_certs) {
-            Ok(admitted) => admitted,
-            Err((account, error)) => {
-                return report.answer(
-                    &self.refusals,
-                    account,
-                    UNKNOWN,
-                    started,
-                    sampled,
-                    Err(error),
-                );
-            }
-        };
-        let caller = self.auth.label(&identity);
-        // The fair-share lane: the identity, or a bounded anonymous one.
-        let lane = if identity.authenticated {
-            identity.caller.clone()
-        } else {
-            self.lanes.lane(request.remote_addr(), &identity.caller)
-        };
-
-        // 2. Size, then parse: a refusal here costs no budget and sends nothing.
-        let size = request.get_ref().encoded_len();
-        if size > MAX_REQUEST_BYTES {
-            let too_large = CallError::RequestTooLarge {
-                size,
-                limit: MAX_REQUEST_BYTES,
-            };
-            return report.answer(
-                &self.refusals,
-                account.name(),
-                caller,
-                started,
-                sampled,
-                Err(too_large),
-            );
+    ) -> BoxFuture<'async_trait, Answer>
+    where
+        'life0: 'async_trait,
+        Self: 'async_trait,
+    {
+        match self.admit_call(request) {
+            Ok(admitted) => Box::pin(self.delete(admitted)),
+            Err(refused) => Box::pin(std::future::ready(refused)),
         }
-        let result = match Deletion::try_from(request.into_inner()) {
-            // 3-4. Record, flight and attempts: a request_id runs once,
-            // identical calls share one slot.
-            Ok(deletion) => {
-                let call = Call {
-                    account,
-                    caller: &lane,
-                    deadline,
-                    ready_by: self.ready_by(deadline),
-                };
-                let deleter = Deleter {
-                    flights: &self.flights,
-                    sender: &self.sender,
-                    records: &self.records,
-                };
-                let caller = &identity.caller.id;
-                deleter.delete(call, caller, deletion, &mut report).await
-            }
-            Err(invalid) => Err(invalid.into()),
-        };
-
-        // 5. Answer.
-        let account = account.name();
-        report.answer(&self.refusals, account, caller, started, sampled, result)
     }
 
     async fn batch_delete_associations(
@@ -152,6 +105,104 @@ impl AssociationService for Gateway {
 }
 
 impl Gateway {
+    /// Admits (decided before any budget is spent), then sizes and parses:
+    /// a refusal here costs no budget and sends nothing.
+    fn admit_call(
+        &self,
+        request: Request<DeleteAssociationRequest>,
+    ) -> Result<Admitted<'_>, Answer> {
+        let started = Instant::now();
+        // A caller's timeout may be up to 8 digits of hours: never past what
+        // an instant can hold (no panic on a request path).
+        let timeout = grpc_timeout(request.metadata()).unwrap_or(self.limits.default_deadline);
+        let deadline = started
+            .checked_add(timeout)
+            .unwrap_or_else(|| started + self.limits.default_deadline);
+        let sampled = request.extensions().get::<Sampled>().is_some();
+        let refuse = |account: &str, caller: &str, error: CallError| {
+            let report = Report::default();
+            Err(report.answer(
+                &self.refusals,
+                account,
+                caller,
+                started,
+                sampled,
+                Err(error),
+            ))
+        };
+
+        let peer_certs = request.peer_certs();
+        let peer_certs = peer_certs.as_deref().map(Vec::as_slice);
+        let (account, identity) = match self.admit(request.metadata(), peer_certs) {
+            Ok(admitted) => admitted,
+            Err((account, error)) => return refuse(account, UNKNOWN, error),
+        };
+        let lane = if identity.authenticated {
+            identity.caller.clone()
+        } else {
+            self.lanes.lane(request.remote_addr(), &identity.caller)
+        };
+
+        let size = request.get_ref().encoded_len();
+        if size > MAX_REQUEST_BYTES {
+            let too_large = CallError::RequestTooLarge {
+                size,
+                limit: MAX_REQUEST_BYTES,
+            };
+            return refuse(account.name(), self.auth.label(&identity), too_large);
+        }
+        match Deletion::try_from(request.into_inner()) {
+            Ok(deletion) => Ok(Admitted {
+                account,
+                identity,
+                lane,
+                deletion,
+                started,
+                deadline,
+                sampled,
+            }),
+            Err(invalid) => refuse(account.name(), self.auth.label(&identity), invalid.into()),
+        }
+    }
+
+    /// 3-4. Record, flight and attempts (a request_id runs once, identical
+    /// calls share one slot), then 5. the answer.
+    async fn delete(&self, call: Admitted<'_>) -> Answer {
+        let Admitted {
+            account,
+            identity,
+            lane,
+            deletion,
+            started,
+            deadline,
+            sampled,
+        } = call;
+        let mut report = Report::default();
+        let flight = Call {
+            account,
+            caller: &lane,
+            deadline,
+            ready_by: self.ready_by(deadline),
+        };
+        let deleter = Deleter {
+            flights: &self.flights,
+            sender: &self.sender,
+            records: &self.records,
+        };
+        let result = deleter
+            .delete(flight, &identity.caller.id, deletion, &mut report)
+            .await;
+        let caller = self.auth.label(&identity);
+        report.answer(
+            &self.refusals,
+            account.name(),
+            caller,
+            started,
+            sampled,
+            result,
+        )
+    }
+
     pub(crate) fn new(
         accounts: Arc<Accounts>,
         auth: Authenticator,

@@ -11,15 +11,16 @@
 //! method the service does not have gets one constant name (`_OTHER`), so a
 //! caller cannot mint span names before it is even authenticated.
 
-use std::task::{Context, Poll};
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
 
-use futures::future::BoxFuture;
 use http::{HeaderValue, Request, Response};
 use opentelemetry::trace::{SpanContext, TraceContextExt};
 use opentelemetry_http::HeaderExtractor;
 use tower::{Layer, Service};
 use tracing::Instrument;
 use tracing::field::Empty;
+use tracing::instrument::Instrumented;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 /// Prefix of the paths that get a server span.
@@ -65,6 +66,57 @@ pub struct GrpcTrace<S> {
     inner: S,
 }
 
+pin_project_lite::pin_project! {
+    /// A call's answer through [`GrpcTrace`]: a traced one is polled in its
+    /// server span and gets its status recorded and `traceresponse` added.
+    /// Not boxed, and the inner future held once: every call waiting in
+    /// line holds one (BENCHMARKS §5).
+    #[project = CallProj]
+    pub enum CallFuture<F> {
+        Traced {
+            #[pin]
+            inner: Instrumented<F>,
+            context: Option<SpanContext>,
+        },
+        Untraced {
+            #[pin]
+            inner: F,
+        },
+    }
+}
+
+impl<F, RB, E> Future for CallFuture<F>
+where
+    F: Future<Output = Result<Response<RB>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let (mut inner, context) = match self.project() {
+            CallProj::Untraced { inner } => return inner.poll(cx),
+            CallProj::Traced { inner, context } => (inner, context),
+        };
+        let mut response = ready!(inner.as_mut().poll(cx))?;
+        let span = inner.span();
+        // Unary errors are trailers-only responses: grpc-status is in the
+        // headers. Its absence means the call succeeded.
+        let code = response
+            .headers()
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<i32>().ok())
+            .unwrap_or(0);
+        span.record("rpc.grpc.status_code", code);
+        if is_server_error(tonic::Code::from_i32(code)) {
+            span.record("otel.status_code", "ERROR");
+        }
+        if let Some(value) = context.as_ref().and_then(traceresponse) {
+            response.headers_mut().insert("traceresponse", value);
+        }
+        Poll::Ready(Ok(response))
+    }
+}
+
 impl<S, B, RB> Service<Request<B>> for GrpcTrace<S>
 where
     S: Service<Request<B>, Response = Response<RB>> + Clone + Send + 'static,
@@ -74,7 +126,7 @@ where
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+    type Future = CallFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -82,7 +134,9 @@ where
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
         let Some(method) = request.uri().path().strip_prefix(TRACED_PREFIX) else {
-            return Box::pin(self.inner.call(request));
+            return CallFuture::Untraced {
+                inner: self.inner.call(request),
+            };
         };
         let (method, name) = KNOWN_METHODS
             .iter()
@@ -117,26 +171,10 @@ where
         if context.as_ref().is_some_and(SpanContext::is_sampled) {
             request.extensions_mut().insert(Sampled);
         }
-        let future = self.inner.call(request);
-        Box::pin(async move {
-            let mut response = future.instrument(span.clone()).await?;
-            // Unary errors are trailers-only responses: grpc-status is in the
-            // headers. Its absence means the call succeeded.
-            let code = response
-                .headers()
-                .get("grpc-status")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<i32>().ok())
-                .unwrap_or(0);
-            span.record("rpc.grpc.status_code", code);
-            if is_server_error(tonic::Code::from_i32(code)) {
-                span.record("otel.status_code", "ERROR");
-            }
-            if let Some(value) = context.as_ref().and_then(traceresponse) {
-                response.headers_mut().insert("traceresponse", value);
-            }
-            Ok(response)
-        })
+        CallFuture::Traced {
+            inner: self.inner.call(request).instrument(span),
+            context,
+        }
     }
 }
 
