@@ -168,37 +168,30 @@ impl Gateway {
     /// 3-4. Record, flight and attempts (a request_id runs once, identical
     /// calls share one slot), then 5. the answer.
     async fn delete(&self, call: Admitted<'_>) -> Answer {
-        let Admitted {
-            account,
-            identity,
-            lane,
-            deletion,
-            started,
-            deadline,
-            sampled,
-        } = call;
+        // Fields used in place: a waiting call's future holds each once.
         let mut report = Report::default();
         let flight = Call {
-            account,
-            caller: &lane,
-            deadline,
-            ready_by: self.ready_by(deadline),
+            account: call.account,
+            caller: &call.lane,
+            deadline: call.deadline,
+            ready_by: self.ready_by(call.deadline),
         };
         let deleter = Deleter {
             flights: &self.flights,
             sender: &self.sender,
             records: &self.records,
         };
+        let caller = &call.identity.caller.id;
         let result = deleter
-            .delete(flight, &identity.caller.id, deletion, &mut report)
+            .delete(flight, caller, call.deletion, &mut report)
             .await;
-        let caller = self.auth.label(&identity);
+        let (account, caller) = (call.account.name(), self.auth.label(&call.identity));
         report.answer(
             &self.refusals,
-            account.name(),
+            account,
             caller,
-            started,
-            sampled,
+            call.started,
+            call.sampled,
             result,
         )
     }

@@ -8,6 +8,10 @@
 //! twice; a reader keeps the last, as `serde_json` does when the log line
 //! embeds the span), members in the order recorded.
 //!
+//! OpenTelemetry's instructions (`otel.*`: the exported span's name, kind
+//! and status) are left out: a log line names its span already, and every
+//! call waiting in line holds its span's fields (BENCHMARKS §5).
+//!
 //! A mechanism: imports nothing of the crate.
 
 use std::fmt::{self, Write};
@@ -90,6 +94,9 @@ impl<'a, W: Write> Members<'a, W> {
             return;
         }
         let name = field.name();
+        if name.starts_with("otel.") {
+            return;
+        }
         let name = name.strip_prefix("r#").unwrap_or(name);
         if !std::mem::replace(&mut self.first, false) {
             self.result = self.out.write_char(',');
@@ -189,14 +196,17 @@ mod tests {
     }
 
     #[test]
-    fn recorded_span_fields_reach_the_log_line_as_json() {
+    fn recorded_span_fields_reach_the_log_line_as_json_otel_instructions_do_not() {
         let line = log_line(|| {
             let span = tracing::info_span!(
                 "call",
+                otel.name = "svc/M",
                 rpc.method = "M",
                 account = tracing::field::Empty,
-                n = tracing::field::Empty
+                n = tracing::field::Empty,
+                otel.status_code = tracing::field::Empty,
             );
+            span.record("otel.status_code", "ERROR");
             span.record("account", "acme \"eu\"");
             span.record("n", 7);
             span.record("n", 8);
@@ -208,6 +218,11 @@ mod tests {
         });
         let spans = line["spans"].as_array().unwrap();
         assert_eq!(spans[0]["rpc.method"], "M", "{line}");
+        let names: Vec<&String> = spans[0].as_object().unwrap().keys().collect();
+        assert!(
+            names.iter().all(|n| !n.starts_with("otel.")),
+            "OpenTelemetry's instructions left out: {line}"
+        );
         assert_eq!(spans[0]["account"], "acme \"eu\"", "{line}");
         assert_eq!(spans[0]["n"], 8, "the last value recorded: {line}");
         assert_eq!(spans[1]["later"], true, "{line}");
