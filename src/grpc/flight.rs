@@ -44,11 +44,23 @@ const MAX_JOINS: u32 = 3;
 impl Flights {
     /// Runs the attempts once for all identical calls waiting or in flight
     /// at the same time; each caller still answers by its own deadline.
-    pub(super) async fn fly(
+    pub(super) fn fly<'a>(
+        &'a self,
+        sender: &'a Sender,
+        call: Call<'a>,
+        association: Association,
+        report: &'a mut Report,
+    ) -> impl Future<Output = Result<(), CallError>> + Send + 'a {
+        // The key built before the future: a waiting call holds it once.
+        let key: FlightKey = Arc::new((call.account.name().to_owned(), association));
+        self.fly_key(sender, call, key, report)
+    }
+
+    async fn fly_key(
         &self,
         sender: &Sender,
         call: Call<'_>,
-        association: Association,
+        key: FlightKey,
         report: &mut Report,
     ) -> Result<(), CallError> {
         let Call {
@@ -57,7 +69,6 @@ impl Flights {
             deadline,
             ready_by,
         } = call;
-        let key: FlightKey = Arc::new((account.name().to_owned(), association));
         let patience = deadline.checked_sub(ANSWER_MARGIN).unwrap_or(deadline);
         let mut joins = 0;
         loop {

@@ -5,6 +5,8 @@
 //! the call still running, or runs again where the first call's outcome is
 //! unknown (then an upstream 404 answers OK: the first may have deleted it).
 
+use futures::FutureExt;
+use futures::future::Either;
 use tokio::time::timeout_at;
 use tonic::Code;
 use tonic_types::pb::Status as RpcStatus;
@@ -25,26 +27,37 @@ pub(super) struct Deleter<'a> {
 }
 
 impl Deleter<'_> {
-    /// Runs `deletion` for `caller` (the identity as `auth` knows it).
-    pub(super) async fn delete(
-        &self,
-        call: Call<'_>,
-        caller: &str,
+    /// Runs `deletion` for `caller` (the identity as `auth` knows it). Not
+    /// an async fn around the flight: a waiting call holds the flight's
+    /// future only; the `request_id` path is boxed, so a call without one
+    /// holds no room for the record.
+    pub(super) fn delete<'a>(
+        &'a self,
+        call: Call<'a>,
+        caller: &'a str,
         deletion: Deletion,
-        report: &mut Report,
-    ) -> Result<(), CallError> {
+        report: &'a mut Report,
+    ) -> impl Future<Output = Result<(), CallError>> + Send + 'a {
         let Deletion {
             association,
             allow_missing,
             request_id,
         } = deletion;
-        let Some(request_id) = request_id else {
-            let result = self.flights.fly(self.sender, call, association, report);
-            return settle(result.await, allow_missing);
-        };
-        // Boxed: a call without a request_id holds no room for the record.
-        let once = self.once(call, caller, association, allow_missing, request_id, report);
-        Box::pin(once).await
+        match request_id {
+            None => Either::Left(
+                self.flights
+                    .fly(self.sender, call, association, report)
+                    .map(move |result| settle(result, allow_missing)),
+            ),
+            Some(request_id) => Either::Right(Box::pin(self.once(
+                call,
+                caller,
+                association,
+                allow_missing,
+                request_id,
+                report,
+            ))),
+        }
     }
 
     /// [`Self::delete`] of a deletion with a `request_id`.
