@@ -1,9 +1,9 @@
 //! The tonic handler. A call reads top to bottom in [`Gateway::admit_call`]
-//! (admit: who, which account, allowed? → size and parse; done before the
-//! call's future exists) and [`Gateway::delete`]: its request_id's record (answer a stored outcome, join
-//! the call that runs) → flight (identical calls share one) → attempts
-//! (budget slot, one DELETE, retry what did not take effect) → answer
-//! (status, span, metrics, one log event).
+//! (admit: who, which account, allowed? → size and parse; all before the
+//! call's future exists) and [`Gateway::delete`]: its request_id's record
+//! (answer a stored outcome, join the call that runs) → flight (identical
+//! calls share one) → attempts (budget slot, one DELETE, retry what did not
+//! take effect) → answer (status, span, metrics, one log event).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -79,9 +79,9 @@ type Answer = Result<Response<DeleteAssociationResponse>, Status>;
 
 #[tonic::async_trait]
 impl AssociationService for Gateway {
-    /// Steps 1–2 run before the call's future exists, so a call waiting in
-    /// line holds only what its deletion needs: 10,000 waiting calls are
-    /// mostly this future (BENCHMARKS §5).
+    /// Admission, size and parsing run before the call's future exists, so
+    /// a call waiting in line holds only what its deletion needs: 10,000
+    /// waiting calls are mostly their futures (BENCHMARKS §5).
     fn delete_association<'life0, 'async_trait>(
         &'life0 self,
         request: Request<DeleteAssociationRequest>,
