@@ -98,9 +98,24 @@ pub(super) struct Attempts<'a, T> {
 }
 
 impl<T: TurnSource> Attempts<'_, T> {
-    /// Runs them; `mark` is set once a request goes upstream.
+    /// Runs them; `mark` is set once a request goes upstream. The first
+    /// turn is waited for before the attempts' state exists (boxed once it
+    /// comes): a call waiting in line holds its turn's future only.
     pub(super) async fn run(
         &self,
+        association: &Association,
+        mark: Mark,
+        report: &mut Report,
+    ) -> Result<(), CallError> {
+        let first = self.turns.turn(self.account, self.caller).await;
+        let first = first.map_err(CallError::Budget)?;
+        Box::pin(self.attempts(first, association, mark, report)).await
+    }
+
+    /// The attempts from the first granted turn on.
+    async fn attempts(
+        &self,
+        first: (Turn, Instant),
         association: &Association,
         mark: Mark,
         report: &mut Report,
@@ -108,10 +123,15 @@ impl<T: TurnSource> Attempts<'_, T> {
         let body = Bytes::from(association.to_json());
         let line = &self.account.line;
         let mut last: Option<CallError> = None;
+        let mut granted = Some(first);
         loop {
             // Every attempt pays a slot. A retry that cannot get one in time
             // answers with the last upstream outcome instead.
-            let (turn, deadline) = match self.turns.turn(self.account, self.caller).await {
+            let next = match granted.take() {
+                Some(first) => Ok(first),
+                None => self.turns.turn(self.account, self.caller).await,
+            };
+            let (turn, deadline) = match next {
                 Ok(turn) => turn,
                 Err(e) => return Err(last.unwrap_or(CallError::Budget(e))),
             };
