@@ -253,33 +253,40 @@ where
         }
     }
 
-    /// The flight's outcome, waiting until `patience` at most.
-    pub async fn wait(self, patience: Instant) -> Joined<T> {
-        match self.0 {
-            Join::Leader(mut lead) => {
-                let outcome = timeout_at(patience, lead.finish()).await;
-                Joined {
-                    outcome: outcome.map_err(|_| Expired {
-                        marked: lead.flight.mark.is_set(),
-                    }),
-                    role: Role::Leader,
-                    flight_deadline: lead.flight.deadline,
+    /// The flight's outcome, waiting until `patience` at most. Not an async
+    /// fn, and the lead used in place: a waiting call holds its part once.
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn moves its parameters into its body: held twice while waiting"
+    )]
+    pub fn wait(mut self, patience: Instant) -> impl Future<Output = Joined<T>> + Send {
+        async move {
+            match &mut self.0 {
+                Join::Leader(lead) => {
+                    let outcome = timeout_at(patience, lead.finish()).await;
+                    Joined {
+                        outcome: outcome.map_err(|_| Expired {
+                            marked: lead.flight.mark.is_set(),
+                        }),
+                        role: Role::Leader,
+                        flight_deadline: lead.flight.deadline,
+                    }
                 }
-            }
-            Join::Follower(flight) => {
-                let waited = timeout_at(patience, flight.outcome.wait()).await;
-                let outcome = match waited {
-                    Ok(Some(value)) => Ok(value),
-                    // Unpublished only when the work was cancelled or could
-                    // not be handed over: expiry all the same.
-                    Ok(None) | Err(_) => Err(Expired {
-                        marked: flight.mark.is_set(),
-                    }),
-                };
-                Joined {
-                    outcome,
-                    role: Role::Follower,
-                    flight_deadline: flight.deadline,
+                Join::Follower(flight) => {
+                    let waited = timeout_at(patience, flight.outcome.wait()).await;
+                    let outcome = match waited {
+                        Ok(Some(value)) => Ok(value),
+                        // Unpublished only when the work was cancelled or could
+                        // not be handed over: expiry all the same.
+                        Ok(None) | Err(_) => Err(Expired {
+                            marked: flight.mark.is_set(),
+                        }),
+                    };
+                    Joined {
+                        outcome,
+                        role: Role::Follower,
+                        flight_deadline: flight.deadline,
+                    }
                 }
             }
         }

@@ -167,33 +167,41 @@ impl Gateway {
 
     /// 3-4. Record, flight and attempts (a request_id runs once, identical
     /// calls share one slot), then 5. the answer.
-    async fn delete(&self, call: Admitted<'_>) -> Answer {
-        // Fields used in place: a waiting call's future holds each once.
-        let mut report = Report::default();
-        let flight = Call {
-            account: call.account,
-            caller: &call.lane,
-            deadline: call.deadline,
-            ready_by: self.ready_by(call.deadline),
-        };
-        let deleter = Deleter {
-            flights: &self.flights,
-            sender: &self.sender,
-            records: &self.records,
-        };
-        let caller = &call.identity.caller.id;
-        let result = deleter
-            .delete(flight, caller, call.deletion, &mut report)
-            .await;
-        let (account, caller) = (call.account.name(), self.auth.label(&call.identity));
-        report.answer(
-            &self.refusals,
-            account,
-            caller,
-            call.started,
-            call.sampled,
-            result,
-        )
+    /// Not an async fn: its parameters would be moved into the body, and a
+    /// waiting call would hold its admitted call twice.
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn moves its parameters into its body: held twice while waiting"
+    )]
+    fn delete<'a>(&'a self, call: Admitted<'a>) -> impl Future<Output = Answer> + Send + 'a {
+        async move {
+            // Fields used in place: a waiting call's future holds each once.
+            let mut report = Report::default();
+            let flight = Call {
+                account: call.account,
+                caller: &call.lane,
+                deadline: call.deadline,
+                ready_by: self.ready_by(call.deadline),
+            };
+            let deleter = Deleter {
+                flights: &self.flights,
+                sender: &self.sender,
+                records: &self.records,
+            };
+            let caller = &call.identity.caller.id;
+            let result = deleter
+                .delete(flight, caller, call.deletion, &mut report)
+                .await;
+            let (account, caller) = (call.account.name(), self.auth.label(&call.identity));
+            report.answer(
+                &self.refusals,
+                account,
+                caller,
+                call.started,
+                call.sampled,
+                result,
+            )
+        }
     }
 
     pub(crate) fn new(
