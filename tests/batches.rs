@@ -378,6 +378,62 @@ async fn a_stopping_drainer_finishes_the_request_in_flight_and_takes_no_other() 
     assert_eq!(taken, Some(1), "requests taken from the queue");
 }
 
+/// A request taken from the queue and waiting for its turn when the
+/// gateway shuts down is left queued, with no result: the next holder
+/// sends it (an answer of SHUTTING_DOWN stored for it would lose it).
+#[tokio::test]
+async fn a_request_waiting_for_its_turn_at_shutdown_stays_queued_without_a_result() {
+    let redis = RedisServer::start();
+    let opts = Opts {
+        rate_per_second: 1,
+        ..Opts::default()
+    }
+    .redis(&redis.url(), RedisFallback::Deny, 1);
+    let app = spawn_app(opts).await;
+    let mut client = app.client().await;
+    let accepted = submit(&mut client, batch((0..3).map(request).collect(), "")).await;
+    let id = accepted.name.strip_prefix("operations/").unwrap();
+    let key = format!("provisioning-gateway:test:{{default}}:ops:op:{id}");
+    let mut conn = crate::redis::raw(&redis).await;
+    let field = |name: &'static str| {
+        let mut conn = conn.clone();
+        let key = key.clone();
+        async move {
+            let value: Option<String> = redis::cmd("HGET")
+                .arg(&key)
+                .arg(name)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            value
+        }
+    };
+    // The second request is taken (the first has its result) and waits a
+    // second for its turn.
+    let started = Instant::now();
+    while field("taken").await.as_deref() != Some("2") {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the second request was never taken"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mock = app.mock.clone();
+    app.shutdown().await.unwrap();
+
+    assert_eq!(mock.arrivals().len(), 1, "sent after the stop");
+    assert!(field("r:0").await.is_some(), "the first request's result");
+    assert_eq!(field("r:1").await, None, "no result for the one in line");
+    let pending: (i64,) = redis::cmd("XPENDING")
+        .arg("provisioning-gateway:test:{default}:ops:queue")
+        .arg("drainers")
+        .query_async(&mut conn)
+        .await
+        .map(|r: (i64, redis::Value, redis::Value, redis::Value)| (r.0,))
+        .unwrap();
+    assert_eq!(pending.0, 1, "still queued for the next holder");
+}
+
 /// `msg` from the anonymous caller `alice` (`x-caller`).
 fn alice<T>(msg: T) -> tonic::Request<T> {
     with(msg, "x-caller", "alice")
