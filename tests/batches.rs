@@ -434,6 +434,31 @@ async fn a_request_waiting_for_its_turn_at_shutdown_stays_queued_without_a_resul
     assert_eq!(pending.0, 1, "still queued for the next holder");
 }
 
+/// A request whose first attempt the vendor answered 503, and whose
+/// operation is cancelled while its retry waits for a turn, answers what the
+/// vendor said (UNAVAILABLE), not CANCELLED: it had gone upstream.
+#[tokio::test]
+async fn a_request_cancelled_between_its_attempts_answers_what_the_vendor_said() {
+    let app = spawn_app(Opts {
+        rate_per_second: 1,
+        ..Opts::default()
+    })
+    .await;
+    app.mock.script([Scripted::new(503, "")]);
+    let (mut client, mut ops) = (app.client().await, ops(app.addr).await);
+    let accepted = submit(&mut client, batch(vec![request(0)], "")).await;
+    // The first attempt went; its retry waits a second for its turn.
+    app.mock.wait_for_requests(1).await;
+    let cancel = CancelOperationRequest {
+        name: accepted.name.clone(),
+    };
+    ops.cancel_operation(cancel).await.unwrap();
+    let op = done(&mut ops, &accepted.name).await;
+    let (results, _) = results(&op);
+    assert_eq!(codes(&results), [Code::Unavailable], "{results:?}");
+    assert_eq!(app.mock.arrivals().len(), 1, "no retry after the cancel");
+}
+
 /// `msg` from the anonymous caller `alice` (`x-caller`).
 fn alice<T>(msg: T) -> tonic::Request<T> {
     with(msg, "x-caller", "alice")
