@@ -322,6 +322,51 @@ mod tests {
         assert_eq!(lost_after(&[Ok(true), Ok(false)]).await, Some(RENEW * 2));
     }
 
+    /// A batch request's attempt may take the whole upstream timeout: the
+    /// deadline its turn gives is the timeout plus the answer margin from
+    /// when the turn came.
+    #[tokio::test(start_paused = true)]
+    async fn a_background_turn_gives_its_attempt_the_whole_upstream_timeout() {
+        use crate::budget::Backend;
+        use crate::config::{AccountConfig, BudgetConfig, endpoint_url};
+        use crate::keys::{ApiKey, KeyCell, KeySource};
+        use crate::operations::NewOperation;
+        use crate::operations::memory::MemoryOperations;
+
+        let key = KeySource::Fixed(ApiKey::new("k").unwrap());
+        let endpoint = endpoint_url("http://127.0.0.1:9").unwrap();
+        let account = Account {
+            config: AccountConfig::new("a", endpoint, key.clone()),
+            line: Backend::memory().line("a", &BudgetConfig::with_max_queue(10)),
+            key: Arc::new(KeyCell::load(key).unwrap()),
+        };
+        let store = MemoryOperations::new(Duration::from_secs(60));
+        let new = NewOperation {
+            account: "a".into(),
+            owner: "o".into(),
+            request_id: String::new(),
+            requests: vec![Vec::new()],
+            interval: Duration::from_secs(1),
+        };
+        store.submit(new).await.unwrap();
+        let Take::Item(item) = store.take("a").await.unwrap() else {
+            panic!("the request is not taken");
+        };
+        let timeout = Duration::from_secs(5);
+        let background = Background {
+            store: &store,
+            item: &item,
+            timeout,
+            left: Mutex::new(None),
+        };
+        let (_, deadline) = background
+            .turn(&account, &Caller::anonymous())
+            .await
+            .unwrap();
+        assert_eq!(deadline, Instant::now() + timeout + ANSWER_MARGIN);
+        assert_eq!(background.left(), None);
+    }
+
     /// Renewals that all succeed keep the hold.
     #[tokio::test(start_paused = true)]
     async fn confirmed_renewals_keep_the_hold() {
