@@ -145,7 +145,7 @@ impl<T: TurnSource> Attempts<'_, T> {
                 .min(remaining.saturating_sub(ANSWER_MARGIN));
             mark.set();
             let clock = line.send_clock(turn);
-            // Boxed: a call still waiting in line holds no room for it.
+            // Boxed: a retry waiting in line holds no room for it.
             let attempt = self.sender.upstream.delete(
                 self.account.target(),
                 clock.body(body.clone()),
