@@ -269,6 +269,23 @@ async fn only_the_caller_and_account_that_created_an_operation_see_it(backend: B
         .map(|o| o.name.as_str())
         .collect();
     assert_eq!(names, [bobs.as_str()]);
+    // A page token this method did not return is refused, naming it.
+    let forged = ops
+        .list_operations(list("not-a-page-token", "alice"))
+        .await
+        .unwrap_err();
+    assert_eq!(forged.code(), Code::InvalidArgument, "{forged:?}");
+    let bad = forged.get_error_details();
+    let fields: Vec<&str> = bad
+        .bad_request()
+        .map(|b| {
+            b.field_violations
+                .iter()
+                .map(|v| v.field.as_str())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(fields, ["page_token"]);
 
     // Alice forgets a done operation of hers; a running one is kept.
     let long = client
