@@ -340,16 +340,34 @@ async fn two_replicas_on_one_redis_send_a_request_id_once() {
             .await
     });
     until_received(&mock, 1).await; // running on replica A
+    let mut c = raw(&redis).await;
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut c)
+        .await
+        .unwrap();
     on_b.delete_association(with_id(request(1), "replicas-1"))
         .await
         .expect("joined the call on A");
+    // B looked again every POLL (50 ms) while A ran (~800 ms): a handful
+    // of script calls, not a tight loop.
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let scripts = info
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|rest| rest.split(',').next()?.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(scripts <= 60, "{scripts} script calls while B waited");
     first.await.unwrap().unwrap();
     on_b.delete_association(with_id(request(1), "replicas-1"))
         .await
         .expect("A's outcome");
     assert_eq!(mock.arrivals().len(), 1, "one upstream request");
 
-    let mut c = raw(&redis).await;
     let keys: Vec<String> = redis::cmd("KEYS")
         .arg("provisioning-gateway:test:idem:*")
         .query_async(&mut c)
@@ -367,6 +385,71 @@ async fn two_replicas_on_one_redis_send_a_request_id_once() {
         .unwrap();
     let day = 24 * 3600 * 1000;
     assert!(ttl > day - 60_000 && ttl <= day, "{ttl}");
+}
+
+/// A replica killed (SIGKILL) while its call with a request_id runs: a retry
+/// on another replica waits while the dead call's lease lasts, then takes
+/// the record over and runs again; the first may have deleted it, so the
+/// vendor's 404 answers OK.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_takes_over_once_the_lease_of_a_killed_replicas_call_lapses() {
+    let redis = RedisServer::start();
+    let (mock, addr, _stop) = spawn_mock(20).await;
+    let url = redis.url();
+    let upstream = format!("http://{addr}");
+    let mut first = crate::support::process::GatewayProcess::start(
+        &upstream,
+        &[
+            ("GATEWAY_BUDGET_BACKEND", "redis"),
+            ("GATEWAY_REDIS_URL", url.as_str()),
+            ("GATEWAY_REDIS_KEY_PREFIX", "provisioning-gateway:test:"),
+            ("GATEWAY_REDIS_FALLBACK", "deny"),
+            ("GATEWAY_EXPECTED_REPLICAS", "2"),
+            ("GATEWAY_RATE_PER_SECOND", "20"),
+        ],
+    )
+    .await;
+    mock.script([
+        vendor(204, "", "", Duration::from_secs(30)),
+        vendor(404, "NOT_FOUND", "no such association", Duration::ZERO),
+    ]);
+    let mut on_first =
+        provisioning_gateway::pb::association_service_client::AssociationServiceClient::connect(
+            format!("http://{}", first.addr),
+        )
+        .await
+        .unwrap();
+    let call = DeleteAssociationRequest {
+        request_id: "killed-1".into(),
+        ..request(1)
+    };
+    let running = tokio::spawn({
+        let call = call.clone();
+        async move {
+            let _ = on_first
+                .delete_association(with_timeout(call, Duration::from_secs(1)))
+                .await;
+        }
+    });
+    until_received(&mock, 1).await;
+    first.child.kill().await.unwrap();
+    running.abort();
+
+    let opts = Opts::default().redis(&url, RedisFallback::Deny, 2);
+    let apps = replicas(1, &[opts], &mock, addr).await;
+    let mut on_second = apps[0].client().await;
+    let started = std::time::Instant::now();
+    on_second
+        .delete_association(with_timeout(call, Duration::from_secs(10)))
+        .await
+        .expect("taken over, and the 404 answers OK");
+    // Answered arrivals: the retry's (the first one's answer never came).
+    assert_eq!(mock.arrivals().len(), 1, "sent again once the lease lapsed");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "waited {:?}: the lease lasts the first call's second",
+        started.elapsed()
+    );
 }
 
 /// While Redis is lost, `--redis-fallback` decides: `deny` refuses a call
