@@ -82,6 +82,7 @@ on_both_backends!(
     the_same_request_id_for_another_request_is_invalid_argument,
     the_same_request_id_from_another_caller_or_account_is_its_own,
     a_retry_after_an_unknown_outcome_answers_ok_though_infobip_now_says_404,
+    a_caller_that_leaves_mid_call_frees_its_request_id_for_a_retry_at_once,
     a_retry_after_a_budget_refusal_runs_as_a_new_call,
     allow_missing_answers_ok_where_infobip_says_404,
 );
@@ -256,6 +257,46 @@ async fn a_retry_after_an_unknown_outcome_answers_ok_though_infobip_now_says_404
         .await
         .unwrap();
     assert_eq!(app.mock.arrivals().len(), arrivals.len());
+}
+
+/// A caller that goes away while its call runs upstream leaves the
+/// record's outcome unknown at once (not held until the call's deadline):
+/// a retry runs straight away, and the vendor's 404 answers OK.
+async fn a_caller_that_leaves_mid_call_frees_its_request_id_for_a_retry_at_once(opts: Opts) {
+    let app = spawn_app(opts).await;
+    app.mock.script([
+        vendor(204, "", "", Duration::from_secs(30)),
+        vendor(404, "NOT_FOUND", "no such association", Duration::ZERO),
+    ]);
+    let mut client = app.client().await;
+    let leaving = tokio::spawn({
+        let mut client = client.clone();
+        async move {
+            let call = with_timeout(
+                DeleteAssociationRequest {
+                    request_id: "left-1".into(),
+                    ..request(1)
+                },
+                Duration::from_secs(20),
+            );
+            let _ = client.delete_association(call).await;
+        }
+    });
+    until_received(&app.mock, 1).await;
+    leaving.abort();
+    // Within 5 s, where the first call's lease would last 20.
+    let retry = with_timeout(
+        DeleteAssociationRequest {
+            request_id: "left-1".into(),
+            ..request(1)
+        },
+        Duration::from_secs(5),
+    );
+    client
+        .delete_association(retry)
+        .await
+        .expect("run again at once; the first may have deleted it: OK");
+    assert_eq!(app.mock.arrivals().last().map(|a| a.status), Some(404));
 }
 
 async fn a_retry_after_a_budget_refusal_runs_as_a_new_call(opts: Opts) {
