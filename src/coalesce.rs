@@ -135,7 +135,8 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, T: Send + Sync + 'static> Dro
 /// A flight's outcome, published once to every follower: a lighter
 /// `watch` (one per flight, so its size counts per waiting call).
 struct Outcome<T> {
-    value: OnceLock<T>,
+    /// Boxed: a flight waiting in line holds no room for it.
+    value: OnceLock<Box<T>>,
     /// Its publisher went without publishing.
     abandoned: AtomicBool,
     ready: Notify,
@@ -162,7 +163,7 @@ impl<T: Clone> Outcome<T> {
             // Registered before the checks: a publication in between wakes it.
             let ready = self.ready.notified();
             if let Some(value) = self.value.get() {
-                return Some(value.clone());
+                return Some(T::clone(value));
             }
             if self.abandoned.load(Ordering::Acquire) {
                 return None;
@@ -174,7 +175,7 @@ impl<T: Clone> Outcome<T> {
 
 impl<T> Publisher<T> {
     fn publish(self, value: T) {
-        let _ = self.0.value.set(value);
+        let _ = self.0.value.set(Box::new(value));
     }
 }
 

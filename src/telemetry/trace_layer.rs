@@ -23,6 +23,8 @@ use tracing::field::Empty;
 use tracing::instrument::Instrumented;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+/// The service whose calls get a server span.
+const SERVICE: &str = "infobip.provisioning.v1.AssociationService";
 /// Prefix of the paths that get a server span.
 const TRACED_PREFIX: &str = "/infobip.provisioning.v1.AssociationService/";
 /// The methods the service has, with their span names (`service/method`).
@@ -76,7 +78,6 @@ pin_project_lite::pin_project! {
         Traced {
             #[pin]
             inner: Instrumented<F>,
-            context: Option<SpanContext>,
         },
         Untraced {
             #[pin]
@@ -92,9 +93,9 @@ where
     type Output = F::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let (mut inner, context) = match self.project() {
+        let mut inner = match self.project() {
             CallProj::Untraced { inner } => return inner.poll(cx),
-            CallProj::Traced { inner, context } => (inner, context),
+            CallProj::Traced { inner } => inner,
         };
         let mut response = ready!(inner.as_mut().poll(cx))?;
         let span = inner.span();
@@ -110,7 +111,14 @@ where
         if is_server_error(tonic::Code::from_i32(code)) {
             span.record("otel.status_code", "ERROR");
         }
-        if let Some(value) = context.as_ref().and_then(traceresponse) {
+        // The ids read once the call is over: a call waiting in line holds
+        // no copy of them.
+        let context = span.context().span().span_context().clone();
+        if let Some(value) = Some(context)
+            .filter(SpanContext::is_valid)
+            .as_ref()
+            .and_then(traceresponse)
+        {
             response.headers_mut().insert("traceresponse", value);
         }
         Poll::Ready(Ok(response))
@@ -148,8 +156,6 @@ where
             otel.name = name,
             otel.kind = "server",
             otel.status_code = Empty,
-            rpc.system = "grpc",
-            rpc.service = "infobip.provisioning.v1.AssociationService",
             rpc.method = method,
             rpc.grpc.status_code = Empty,
             account = Empty,
@@ -163,17 +169,18 @@ where
         // Only fails when no OpenTelemetry layer is installed (tests without
         // a subscriber); the call is served either way.
         let _ = span.set_parent(parent);
+        // The same for every call: attributes of the exported span only, not
+        // fields every waiting call's log context would hold a copy of.
+        span.set_attribute("rpc.system", "grpc");
+        span.set_attribute("rpc.service", SERVICE);
         // The ids are recorded as fields only when the call writes its log
         // event (`grpc/report.rs`): a refusal whose line is held back skips
         // formatting and storing them.
-        let context =
-            Some(span.context().span().span_context().clone()).filter(SpanContext::is_valid);
-        if context.as_ref().is_some_and(SpanContext::is_sampled) {
+        if span.context().span().span_context().is_sampled() {
             request.extensions_mut().insert(Sampled);
         }
         CallFuture::Traced {
             inner: self.inner.call(request).instrument(span),
-            context,
         }
     }
 }
