@@ -165,8 +165,8 @@ impl Gateway {
         }
     }
 
-    /// 3-4. Record, flight and attempts (a request_id runs once, identical
-    /// calls share one slot), then 5. the answer.
+    /// Record, flight and attempts (a request_id runs once, identical calls
+    /// share one slot), then the answer.
     /// Not an async fn: its parameters would be moved into the body, and a
     /// waiting call would hold its admitted call twice.
     #[expect(
