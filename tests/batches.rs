@@ -360,6 +360,19 @@ async fn an_invalid_request_refuses_the_whole_batch_naming_its_index() {
     assert_eq!(listed.operations.len(), 1);
 }
 
+/// Field `field` of operation `name`'s hash in Redis (see
+/// `src/operations/redis.rs` for the keys).
+async fn op_field<T: redis::FromRedisValue>(redis: &RedisServer, name: &str, field: &str) -> T {
+    let id = name.strip_prefix("operations/").unwrap();
+    let mut conn = crate::redis::raw(redis).await;
+    redis::cmd("HGET")
+        .arg(format!("provisioning-gateway:test:{{default}}:ops:op:{id}"))
+        .arg(field)
+        .query_async(&mut conn)
+        .await
+        .unwrap()
+}
+
 /// Shutdown stops the drainer between requests: the request in flight
 /// upstream finishes and is recorded, and no other is taken; the rest stay
 /// untaken in Redis for the next holder (the operation's `taken` count
@@ -381,17 +394,9 @@ async fn a_stopping_drainer_finishes_the_request_in_flight_and_takes_no_other() 
     app.shutdown().await.unwrap();
 
     assert_eq!(mock.arrivals().len(), 1, "sent after the stop");
-    let id = accepted.name.strip_prefix("operations/").unwrap();
-    let key = format!("provisioning-gateway:test:{{default}}:ops:op:{id}");
-    let mut conn = crate::redis::raw(&redis).await;
-    let (taken, first): (Option<i64>, Option<Vec<u8>>) = redis::cmd("HMGET")
-        .arg(&key)
-        .arg("taken")
-        .arg("r:0")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let first: Option<Vec<u8>> = op_field(&redis, &accepted.name, "r:0").await;
     assert!(first.is_some(), "the request in flight was recorded");
+    let taken: Option<i64> = op_field(&redis, &accepted.name, "taken").await;
     assert_eq!(taken, Some(1), "requests taken from the queue");
 }
 
@@ -409,26 +414,11 @@ async fn a_request_waiting_for_its_turn_at_shutdown_stays_queued_without_a_resul
     let app = spawn_app(opts).await;
     let mut client = app.client().await;
     let accepted = submit(&mut client, batch((0..3).map(request).collect(), "")).await;
-    let id = accepted.name.strip_prefix("operations/").unwrap();
-    let key = format!("provisioning-gateway:test:{{default}}:ops:op:{id}");
-    let mut conn = crate::redis::raw(&redis).await;
-    let field = |name: &'static str| {
-        let mut conn = conn.clone();
-        let key = key.clone();
-        async move {
-            let value: Option<String> = redis::cmd("HGET")
-                .arg(&key)
-                .arg(name)
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-            value
-        }
-    };
     // The second request is taken (the first has its result) and waits a
     // second for its turn.
     let started = Instant::now();
-    while field("taken").await.as_deref() != Some("2") {
+    let taken = || op_field::<Option<i64>>(&redis, &accepted.name, "taken");
+    while taken().await != Some(2) {
         assert!(
             started.elapsed() < Duration::from_secs(10),
             "the second request was never taken"
@@ -439,16 +429,17 @@ async fn a_request_waiting_for_its_turn_at_shutdown_stays_queued_without_a_resul
     app.shutdown().await.unwrap();
 
     assert_eq!(mock.arrivals().len(), 1, "sent after the stop");
-    assert!(field("r:0").await.is_some(), "the first request's result");
-    assert_eq!(field("r:1").await, None, "no result for the one in line");
-    let pending: (i64,) = redis::cmd("XPENDING")
+    let result = |i| op_field::<Option<Vec<u8>>>(&redis, &accepted.name, i);
+    assert!(result("r:0").await.is_some(), "the first request's result");
+    assert_eq!(result("r:1").await, None, "no result for the one in line");
+    let mut conn = crate::redis::raw(&redis).await;
+    let (pending, ..): (i64, redis::Value, redis::Value, redis::Value) = redis::cmd("XPENDING")
         .arg("provisioning-gateway:test:{default}:ops:queue")
         .arg("drainers")
         .query_async(&mut conn)
         .await
-        .map(|r: (i64, redis::Value, redis::Value, redis::Value)| (r.0,))
         .unwrap();
-    assert_eq!(pending.0, 1, "still queued for the next holder");
+    assert_eq!(pending, 1, "still queued for the next holder");
 }
 
 /// A request whose first attempt the vendor answered 503, and whose

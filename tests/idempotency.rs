@@ -268,32 +268,25 @@ async fn a_caller_that_leaves_mid_call_frees_its_request_id_for_a_retry_at_once(
         vendor(204, "", "", Duration::from_secs(30)),
         vendor(404, "NOT_FOUND", "no such association", Duration::ZERO),
     ]);
+    let call = |timeout| {
+        let request = DeleteAssociationRequest {
+            request_id: "left-1".into(),
+            ..request(1)
+        };
+        with_timeout(request, timeout)
+    };
     let mut client = app.client().await;
     let leaving = tokio::spawn({
-        let mut client = client.clone();
+        let (mut client, call) = (client.clone(), call(Duration::from_secs(20)));
         async move {
-            let call = with_timeout(
-                DeleteAssociationRequest {
-                    request_id: "left-1".into(),
-                    ..request(1)
-                },
-                Duration::from_secs(20),
-            );
             let _ = client.delete_association(call).await;
         }
     });
     until_received(&app.mock, 1).await;
     leaving.abort();
     // Within 5 s, where the first call's lease would last 20.
-    let retry = with_timeout(
-        DeleteAssociationRequest {
-            request_id: "left-1".into(),
-            ..request(1)
-        },
-        Duration::from_secs(5),
-    );
     client
-        .delete_association(retry)
+        .delete_association(call(Duration::from_secs(5)))
         .await
         .expect("run again at once; the first may have deleted it: OK");
     assert_eq!(app.mock.arrivals().last().map(|a| a.status), Some(404));

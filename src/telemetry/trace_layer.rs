@@ -114,10 +114,8 @@ where
         // The ids read once the call is over: a call waiting in line holds
         // no copy of them.
         let context = span.context().span().span_context().clone();
-        if let Some(value) = Some(context)
-            .filter(SpanContext::is_valid)
-            .as_ref()
-            .and_then(traceresponse)
+        if context.is_valid()
+            && let Some(value) = traceresponse(&context)
         {
             response.headers_mut().insert("traceresponse", value);
         }
