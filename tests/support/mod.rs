@@ -159,15 +159,35 @@ pub fn account(name: &str, upstream: &str, key: &str) -> AccountConfig {
 
 /// The emulator on a free loopback port, enforcing the same rate as the gateway.
 pub async fn spawn_mock(rate_per_second: u32) -> (Mock, SocketAddr, CancellationToken) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let mock = Mock::new(MockConfig {
         api_key: Some(API_KEY.into()),
         rate_per_second,
     });
-    let stop = CancellationToken::new();
-    tokio::spawn(mock.clone().serve(listener, stop.clone().cancelled_owned()));
+    let (addr, stop) = serve_apart(&mock);
     (mock, addr, stop)
+}
+
+/// Serves `mock` on a thread and runtime of its own until the token is
+/// cancelled: its arrival stamps never wait behind the gateways' tasks on
+/// the test's runtime (a stamp made late by a busy worker reads as two
+/// arrivals too close, and the emulator answers 429).
+fn serve_apart(mock: &Mock) -> (SocketAddr, CancellationToken) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    let (mock, stopped) = (mock.clone(), stop.clone().cancelled_owned());
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("the emulator's runtime");
+        runtime.block_on(async move {
+            let listener = TcpListener::from_std(listener).expect("a bound listener");
+            let _ = mock.serve(listener, stopped).await;
+        });
+    });
+    (addr, stop)
 }
 
 pub async fn spawn_app(opts: Opts) -> TestApp {
@@ -177,14 +197,11 @@ pub async fn spawn_app(opts: Opts) -> TestApp {
 
 /// The emulator accepting any key (one rate limit per key: per account).
 pub async fn spawn_open_mock(rate_per_second: u32) -> (Mock, SocketAddr, CancellationToken) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let mock = Mock::new(MockConfig {
         api_key: None,
         rate_per_second,
     });
-    let stop = CancellationToken::new();
-    tokio::spawn(mock.clone().serve(listener, stop.clone().cancelled_owned()));
+    let (addr, stop) = serve_apart(&mock);
     (mock, addr, stop)
 }
 
