@@ -181,7 +181,7 @@ impl Upstream {
             trace_id = Empty,
             span_id = Empty,
         );
-        crate::telemetry::record_ids(&span);
+        crate::telemetry::server_call::adopt(&span);
         let started = Instant::now();
         let result = self
             .send(&target, body, timeout, &span)

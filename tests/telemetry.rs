@@ -456,3 +456,99 @@ async fn a_flood_of_refusals_writes_a_few_lines_whose_counts_add_up() {
         logs.len()
     );
 }
+
+/// A caller that leaves while its call waits in line: the server span is
+/// still exported, from the call's arrival to its departure, as `CANCELLED`
+/// (no server failure), with nothing sent upstream under it.
+#[tokio::test]
+async fn a_call_whose_caller_leaves_in_line_is_exported_as_cancelled() {
+    use provisioning_gateway::telemetry::metrics::QUEUE_DEPTH;
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    use crate::support::{series, until_metric};
+
+    let collector = Collector::default();
+    let (grpc, _) = collector.start().await;
+    let (mock, mock_addr, _stop) = spawn_mock(20).await;
+    let gateway = GatewayProcess::start(
+        &format!("http://{mock_addr}"),
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &format!("http://{grpc}")),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+    )
+    .await;
+    let metrics = gateway.metrics_addr.parse().unwrap();
+    let mut client = AssociationServiceClient::connect(format!("http://{}", gateway.addr))
+        .await
+        .unwrap();
+    // Takes the slot: the next call waits about a second in line.
+    client
+        .delete_association(traced(request(1), "2000000000000001"))
+        .await
+        .unwrap();
+    let mut waiting = client.clone();
+    let call = tokio::spawn(async move {
+        let mut call = traced(request(2), "2000000000000002");
+        call.set_timeout(Duration::from_secs(30));
+        waiting.delete_association(call).await
+    });
+    let depth = series(QUEUE_DEPTH, "default");
+    until_metric(metrics, &depth, 1.0).await;
+    let nanos = |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64;
+    let left = nanos(SystemTime::now());
+    call.abort();
+    // The gateway saw the caller go: the call is out of line.
+    until_metric(metrics, &depth, 0.0).await;
+    // A caller whose trace is not sampled: the decision made on arrival
+    // holds for the whole call (nothing exported), and its ids still flow.
+    let mut unsampled = tonic::Request::new(request(3));
+    let parent = format!("00-{TRACE_ID}-2000000000000003-00");
+    unsampled
+        .metadata_mut()
+        .insert("traceparent", parent.parse().unwrap());
+    let answer = client.delete_association(unsampled).await.unwrap();
+    let traceresponse = answer.metadata().get("traceresponse").unwrap();
+    let traceresponse = traceresponse.to_str().unwrap();
+    assert!(
+        traceresponse.starts_with(&format!("00-{TRACE_ID}-")) && traceresponse.ends_with("-00"),
+        "{traceresponse}"
+    );
+    let upstream = mock.arrivals().last().unwrap().headers["traceparent"].clone();
+    let upstream = upstream.to_str().unwrap();
+    assert!(
+        upstream.starts_with(&format!("00-{TRACE_ID}-")) && upstream.ends_with("-00"),
+        "{upstream}"
+    );
+
+    let (exit, _) = gateway.terminate().await; // flushes the batch exporter
+    assert!(exit.success());
+    let spans = collector.spans();
+    let cancelled = server_span(&spans, "2000000000000002");
+    assert_eq!(
+        attr(&cancelled.span, "rpc.grpc.status_code").as_deref(),
+        Some("1")
+    );
+    assert_eq!(status(cancelled), StatusCode::Unset as i32);
+    assert!(
+        cancelled.span.start_time_unix_nano < left && cancelled.span.end_time_unix_nano >= left,
+        "the span covers the wait: {} – {} around {left}",
+        cancelled.span.start_time_unix_nano,
+        cancelled.span.end_time_unix_nano
+    );
+    assert!(
+        spans
+            .iter()
+            .all(|r| r.span.parent_span_id != cancelled.span.span_id || r.span.name != "DELETE"),
+        "nothing went upstream for the call that left"
+    );
+    assert_eq!(mock.arrivals().len(), 2);
+    assert!(
+        spans
+            .iter()
+            .all(|r| hex(&r.span.trace_id) != TRACE_ID
+                || !traceresponse.contains(&hex(&r.span.span_id))),
+        "the unsampled call exported nothing"
+    );
+}

@@ -15,7 +15,7 @@ use super::status::CallError;
 use crate::budget::{BudgetError, Rejection};
 use crate::coalesce::{Coalescer, Expired, Role};
 use crate::domain::{Association, Caller};
-use crate::telemetry::metrics;
+use crate::telemetry::{metrics, server_call};
 use crate::upstream::TransportError;
 
 /// Identical calls in flight at the same time share one outcome: the account
@@ -76,16 +76,19 @@ impl Flights {
             // if its leader leaves. It takes its turn in the leader's share.
             let (leader, lane, flight) = (Arc::clone(account), caller.clone(), Arc::clone(&key));
             let sender = sender.clone();
-            let work = move |mark| async move {
-                let mut report = Report::default();
-                let attempts = Attempts {
-                    sender: &sender,
-                    account: &leader,
-                    caller: &lane,
-                    turns: Interactive { ready_by, deadline },
-                };
-                let result = attempts.run(&flight.1, mark, &mut report).await;
-                (result, report)
+            // Its child spans stay the leader's call's wherever it runs.
+            let work = move |mark| {
+                server_call::carry(async move {
+                    let mut report = Report::default();
+                    let attempts = Attempts {
+                        sender: &sender,
+                        account: &leader,
+                        caller: &lane,
+                        turns: Interactive { ready_by, deadline },
+                    };
+                    let result = attempts.run(&flight.1, mark, &mut report).await;
+                    (result, report)
+                })
             };
             let joining = self.0.start(key.clone(), deadline, work);
             joins += 1;

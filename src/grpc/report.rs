@@ -14,6 +14,7 @@ use super::status::CallError;
 use crate::pb::DeleteAssociationResponse;
 use crate::telemetry::metrics;
 use crate::telemetry::refusals::RefusalLog;
+use crate::telemetry::server_call;
 
 /// Label of calls refused before an account or caller is known.
 pub(super) const UNKNOWN: &str = "unknown";
@@ -32,16 +33,14 @@ pub(super) struct Report {
 
 impl Report {
     /// Records the call on its span, in the metrics and in one log event, and
-    /// turns its result into the answer. `sampled`: the server span will be
-    /// exported, so it gets the account and caller even when no log line is
-    /// written.
+    /// turns its result into the answer. A recorded server span gets the
+    /// account and caller even when no log line is written.
     pub(super) fn answer(
         &self,
         refusals: &RefusalLog,
         account: &str,
         caller: &str,
         started: Instant,
-        sampled: bool,
         result: Result<(), CallError>,
     ) -> Result<Response<DeleteAssociationResponse>, Status> {
         let elapsed = started.elapsed();
@@ -58,10 +57,11 @@ impl Report {
         let span = tracing::Span::current();
         // A held-back refusal on a span nobody exports has no reader for
         // these fields: a flood skips recording them.
-        if logged || sampled {
+        if logged {
             span.record("account", account);
             span.record("caller", caller);
         }
+        server_call::label(account, caller);
         let (answer, reason) = match result {
             Ok(()) => (Ok(Response::new(DeleteAssociationResponse {})), None),
             Err(error) => {
@@ -74,7 +74,7 @@ impl Report {
         }
         // The call's ids on its span, for this event's line (held back
         // refusals skip the cost).
-        crate::telemetry::record_ids(&span);
+        server_call::record_ids(&span);
         macro_rules! event {
             ($level:ident, $outcome:expr, $message:literal) => {
                 tracing::$level!(

@@ -28,7 +28,6 @@ use crate::operations::OperationStore;
 use crate::pb::association_service_server::AssociationService;
 use crate::pb::{DeleteAssociationRequest, DeleteAssociationResponse};
 use crate::telemetry::refusals::RefusalLog;
-use crate::telemetry::trace_layer::Sampled;
 use crate::upstream::Upstream;
 
 /// Largest request accepted, as its fields encode: a valid request is well
@@ -72,7 +71,6 @@ struct Admitted<'a> {
     deletion: Deletion,
     started: Instant,
     deadline: Instant,
-    sampled: bool,
 }
 
 type Answer = Result<Response<DeleteAssociationResponse>, Status>;
@@ -118,17 +116,9 @@ impl Gateway {
         let deadline = started
             .checked_add(timeout)
             .unwrap_or_else(|| started + self.limits.default_deadline);
-        let sampled = request.extensions().get::<Sampled>().is_some();
         let refuse = |account: &str, caller: &str, error: CallError| {
             let report = Report::default();
-            Err(report.answer(
-                &self.refusals,
-                account,
-                caller,
-                started,
-                sampled,
-                Err(error),
-            ))
+            Err(report.answer(&self.refusals, account, caller, started, Err(error)))
         };
 
         let peer_certs = request.peer_certs();
@@ -159,7 +149,6 @@ impl Gateway {
                 deletion,
                 started,
                 deadline,
-                sampled,
             }),
             Err(invalid) => refuse(account.name(), self.auth.label(&identity), invalid.into()),
         }
@@ -193,14 +182,7 @@ impl Gateway {
                 .delete(flight, caller, call.deletion, &mut report)
                 .await;
             let (account, caller) = (call.account.name(), self.auth.label(&call.identity));
-            report.answer(
-                &self.refusals,
-                account,
-                caller,
-                call.started,
-                call.sampled,
-                result,
-            )
+            report.answer(&self.refusals, account, caller, call.started, result)
         }
     }
 

@@ -27,10 +27,11 @@ mod json_fields;
 pub mod metrics;
 mod otel;
 pub(crate) mod refusals;
+pub(crate) mod server_call;
 pub mod trace_layer;
 
 pub use after::child_span;
-pub use trace_layer::{GrpcTraceLayer, record_ids};
+pub use trace_layer::GrpcTraceLayer;
 
 /// The installed telemetry; flush it with [`Telemetry::shutdown`] on exit.
 pub struct Telemetry {
@@ -55,9 +56,9 @@ impl Telemetry {
 /// `spawn_blocking` inside the runtime (the gRPC exporter needs the runtime).
 pub fn init(format: Option<LogFormat>) -> Telemetry {
     let warnings = otel::install_propagator();
-    let (provider, exporting, export_error) = otel::tracer_provider();
+    let (provider, sampler, exporting, export_error) = otel::tracer_provider();
     let tracer = provider.tracer(env!("CARGO_PKG_NAME"));
-    after::install(tracer.clone());
+    server_call::install(tracer.clone(), sampler);
 
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // The exporter's own HTTP/2 and HTTP client events would otherwise be
@@ -102,15 +103,20 @@ pub fn init(format: Option<LogFormat>) -> Telemetry {
             // Lean spans: the attributes the README lists, not the layer's
             // extras (source location, thread, target, busy/idle time), and no
             // OpenTelemetry context switch on every enter (the upstream
-            // traceparent comes from the client span explicitly). A call waits
-            // in line holding its spans: they cost memory per waiting call.
+            // traceparent comes from the client span explicitly). The server
+            // span is not this layer's: it is built when the call ends
+            // (`server_call.rs`), and its tracing span is the call's log
+            // context only.
             tracing_opentelemetry::layer()
                 .with_tracer(tracer)
                 .with_location(false)
                 .with_threads(false)
                 .with_target(false)
                 .with_tracked_inactivity(false)
-                .with_context_activation(false),
+                .with_context_activation(false)
+                .with_filter(tracing_subscriber::filter::filter_fn(|meta| {
+                    meta.name() != trace_layer::LOG_SPAN
+                })),
         )
         .with(fmt)
         .try_init();

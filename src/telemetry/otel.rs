@@ -15,7 +15,9 @@ use opentelemetry::propagation::{TextMapCompositePropagator, TextMapPropagator};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::{BaggagePropagator, TraceContextPropagator};
 use opentelemetry_sdk::resource::{EnvResourceDetector, TelemetryResourceDetector};
-use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+use opentelemetry_sdk::trace::{Config, Sampler, SdkTracerProvider, ShouldSample};
+
+use super::server_call::ChosenIds;
 
 /// The default `service.name`.
 const SERVICE_NAME: &str = env!("CARGO_PKG_NAME");
@@ -81,26 +83,46 @@ pub(super) fn install_propagator() -> Vec<String> {
 }
 
 /// A provider that always creates span ids (for logs and `traceresponse`),
-/// and exports only when an OTLP endpoint is configured. Returns whether it
-/// exports, and why not when export was configured but failed.
-pub(super) fn tracer_provider() -> (SdkTracerProvider, bool, Option<String>) {
-    let builder = SdkTracerProvider::builder().with_resource(resource());
+/// and exports only when an OTLP endpoint is configured; and its sampler,
+/// which the server span asks when a call arrives (`server_call.rs`).
+/// Returns whether it exports, and why not when export was configured but
+/// failed.
+pub(super) fn tracer_provider() -> (
+    SdkTracerProvider,
+    Box<dyn ShouldSample>,
+    bool,
+    Option<String>,
+) {
     let configured = [
         "OTEL_EXPORTER_OTLP_ENDPOINT",
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
     ]
     .iter()
     .any(|v| var(v).is_some());
-    if !configured {
+    let sampler: Box<dyn ShouldSample> = if configured {
+        // OTEL_TRACES_SAMPLER(_ARG), read by the SDK's own defaults.
+        Config::default().sampler
+    } else {
         // Nothing would export them: spans are not recorded (ids still flow
         // to logs, `traceresponse` and upstream), unless the caller's trace
         // is sampled, whose flag is kept.
-        let sampler = Sampler::ParentBased(Box::new(Sampler::AlwaysOff));
-        return (builder.with_sampler(sampler).build(), false, None);
+        Box::new(Sampler::ParentBased(Box::new(Sampler::AlwaysOff)))
+    };
+    let builder = SdkTracerProvider::builder()
+        .with_resource(resource())
+        .with_id_generator(ChosenIds::default())
+        .with_sampler(sampler.clone());
+    if !configured {
+        return (builder.build(), sampler, false, None);
     }
     match span_exporter() {
-        Ok(exporter) => (builder.with_batch_exporter(exporter).build(), true, None),
-        Err(e) => (builder.build(), false, Some(e)),
+        Ok(exporter) => (
+            builder.with_batch_exporter(exporter).build(),
+            sampler,
+            true,
+            None,
+        ),
+        Err(e) => (builder.build(), sampler, false, Some(e)),
     }
 }
 

@@ -13,18 +13,21 @@
 
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
+use std::time::SystemTime;
 
 use http::{HeaderValue, Request, Response};
-use opentelemetry::trace::{SpanContext, TraceContextExt};
+use opentelemetry::trace::SpanContext;
 use opentelemetry_http::HeaderExtractor;
+use tokio::task::futures::TaskLocalFuture;
 use tower::{Layer, Service};
 use tracing::Instrument;
 use tracing::field::Empty;
 use tracing::instrument::Instrumented;
-use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use super::server_call::ServerCall;
 
 /// The service whose calls get a server span.
-const SERVICE: &str = "infobip.provisioning.v1.AssociationService";
+pub(super) const SERVICE: &str = "infobip.provisioning.v1.AssociationService";
 /// Prefix of the paths that get a server span.
 const TRACED_PREFIX: &str = "/infobip.provisioning.v1.AssociationService/";
 /// The methods the service has, with their span names (`service/method`).
@@ -40,16 +43,15 @@ const KNOWN_METHODS: &[(&str, &str)] = &[
 ];
 /// `rpc.method` and span name of a method the service does not have (the
 /// semantic conventions' value for a method unknown to the instrumentation).
-const OTHER_METHOD: (&str, &str) = (
+const OTHER_METHOD: &(&str, &str) = &(
     "_OTHER",
     "infobip.provisioning.v1.AssociationService/_OTHER",
 );
-
-/// In a traced call's request extensions when its server span is sampled
-/// (will be exported): what the call records on the span only for an
-/// exported span can skip the work otherwise.
-#[derive(Debug, Clone, Copy)]
-pub struct Sampled;
+/// Name of a traced call's tracing span: its log context (the server span
+/// itself is built by `server_call.rs`, not by tracing-opentelemetry).
+pub(super) const LOG_SPAN: &str = "grpc.server";
+/// `rpc.grpc.status_code` of a call whose caller left before the answer.
+const CANCELLED: i32 = tonic::Code::Cancelled as i32;
 
 /// Adds [`GrpcTrace`] to a service.
 #[derive(Debug, Clone, Copy, Default)]
@@ -69,20 +71,34 @@ pub struct GrpcTrace<S> {
 }
 
 pin_project_lite::pin_project! {
-    /// A call's answer through [`GrpcTrace`]: a traced one is polled in its
-    /// server span and gets its status recorded and `traceresponse` added.
-    /// Not boxed, and the inner future held once: every call waiting in
-    /// line holds one (BENCHMARKS §5).
+    /// A call's answer through [`GrpcTrace`]: a traced one runs as its
+    /// [`ServerCall`] inside its log span, and gets its server span built,
+    /// `rpc.grpc.status_code` recorded and `traceresponse` added when it
+    /// answers (or its span ended as `CANCELLED` if the caller leaves first).
+    /// Not boxed, and the inner future held once: every call waiting in line
+    /// holds one (BENCHMARKS §5).
     #[project = CallProj]
     pub enum CallFuture<F> {
         Traced {
             #[pin]
-            inner: Instrumented<F>,
+            inner: Instrumented<TaskLocalFuture<ServerCall, F>>,
+            method: &'static (&'static str, &'static str),
+            start: SystemTime,
         },
         Untraced {
             #[pin]
             inner: F,
         },
+    }
+
+    impl<F> PinnedDrop for CallFuture<F> {
+        fn drop(this: Pin<&mut Self>) {
+            if let CallProj::Traced { inner, method, start } = this.project()
+                && let Some(call) = inner.inner_pin_mut().take_value()
+            {
+                call.end(**method, *start, CANCELLED, false);
+            }
+        }
     }
 }
 
@@ -93,12 +109,18 @@ where
     type Output = F::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut inner = match self.project() {
+        let (mut inner, method, start) = match self.project() {
             CallProj::Untraced { inner } => return inner.poll(cx),
-            CallProj::Traced { inner } => inner,
+            CallProj::Traced {
+                inner,
+                method,
+                start,
+            } => (inner, method, start),
         };
         let mut response = ready!(inner.as_mut().poll(cx))?;
-        let span = inner.span();
+        let Some(call) = inner.inner_pin_mut().take_value() else {
+            return Poll::Ready(Ok(response));
+        };
         // Unary errors are trailers-only responses: grpc-status is in the
         // headers. Its absence means the call succeeded.
         let code = response
@@ -107,18 +129,13 @@ where
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<i32>().ok())
             .unwrap_or(0);
-        span.record("rpc.grpc.status_code", code);
-        if is_server_error(tonic::Code::from_i32(code)) {
-            span.record("otel.status_code", "ERROR");
-        }
-        // The ids read once the call is over: a call waiting in line holds
-        // no copy of them.
-        let context = span.context().span().span_context().clone();
-        if context.is_valid()
-            && let Some(value) = traceresponse(&context)
+        if call.context().is_valid()
+            && let Some(value) = traceresponse(call.context())
         {
             response.headers_mut().insert("traceresponse", value);
         }
+        let error = is_server_error(tonic::Code::from_i32(code));
+        call.end(**method, *start, code, error);
         Poll::Ready(Ok(response))
     }
 }
@@ -138,47 +155,36 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+    fn call(&mut self, request: Request<B>) -> Self::Future {
         let Some(method) = request.uri().path().strip_prefix(TRACED_PREFIX) else {
             return CallFuture::Untraced {
                 inner: self.inner.call(request),
             };
         };
-        let (method, name) = KNOWN_METHODS
+        let method = KNOWN_METHODS
             .iter()
             .find(|(known, _)| *known == method)
-            .copied()
             .unwrap_or(OTHER_METHOD);
+        let start = opentelemetry::time::now();
+        let parent = opentelemetry::global::get_text_map_propagator(|p| {
+            p.extract(&HeaderExtractor(request.headers()))
+        });
+        let call = ServerCall::arrive(parent, method.1);
+        // The call's log context. The ids are recorded as fields only when
+        // the call writes its log event (`grpc/report.rs`): a refusal whose
+        // line is held back skips formatting and storing them.
         let span = tracing::info_span!(
-            "grpc.server",
-            otel.name = name,
-            otel.kind = "server",
-            otel.status_code = Empty,
-            rpc.method = method,
-            rpc.grpc.status_code = Empty,
+            LOG_SPAN,
+            rpc.method = method.0,
             account = Empty,
             caller = Empty,
             trace_id = Empty,
             span_id = Empty,
         );
-        let parent = opentelemetry::global::get_text_map_propagator(|p| {
-            p.extract(&HeaderExtractor(request.headers()))
-        });
-        // Only fails when no OpenTelemetry layer is installed (tests without
-        // a subscriber); the call is served either way.
-        let _ = span.set_parent(parent);
-        // The same for every call: attributes of the exported span only, not
-        // fields every waiting call's log context would hold a copy of.
-        span.set_attribute("rpc.system", "grpc");
-        span.set_attribute("rpc.service", SERVICE);
-        // The ids are recorded as fields only when the call writes its log
-        // event (`grpc/report.rs`): a refusal whose line is held back skips
-        // formatting and storing them.
-        if span.context().span().span_context().is_sampled() {
-            request.extensions_mut().insert(Sampled);
-        }
         CallFuture::Traced {
-            inner: self.inner.call(request).instrument(span),
+            inner: call.scope(self.inner.call(request)).instrument(span),
+            method,
+            start,
         }
     }
 }
@@ -193,18 +199,6 @@ pub(crate) fn is_server_error(code: tonic::Code) -> bool {
         code,
         Unknown | DeadlineExceeded | Unimplemented | Internal | Unavailable | DataLoss
     )
-}
-
-/// Records the span's OpenTelemetry ids as `trace_id`/`span_id` fields (so
-/// every log event inside carries them) and returns its span context.
-pub fn record_ids(span: &tracing::Span) -> Option<SpanContext> {
-    let context = span.context().span().span_context().clone();
-    if !context.is_valid() {
-        return None;
-    }
-    span.record("trace_id", context.trace_id().to_string());
-    span.record("span_id", context.span_id().to_string());
-    Some(context)
 }
 
 /// `traceresponse: 00-<trace-id>-<span-id>-<flags>` naming the server span,
