@@ -24,7 +24,7 @@ use crate::domain::{Association, RequestId};
 use crate::operations::{MAX_BATCH, NewOperation, Submitted};
 use crate::pb::BatchDeleteAssociationsRequest;
 use crate::proto::google::longrunning::Operation;
-use crate::telemetry::metrics;
+use crate::telemetry::{metrics, server_call};
 
 /// Who may see an operation: the caller's identity. Anonymous callers
 /// (no authentication configured) in a namespace of their own, so an
@@ -95,6 +95,7 @@ pub(super) async fn submit(
         }
     };
     metrics::request(account.name(), caller, tonic::Code::Ok, started.elapsed());
+    server_call::label(account.name(), caller);
     tracing::info!(
         account = account.name(),
         caller,
@@ -115,6 +116,7 @@ fn answer(
 ) -> Status {
     let status = error.to_status(account);
     metrics::request(account, caller, status.code(), started.elapsed());
+    server_call::label(account, caller);
     let kind = error.refusal().unwrap_or("batch");
     if gateway.refusals.log_now(account, caller, kind) {
         tracing::warn!(account, caller, reason = error.reason(), "batch refused");
