@@ -1,8 +1,8 @@
 //! Spans built after the fact: a child of the current call's server span
 //! whose start and end are given, made directly with OpenTelemetry once the
-//! work it stands for is over, and only when the call's span is sampled. A call waiting
-//! in line (10,000 of them, say) then holds no span state for its wait, and
-//! an unsampled call pays nothing for it.
+//! work it stands for is over, and only when the call's span is sampled. A
+//! call waiting in line (10,000 of them, say) then holds no span state for
+//! its wait, and an unsampled call pays nothing for it.
 
 use std::time::SystemTime;
 
@@ -11,9 +11,9 @@ use opentelemetry::trace::{Span as _, SpanKind, Status, TraceContextExt, Tracer 
 
 use super::server_call::{current_context, tracer};
 
-/// Records a finished child span of the current call's server span, named `name`, from
-/// `start` to now, with `attributes` (asked for only when it is recorded),
-/// failed if `error`.
+/// Records a finished child span of the current call's server span, named
+/// `name`, from `start` to now, with `attributes` (asked for only when it is
+/// recorded), failed if `error`.
 pub fn child_span(
     name: &'static str,
     start: SystemTime,

@@ -1,9 +1,11 @@
 //! The server span of every `AssociationService` call, as a tower layer in
-//! front of the tonic router: it continues the caller's W3C trace
-//! (`traceparent`/`tracestate` metadata), records the gRPC status code, and
-//! returns the trace id to the caller as `traceresponse` (W3C Trace Context
-//! Level 2), on errors too. Health checks and reflection are not traced: a
-//! probe every few seconds would drown the traces that matter.
+//! front of the tonic router: it continues the caller's context (the
+//! propagators of `OTEL_PROPAGATORS`), gives the call its log span, builds
+//! the server span when the call answers (`server_call.rs`) with the gRPC
+//! status code, and returns the trace id to the caller as `traceresponse`
+//! (W3C Trace Context Level 2), on errors too. Health checks and reflection
+//! are not traced: a probe every few seconds would drown the traces that
+//! matter.
 //!
 //! The span follows the gRPC semantic conventions: its status is `ERROR`
 //! only for the codes that mean the server failed (`is_server_error`); a
