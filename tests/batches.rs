@@ -3,7 +3,7 @@
 //! arrivals spaced, interactive calls first, one operation per request id,
 //! cancel, who sees what, and batches refused whole.
 
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use provisioning_gateway::config::{BackendConfig, RedisFallback};
 use provisioning_gateway::proto::google::longrunning::{
@@ -36,12 +36,20 @@ async fn six_in_order_as_unary_calls_would_answer(opts: Opts, interval: Duration
         allowed,
         request(5),
     ];
+    let before = SystemTime::now() - Duration::from_millis(1);
     let accepted = submit(&mut client, batch(requests, "")).await;
+    let after = SystemTime::now();
     assert!(accepted.name.starts_with("operations/"), "{accepted:?}");
     assert!(!accepted.done);
     let meta = metadata(&accepted);
     assert_eq!((meta.total, meta.succeeded, meta.failed), (6, 0, 0));
     let (created, eta) = (meta.create_time.unwrap(), meta.estimated_end_time.unwrap());
+    let wall = |seconds: i64, nanos: i32| UNIX_EPOCH + Duration::new(seconds as u64, nanos as u32);
+    let created_at = wall(created.seconds, created.nanos);
+    assert!(
+        before <= created_at && created_at <= after,
+        "created when submitted: {created_at:?} not in {before:?}..{after:?}"
+    );
     let estimated = Duration::from_secs((eta.seconds - created.seconds) as u64)
         + Duration::from_nanos(eta.nanos as u64)
         - Duration::from_nanos(created.nanos as u64);
@@ -54,7 +62,13 @@ async fn six_in_order_as_unary_calls_would_answer(opts: Opts, interval: Duration
     assert_eq!(codes(&results), [Ok, Ok, NotFound, Ok, Ok, Ok]);
     let meta = metadata(&op);
     assert_eq!((meta.total, meta.succeeded, meta.failed), (6, 5, 1));
-    assert!(meta.end_time.is_some() && !meta.cancel_requested);
+    assert!(!meta.cancel_requested);
+    let ended = meta.end_time.unwrap();
+    let ended_at = wall(ended.seconds, ended.nanos);
+    assert!(
+        created_at < ended_at && ended_at <= SystemTime::now(),
+        "ended after it was created, by now: {ended_at:?}"
+    );
 
     let arrivals = app.mock.arrivals();
     let order: Vec<String> = arrivals.iter().map(resource).collect();

@@ -382,6 +382,24 @@ mod tests {
     }
 
     #[test]
+    fn a_new_batch_wakes_its_drainer_a_repeat_does_not_results_and_cancels_wake_waiters() {
+        let store = MemoryOperations::new(Duration::from_secs(60));
+        let (mut work, mut changed) = (store.wakeups().work("a"), store.wakeups().changed());
+        let op = batch(&store, "o", "r", 2);
+        assert!(work.has_changed().unwrap(), "a new batch wakes the drainer");
+        work.borrow_and_update();
+        changed.borrow_and_update();
+        batch(&store, "o", "r", 2);
+        assert!(!work.has_changed().unwrap(), "its repeat is no new work");
+        let item = take(&store).unwrap();
+        store.finish_now("a", &item, true, Vec::new());
+        assert!(changed.has_changed().unwrap(), "a result wakes waiters");
+        changed.borrow_and_update();
+        store.cancel_now("a", &op.id);
+        assert!(changed.has_changed().unwrap(), "a cancel wakes waiters");
+    }
+
+    #[test]
     fn requests_drain_in_submission_order_across_batches_and_end_their_operation() {
         let store = MemoryOperations::new(Duration::from_secs(60));
         let first = batch(&store, "o", "", 2);

@@ -339,6 +339,21 @@ mod tests {
     }
 
     #[test]
+    fn work_wakes_its_accounts_drainer_and_every_waiter_a_change_only_the_waiters() {
+        let wakeups = Wakeups::default();
+        let (mut a, mut b, mut changed) = (wakeups.work("a"), wakeups.work("b"), wakeups.changed());
+        wakeups.submitted("a");
+        assert!(a.has_changed().unwrap(), "a's drainer is woken");
+        assert!(!b.has_changed().unwrap(), "b's is not");
+        assert!(changed.has_changed().unwrap(), "waiters are woken");
+        a.borrow_and_update();
+        changed.borrow_and_update();
+        wakeups.touched();
+        assert!(changed.has_changed().unwrap(), "a change wakes waiters");
+        assert!(!a.has_changed().unwrap() && !b.has_changed().unwrap());
+    }
+
+    #[test]
     fn the_fingerprint_tells_batches_apart() {
         let batch = |requests: Vec<Vec<u8>>| NewOperation {
             account: "a".into(),
