@@ -341,7 +341,7 @@ mod tests {
     #[test]
     fn work_wakes_its_accounts_drainer_and_every_waiter_a_change_only_the_waiters() {
         let wakeups = Wakeups::default();
-        let (mut a, mut b, mut changed) = (wakeups.work("a"), wakeups.work("b"), wakeups.changed());
+        let (mut a, b, mut changed) = (wakeups.work("a"), wakeups.work("b"), wakeups.changed());
         wakeups.submitted("a");
         assert!(a.has_changed().unwrap(), "a's drainer is woken");
         assert!(!b.has_changed().unwrap(), "b's is not");
