@@ -440,6 +440,8 @@ mod tests {
         store.finish_now("a", &first, true, Vec::new());
         let second = take(&store).unwrap();
         store.cancel_now("a", &op.id);
+        let again = take(&store).expect("the taken one is delivered again");
+        assert_eq!(again.index, second.index);
         assert_eq!(
             store.start("a", &second).now_or_never().unwrap().unwrap(),
             Start::Cancelled
@@ -475,6 +477,8 @@ mod tests {
             .get_mut("a")
             .unwrap()
             .purge(now_us() + 2_000_000, store.retention_us);
+        let key = ("o".to_owned(), "r".to_owned());
+        assert!(!state["a"].request_ids.contains_key(&key), "forgotten");
         drop(state);
         assert!(get(&store, &one.id).is_none());
         assert_ne!(batch(&store, "o", "r", 1).id, one.id);
@@ -488,8 +492,22 @@ mod tests {
         let first = store.list_now("a", "o", None, 2);
         let got: Vec<&str> = first.operations.iter().map(|s| s.id.as_str()).collect();
         assert_eq!(got, [ids[4].as_str(), ids[3].as_str()]);
-        let rest = store.list_now("a", "o", first.next.as_deref(), 10);
+        // Exactly a page's worth left: no next page.
+        let rest = store.list_now("a", "o", first.next.as_deref(), 3);
         assert_eq!(rest.operations.len(), 3);
         assert!(rest.next.is_none());
+    }
+
+    #[test]
+    fn a_repeated_finish_does_not_release_the_request_taken_since() {
+        let store = MemoryOperations::new(Duration::from_secs(60));
+        batch(&store, "o", "", 3);
+        let first = take(&store).unwrap();
+        store.finish_now("a", &first, true, Vec::new());
+        let second = take(&store).unwrap();
+        assert_eq!(second.index, 1);
+        store.finish_now("a", &first, true, Vec::new());
+        let next = take(&store).unwrap();
+        assert_eq!(next.index, 1, "the second is out until it finishes");
     }
 }
