@@ -56,3 +56,72 @@ impl Drop for MemoryLines {
         self.0.iter().for_each(|line| line.close());
     }
 }
+
+/// Idempotency records in Redis (keys under `prefix`) as the request path
+/// claims and ends them, for tests of what one call's end does to a call
+/// that took its record over.
+pub struct RedisRecords(crate::idempotency::RedisRecords);
+
+/// A record a call holds.
+pub struct Held(crate::idempotency::Held);
+
+/// What a claim found instead of running the call.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Taken {
+    /// Another call runs it.
+    Running,
+    /// It ended with this gRPC code.
+    Done(i32),
+    /// The request id names another request.
+    Reused,
+}
+
+impl RedisRecords {
+    pub fn new(store: Arc<RedisStore>, prefix: &str) -> Self {
+        let changes = tokio::sync::watch::Sender::new(0);
+        Self(crate::idempotency::RedisRecords::new(
+            store, prefix, changes,
+        ))
+    }
+
+    /// Claims `request_id` (the anonymous caller on account `default`, one
+    /// fixed request) for a call whose lease lasts `lease`.
+    pub async fn claim(&self, request_id: &str, lease: std::time::Duration) -> Result<Held, Taken> {
+        use crate::idempotency::{Fingerprint, Found, Key, Store};
+        let id = crate::domain::RequestId::parse("request_id", request_id.into())
+            .ok()
+            .flatten()
+            .expect("a valid request id");
+        let key = Key::new("default", "anonymous", &id);
+        let association =
+            crate::domain::Association::try_from(crate::pb::DeleteAssociationRequest {
+                resource_type: crate::pb::ResourceType::Number as i32,
+                channel: crate::pb::Channel::Sms as i32,
+                application_id: "app".into(),
+                resource_id: "n-1".into(),
+                ..Default::default()
+            })
+            .expect("a valid request");
+        let fingerprint = Fingerprint::of(&association, false);
+        match self.0.claim(&key, fingerprint, lease).await {
+            Ok(Found::Claimed { token, .. }) => {
+                Ok(Held(crate::idempotency::Held::new(key, fingerprint, token)))
+            }
+            Ok(Found::Running { .. }) => Err(Taken::Running),
+            Ok(Found::Done(status)) => Err(Taken::Done(status.code)),
+            Ok(Found::Reused) => Err(Taken::Reused),
+            Err(_) => panic!("Redis did not answer the claim"),
+        }
+    }
+
+    /// Ends what `held` holds with gRPC `code`.
+    pub async fn finish(&self, held: &Held, code: i32) {
+        use crate::idempotency::{State, Store};
+        let status = tonic_types::pb::Status {
+            code,
+            ..Default::default()
+        };
+        let ended = self.0.finish(&held.0, Some(State::Done(status))).await;
+        assert!(ended.is_ok(), "Redis did not answer the finish");
+    }
+}

@@ -513,3 +513,46 @@ async fn while_redis_is_lost_request_ids_follow_the_fallback() {
     }
     assert_eq!(mock.arrivals().len(), 1);
 }
+
+/// A call whose lease lapsed (its replica stalled past it) and whose record
+/// another call took over: its late end changes nothing; the record stays
+/// the new call's until that one ends. Each claim has an owner of its own.
+#[tokio::test]
+async fn a_late_end_of_a_call_whose_record_was_taken_over_changes_nothing() {
+    use provisioning_gateway::config::{RedisConfig, RedisUrl};
+    use provisioning_gateway::testing::{RedisRecords, RedisStore, TIMEOUT, Taken};
+
+    let redis = RedisServer::start();
+    let store = RedisStore::new(
+        &RedisConfig::new(RedisUrl::new(redis.url()).unwrap()),
+        TIMEOUT,
+    );
+    store.connect().await.unwrap();
+    let records = RedisRecords::new(std::sync::Arc::new(store), "t:");
+    let lease = Duration::from_millis(200);
+    let first = records.claim("r-1", lease).await.expect("free: claimed");
+    // The lease lapses: the next claim takes the record over (bounded poll).
+    let started = std::time::Instant::now();
+    let second = loop {
+        match records.claim("r-1", Duration::from_secs(60)).await {
+            Ok(held) => break held,
+            Err(taken) => assert_eq!(taken, Taken::Running, "still the first call's"),
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the lease never lapsed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    records.finish(&first, 0).await;
+    assert_eq!(
+        records.claim("r-1", lease).await.err(),
+        Some(Taken::Running),
+        "the first call's late end left the second call's record running"
+    );
+    records.finish(&second, 5).await;
+    assert_eq!(
+        records.claim("r-1", lease).await.err(),
+        Some(Taken::Done(5))
+    );
+}

@@ -37,6 +37,7 @@ mod redis;
 pub(crate) use record::{Fingerprint, State};
 pub use records::Refused;
 pub(crate) use records::{Begun, End, Records};
+pub(crate) use redis::RedisRecords;
 
 /// A key and a fingerprint for the stores' and the door's unit tests.
 #[cfg(test)]
@@ -111,6 +112,17 @@ pub(crate) struct Held {
     key: Key,
     fingerprint: Fingerprint,
     token: Token,
+}
+
+impl Held {
+    /// What a claim of `key` that found [`Found::Claimed`] with `token` holds.
+    pub(crate) fn new(key: Key, fingerprint: Fingerprint, token: Token) -> Self {
+        Self {
+            key,
+            fingerprint,
+            token,
+        }
+    }
 }
 
 /// What a claim found.

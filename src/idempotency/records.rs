@@ -122,11 +122,7 @@ impl Records {
                     token,
                     prior_unknown,
                 } => {
-                    let held = Held {
-                        key,
-                        fingerprint,
-                        token,
-                    };
+                    let held = Held::new(key, fingerprint, token);
                     return Ok(Begun::Run(Claim {
                         store,
                         held: Some(held),

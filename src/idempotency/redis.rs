@@ -75,6 +75,14 @@ end
 return 1
 ";
 
+/// Another call runs the record: look again in [`POLL`] (sooner if a call
+/// of this replica ends).
+fn look_again_soon() -> Found {
+    Found::Running {
+        look_again: Instant::now() + POLL,
+    }
+}
+
 fn script(cell: &'static OnceLock<Script>, source: &str) -> &'static Script {
     cell.get_or_init(|| Script::new(source))
 }
@@ -182,11 +190,7 @@ impl RedisRecords {
                 Some(Record {
                     state: State::Running,
                     ..
-                }) if leased == 1 => {
-                    return Ok(Found::Running {
-                        look_again: Instant::now() + POLL,
-                    });
-                }
+                }) if leased == 1 => return Ok(look_again_soon()),
                 // Unknown, a lapsed lease, or bytes that are no record
                 // (treated as absent).
                 _ => {}
@@ -201,9 +205,7 @@ impl RedisRecords {
                 });
             }
         }
-        Ok(Found::Running {
-            look_again: Instant::now() + POLL,
-        })
+        Ok(look_again_soon())
     }
 
     async fn finish_in_redis(&self, held: &Held, end: Option<State>) -> Result<(), Unavailable> {
