@@ -64,6 +64,12 @@ const TIMEOUT: Duration = Duration::from_secs(2);
 /// Reconnects at most this often.
 const RECONNECT_EVERY: Duration = Duration::from_millis(200);
 
+/// Whether a connection may be tried at `now`: not within
+/// [`RECONNECT_EVERY`] of the last failed try.
+fn may_reconnect(failed_at: Option<Instant>, now: Instant) -> bool {
+    failed_at.is_none_or(|at| now.saturating_duration_since(at) >= RECONNECT_EVERY)
+}
+
 /// The script, called by its SHA (loaded on first use on a connection).
 fn script() -> &'static Script {
     static SCRIPT: OnceLock<Script> = OnceLock::new();
@@ -129,7 +135,7 @@ impl RedisOperations {
         }
         {
             let mut failed = self.failed_at.lock().unwrap_or_else(|p| p.into_inner());
-            if failed.is_some_and(|at| at.elapsed() < RECONNECT_EVERY) {
+            if !may_reconnect(*failed, Instant::now()) {
                 return Err(Unavailable("not connected to Redis".into()));
             }
             *failed = None;
@@ -371,5 +377,27 @@ impl OperationStore for RedisOperations {
 
     fn shared(&self) -> bool {
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_connection_is_tried_again_only_once_the_pause_has_passed() {
+        let at = Instant::now();
+        let ms = Duration::from_millis;
+        assert!(may_reconnect(None, at), "never failed");
+        assert!(!may_reconnect(Some(at), at));
+        assert!(!may_reconnect(Some(at), at + RECONNECT_EVERY - ms(1)));
+        assert!(
+            may_reconnect(Some(at), at + RECONNECT_EVERY),
+            "at the pause's end"
+        );
+        assert!(
+            may_reconnect(Some(at), at + 3 * RECONNECT_EVERY),
+            "and after it"
+        );
     }
 }
