@@ -70,6 +70,16 @@ fn may_reconnect(failed_at: Option<Instant>, now: Instant) -> bool {
     failed_at.is_none_or(|at| now.saturating_duration_since(at) >= RECONNECT_EVERY)
 }
 
+/// The script's answer to `submit`: whether it created the operation (else
+/// the request id's existing one), and its id.
+fn submit_answer(answer: &[String]) -> Result<(bool, &String), Unavailable> {
+    match answer {
+        [kind, id] if kind == "created" => Ok((true, id)),
+        [kind, id] if kind == "existing" => Ok((false, id)),
+        _ => Err(unexpected("submit")),
+    }
+}
+
 /// The script, called by its SHA (loaded on first use on a connection).
 fn script() -> &'static Script {
     static SCRIPT: OnceLock<Script> = OnceLock::new();
@@ -190,11 +200,7 @@ impl RedisOperations {
         .into();
         args.extend(new.requests);
         let answer: Vec<String> = self.call(&new.account, args).await?;
-        let (created, id) = match answer.as_slice() {
-            [kind, id] if kind == "created" => (true, id),
-            [kind, id] if kind == "existing" => (false, id),
-            _ => return Err(unexpected("submit")),
-        };
+        let (created, id) = submit_answer(&answer)?;
         let snapshot = self.snapshot(&new.account, id, false).await?;
         let snapshot = snapshot.ok_or_else(|| unexpected("submit (operation gone)"))?;
         if created {
@@ -383,6 +389,23 @@ impl OperationStore for RedisOperations {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_submit_answer_is_created_or_existing_with_an_id_and_nothing_else() {
+        let answer = |words: &[&str]| words.iter().map(|w| w.to_string()).collect::<Vec<_>>();
+        let id = "0123".to_owned();
+        assert_eq!(
+            submit_answer(&answer(&["created", "0123"])).ok(),
+            Some((true, &id))
+        );
+        assert_eq!(
+            submit_answer(&answer(&["existing", "0123"])).ok(),
+            Some((false, &id))
+        );
+        for bad in [&["gone", "0123"][..], &["created"], &[]] {
+            assert!(submit_answer(&answer(bad)).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn a_failed_connection_is_tried_again_only_once_the_pause_has_passed() {
