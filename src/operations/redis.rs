@@ -80,6 +80,25 @@ fn submit_answer(answer: &[String]) -> Result<(bool, &String), Unavailable> {
     }
 }
 
+/// The script's answer to `take`.
+fn take_answer(answer: &[Vec<u8>]) -> Result<Take, Unavailable> {
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    Ok(match answer {
+        [kind] if kind == b"empty" => Take::Empty,
+        [kind] if kind == b"lost" => Take::Lost,
+        [kind] if kind == b"busy" => Take::Skipped,
+        [kind, entry, op, index, request, owner, started] if kind == b"item" => Take::Item(Item {
+            entry: text(entry),
+            op: text(op),
+            index: text(index).parse().map_err(|_| unexpected("take"))?,
+            request: request.clone(),
+            owner: text(owner),
+            redelivered: started == b"1",
+        }),
+        _ => return Err(unexpected("take")),
+    })
+}
+
 /// The script, called by its SHA (loaded on first use on a connection).
 fn script() -> &'static Script {
     static SCRIPT: OnceLock<Script> = OnceLock::new();
@@ -219,23 +238,7 @@ impl RedisOperations {
     async fn take_now(&self, account: &str) -> Result<Take, Unavailable> {
         let args = vec![b"take".to_vec(), self.consumer.clone().into_bytes()];
         let answer: Vec<Vec<u8>> = self.call(account, args).await?;
-        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-        Ok(match answer.as_slice() {
-            [kind] if kind == b"empty" => Take::Empty,
-            [kind] if kind == b"lost" => Take::Lost,
-            [kind] if kind == b"busy" => Take::Skipped,
-            [kind, entry, op, index, request, owner, started] if kind == b"item" => {
-                Take::Item(Item {
-                    entry: text(entry),
-                    op: text(op),
-                    index: text(index).parse().map_err(|_| unexpected("take"))?,
-                    request: request.clone(),
-                    owner: text(owner),
-                    redelivered: started == b"1",
-                })
-            }
-            _ => return Err(unexpected("take")),
-        })
+        take_answer(&answer)
     }
 
     async fn word(&self, account: &str, args: &[&str]) -> Result<String, Unavailable> {
@@ -405,6 +408,44 @@ mod tests {
         for bad in [&["gone", "0123"][..], &["created"], &[]] {
             assert!(submit_answer(&answer(bad)).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn each_take_answer_reads_as_its_own_kind_and_anything_else_is_refused() {
+        let answer = |words: &[&str]| -> Vec<Vec<u8>> {
+            words.iter().map(|w| w.as_bytes().to_vec()).collect()
+        };
+        let kind = |words: &[&str]| match take_answer(&answer(words)) {
+            Ok(Take::Empty) => "empty",
+            Ok(Take::Lost) => "lost",
+            Ok(Take::Skipped) => "busy",
+            Ok(Take::Item(_)) => "item",
+            Err(_) => "refused",
+        };
+        for word in ["empty", "lost", "busy"] {
+            assert_eq!(kind(&[word]), word);
+        }
+        assert_eq!(kind(&["item"]), "refused", "an item without its fields");
+        assert_eq!(kind(&["gone"]), "refused");
+        assert_eq!(kind(&[]), "refused");
+        let item = answer(&["item", "7-0", "op", "3", "req", "o", "1"]);
+        let Ok(Take::Item(item)) = take_answer(&item) else {
+            panic!("an item");
+        };
+        assert_eq!(
+            (item.entry.as_str(), item.op.as_str(), item.index),
+            ("7-0", "op", 3)
+        );
+        assert_eq!(
+            (item.request.as_slice(), item.owner.as_str()),
+            (&b"req"[..], "o")
+        );
+        assert!(item.redelivered);
+        let fresh = answer(&["item", "7-0", "op", "3", "req", "o", "0"]);
+        assert!(matches!(take_answer(&fresh), Ok(Take::Item(i)) if !i.redelivered));
+        let bad_index = answer(&["item", "7-0", "op", "x", "req", "o", "0"]);
+        assert!(take_answer(&bad_index).is_err());
+        assert!(take_answer(&answer(&["lost", "extra"])).is_err());
     }
 
     #[test]
