@@ -476,6 +476,9 @@ async fn a_call_whose_caller_leaves_in_line_is_exported_as_cancelled() {
             ("OTEL_EXPORTER_OTLP_ENDPOINT", &format!("http://{grpc}")),
             ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
             ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+            // Slots 3 s apart: the waiting call is in line long enough to
+            // be seen there however busy the machine.
+            ("GATEWAY_SAFETY_MARGIN", "2s"),
         ],
     )
     .await;
@@ -483,7 +486,7 @@ async fn a_call_whose_caller_leaves_in_line_is_exported_as_cancelled() {
     let mut client = AssociationServiceClient::connect(format!("http://{}", gateway.addr))
         .await
         .unwrap();
-    // Takes the slot: the next call waits about a second in line.
+    // Takes the slot: the next call waits about 3 s in line.
     client
         .delete_association(traced(request(1), "2000000000000001"))
         .await
