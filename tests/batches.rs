@@ -272,6 +272,14 @@ async fn only_the_caller_and_account_that_created_an_operation_see_it(backend: B
         (names, rest.next_page_token.as_str()),
         (vec![alices[0].as_str()], "")
     );
+    // Exactly a page's worth: no next page.
+    let mut whole = list("", "alice");
+    whole.get_mut().page_size = 3;
+    let whole = ops.list_operations(whole).await.unwrap().into_inner();
+    assert_eq!(
+        (whole.operations.len(), whole.next_page_token.as_str()),
+        (3, "")
+    );
     let bob_list = ops
         .list_operations(list("", "bob"))
         .await

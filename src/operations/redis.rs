@@ -99,6 +99,27 @@ fn take_answer(answer: &[Vec<u8>]) -> Result<Take, Unavailable> {
     })
 }
 
+/// The script's answer to `delete`.
+fn removal(word: &str) -> Result<Removal, Unavailable> {
+    match word {
+        "deleted" => Ok(Removal::Deleted),
+        "running" => Ok(Removal::Running),
+        "missing" => Ok(Removal::Missing),
+        _ => Err(unexpected("delete")),
+    }
+}
+
+/// The script's answer to `start`: send it, it was cancelled, or stop (the
+/// lease went to another drainer, or the operation is gone).
+fn start_answer(word: &str) -> Result<Start, Unavailable> {
+    match word {
+        "go" => Ok(Start::Go),
+        "cancelled" => Ok(Start::Cancelled),
+        "lost" | "gone" => Ok(Start::Stop),
+        _ => Err(unexpected("start")),
+    }
+}
+
 /// The script, called by its SHA (loaded on first use on a connection).
 fn script() -> &'static Script {
     static SCRIPT: OnceLock<Script> = OnceLock::new();
@@ -297,14 +318,7 @@ impl OperationStore for RedisOperations {
     }
 
     fn delete<'a>(&'a self, account: &'a str, id: &'a str) -> Answer<'a, Removal> {
-        Box::pin(async move {
-            match self.word(account, &["delete", id]).await?.as_str() {
-                "deleted" => Ok(Removal::Deleted),
-                "running" => Ok(Removal::Running),
-                "missing" => Ok(Removal::Missing),
-                _ => Err(unexpected("delete")),
-            }
-        })
+        Box::pin(async move { removal(&self.word(account, &["delete", id]).await?) })
     }
 
     fn hold<'a>(&'a self, account: &'a str) -> Answer<'a, bool> {
@@ -332,12 +346,7 @@ impl OperationStore for RedisOperations {
         Box::pin(async move {
             let index = item.index.to_string();
             let args = ["start", &self.consumer, &item.op, &index];
-            match self.word(account, &args).await?.as_str() {
-                "go" => Ok(Start::Go),
-                "cancelled" => Ok(Start::Cancelled),
-                "lost" | "gone" => Ok(Start::Stop),
-                _ => Err(unexpected("start")),
-            }
+            start_answer(&self.word(account, &args).await?)
         })
     }
 
@@ -446,6 +455,22 @@ mod tests {
         let bad_index = answer(&["item", "7-0", "op", "x", "req", "o", "0"]);
         assert!(take_answer(&bad_index).is_err());
         assert!(take_answer(&answer(&["lost", "extra"])).is_err());
+    }
+
+    #[test]
+    fn delete_and_start_answers_read_as_their_own_kind_and_anything_else_is_refused() {
+        let removals = ["deleted", "running", "missing", "other"].map(|w| removal(w).ok());
+        use Removal::{Deleted, Missing, Running};
+        assert_eq!(
+            removals,
+            [Some(Deleted), Some(Running), Some(Missing), None]
+        );
+        let starts = ["go", "cancelled", "lost", "gone", "other"].map(|w| start_answer(w).ok());
+        use Start::{Cancelled, Go, Stop};
+        assert_eq!(
+            starts,
+            [Some(Go), Some(Cancelled), Some(Stop), Some(Stop), None]
+        );
     }
 
     #[test]
