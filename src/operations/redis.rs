@@ -474,6 +474,21 @@ mod tests {
     }
 
     #[test]
+    fn the_stores_wake_ups_are_one_for_all_who_listen() {
+        use crate::config::RedisUrl;
+        // Not connected: no command runs.
+        let url = RedisUrl::new("redis://127.0.0.1:1").unwrap();
+        let store = RedisOperations::new(&RedisConfig::new(url), Duration::from_secs(60));
+        let (mut work, mut changed) = (store.wakeups().work("a"), store.wakeups().changed());
+        store.wakeups().submitted("a");
+        assert!(work.has_changed().unwrap() && changed.has_changed().unwrap());
+        work.borrow_and_update();
+        changed.borrow_and_update();
+        store.wakeups().touched();
+        assert!(changed.has_changed().unwrap() && !work.has_changed().unwrap());
+    }
+
+    #[test]
     fn a_failed_connection_is_tried_again_only_once_the_pause_has_passed() {
         let at = Instant::now();
         let ms = Duration::from_millis;
