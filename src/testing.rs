@@ -125,3 +125,31 @@ impl RedisRecords {
         assert!(ended.is_ok(), "Redis did not answer the finish");
     }
 }
+
+/// The set of accounts with queued batch work in Redis
+/// (`<prefix>ops:active`), for tests of how a drainer leaves it.
+pub struct ActiveAccounts(crate::operations::redis::active::Active);
+
+impl ActiveAccounts {
+    pub fn new(prefix: &str) -> Self {
+        Self(crate::operations::redis::active::Active::new(prefix))
+    }
+
+    /// `account` has queued work.
+    pub async fn add(&self, store: &RedisStore, account: &str) -> Result<(), String> {
+        self.0.add(store, account).await.map_err(|e| e.0)
+    }
+
+    /// `account`'s queue (the stream `queue`) was found empty.
+    pub async fn quiet(
+        &self,
+        store: &RedisStore,
+        account: &str,
+        queue: &str,
+    ) -> Result<(), String> {
+        self.0
+            .quiet(store, account, queue.to_owned())
+            .await
+            .map_err(|e| e.0)
+    }
+}

@@ -154,3 +154,39 @@ async fn idle_drainers_of_many_accounts_read_one_set_a_second_not_each_account()
     assert!((1..=8).contains(&reads), "{reads} reads of the set in 3 s");
     drop(gateway);
 }
+
+/// A drainer that finds its account's queue empty takes the account out of
+/// the active set, unless work is queued by then: other replicas then still
+/// see it.
+#[tokio::test]
+async fn an_emptied_account_leaves_the_active_set_unless_work_came_meanwhile() {
+    use provisioning_gateway::config::{RedisConfig, RedisUrl};
+    use provisioning_gateway::testing::{ActiveAccounts, RedisStore, TIMEOUT};
+    use redis::AsyncCommands;
+
+    let redis = RedisServer::start();
+    let store = RedisStore::new(
+        &RedisConfig::new(RedisUrl::new(redis.url()).unwrap()),
+        TIMEOUT,
+    );
+    store.connect().await.unwrap();
+    let mut conn = crate::redis::raw(&redis).await;
+    let active = ActiveAccounts::new("t:");
+    let members = |conn: &mut redis::aio::MultiplexedConnection| {
+        let mut conn = conn.clone();
+        async move {
+            let mut m: Vec<String> = conn.smembers("t:ops:active").await.unwrap();
+            m.sort();
+            m
+        }
+    };
+
+    active.add(&store, "a").await.unwrap();
+    active.add(&store, "b").await.unwrap();
+    assert_eq!(members(&mut conn).await, ["a", "b"]);
+    active.quiet(&store, "a", "t:{a}:queue").await.unwrap();
+    assert_eq!(members(&mut conn).await, ["b"], "a's queue is empty");
+    let _: String = conn.xadd("t:{b}:queue", "*", &[("r", "1")]).await.unwrap();
+    active.quiet(&store, "b", "t:{b}:queue").await.unwrap();
+    assert_eq!(members(&mut conn).await, ["b"], "b's queue has work again");
+}

@@ -47,7 +47,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-mod active;
+pub(crate) mod active;
 mod read;
 
 use super::{
@@ -474,7 +474,7 @@ mod tests {
     }
 
     #[test]
-    fn the_stores_wake_ups_are_one_for_all_who_listen() {
+    fn the_stores_wake_ups_are_one_for_all_who_listen_and_it_is_shared() {
         use crate::config::RedisUrl;
         // Not connected: no command runs.
         let url = RedisUrl::new("redis://127.0.0.1:1").unwrap();
@@ -486,6 +486,8 @@ mod tests {
         changed.borrow_and_update();
         store.wakeups().touched();
         assert!(changed.has_changed().unwrap() && !work.has_changed().unwrap());
+        // Other replicas change its operations too: its waiters also poll.
+        assert!(store.shared());
     }
 
     #[test]

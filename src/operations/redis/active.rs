@@ -20,7 +20,7 @@ use crate::budget::redis::RedisStore;
 const FRESH: Duration = Duration::from_millis(900);
 
 /// This process' view of the set.
-pub(super) struct Active {
+pub(crate) struct Active {
     key: String,
     /// The last read, and when it was made.
     seen: Mutex<(Option<Instant>, HashSet<String>)>,
@@ -29,7 +29,7 @@ pub(super) struct Active {
 }
 
 impl Active {
-    pub(super) fn new(prefix: &str) -> Self {
+    pub(crate) fn new(prefix: &str) -> Self {
         Self {
             key: format!("{prefix}ops:active"),
             seen: Mutex::new((None, HashSet::new())),
@@ -71,7 +71,7 @@ impl Active {
     }
 
     /// `account` has queued work (after it was queued).
-    pub(super) async fn add(&self, store: &RedisStore, account: &str) -> Result<(), Unavailable> {
+    pub(crate) async fn add(&self, store: &RedisStore, account: &str) -> Result<(), Unavailable> {
         let (key, member) = (self.key.clone(), account.to_owned());
         store
             .run(|mut conn| async move {
@@ -89,7 +89,7 @@ impl Active {
 
     /// `account`'s queue (`queue`, its stream) was found empty: out of the
     /// set, unless work came meanwhile.
-    pub(super) async fn quiet(
+    pub(crate) async fn quiet(
         &self,
         store: &RedisStore,
         account: &str,
@@ -116,5 +116,24 @@ impl Active {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, (Option<Instant>, HashSet<String>)> {
         self.seen.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_read_answers_for_every_account_until_it_is_fresh_no_more() {
+        let active = Active::new("t:");
+        *active.lock() = (Some(Instant::now()), HashSet::from(["a".to_owned()]));
+        assert_eq!(
+            (active.cached("a"), active.cached("b")),
+            (Some(true), Some(false))
+        );
+        tokio::time::advance(FRESH - Duration::from_millis(1)).await;
+        assert_eq!(active.cached("a"), Some(true));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(active.cached("a"), None, "read again once FRESH old");
     }
 }
