@@ -55,14 +55,26 @@ impl RedisOperations {
             let fields = (0..snapshot.total).map(|i| format!("r:{i}")).collect();
             let stored = self.hmget(key.clone(), fields).await?;
             let cancel_from = number(values.get(9)).unwrap_or(i64::MAX);
-            let outcomes = stored.into_iter().zip(0..).map(|(r, i)| match r {
-                Some(bytes) => Outcome::Stored(bytes),
-                None if snapshot.cancel_requested && i >= cancel_from => Outcome::Cancelled,
-                None => Outcome::Missing,
-            });
+            let cancelled_from = snapshot.cancel_requested.then_some(cancel_from);
+            let outcomes = stored
+                .into_iter()
+                .zip(0..)
+                .map(|(r, i)| outcome(r, i, cancelled_from));
             snapshot.results = Some(outcomes.collect());
         }
         Ok(Some(snapshot))
+    }
+}
+
+/// The outcome of request `i` of a done operation from its stored result:
+/// none stored is a cancelled request when a cancel came before it was
+/// taken (`cancelled_from`: the first request the cancel left untaken), and
+/// a lost result otherwise.
+fn outcome(stored: Option<Vec<u8>>, i: i64, cancelled_from: Option<i64>) -> Outcome {
+    match stored {
+        Some(bytes) => Outcome::Stored(bytes),
+        None if cancelled_from.is_some_and(|from| i >= from) => Outcome::Cancelled,
+        None => Outcome::Missing,
     }
 }
 
@@ -98,6 +110,19 @@ fn number(value: Option<&Vec<u8>>) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_result_not_stored_is_cancelled_only_from_where_the_cancel_left_off() {
+        assert_eq!(outcome(Some(vec![7]), 5, Some(2)), Outcome::Stored(vec![7]));
+        assert_eq!(outcome(None, 5, None), Outcome::Missing, "no cancel: lost");
+        assert_eq!(
+            outcome(None, 1, Some(2)),
+            Outcome::Missing,
+            "taken before it"
+        );
+        assert_eq!(outcome(None, 2, Some(2)), Outcome::Cancelled);
+        assert_eq!(outcome(None, 3, Some(2)), Outcome::Cancelled);
+    }
 
     #[test]
     fn bad_stored_fields_read_as_absent_or_zero_never_a_panic() {
