@@ -455,6 +455,11 @@ mod tests {
         let bad_index = answer(&["item", "7-0", "op", "x", "req", "o", "0"]);
         assert!(take_answer(&bad_index).is_err());
         assert!(take_answer(&answer(&["lost", "extra"])).is_err());
+        let not_an_item = answer(&["gone", "7-0", "op", "3", "req", "o", "1"]);
+        assert!(
+            take_answer(&not_an_item).is_err(),
+            "seven words of another kind"
+        );
     }
 
     #[test]
