@@ -273,6 +273,18 @@ impl Wakeups {
     }
 }
 
+/// The outcome of request `i` of a done operation from its stored result:
+/// none stored is a cancelled request when a cancel came before it was
+/// taken (`cancelled_from`: the first request the cancel left untaken), and
+/// a lost result otherwise.
+pub(crate) fn outcome(stored: Option<Vec<u8>>, i: i64, cancelled_from: Option<i64>) -> Outcome {
+    match stored {
+        Some(bytes) => Outcome::Stored(bytes),
+        None if cancelled_from.is_some_and(|from| i >= from) => Outcome::Cancelled,
+        None => Outcome::Missing,
+    }
+}
+
 /// A new operation id: 16 hex digits of the creation time in µs, then 16
 /// random ones, so ids sort by creation (pages, newest first) and never
 /// collide across replicas.
@@ -351,6 +363,19 @@ mod tests {
         wakeups.touched();
         assert!(changed.has_changed().unwrap(), "a change wakes waiters");
         assert!(!a.has_changed().unwrap() && !b.has_changed().unwrap());
+    }
+
+    #[test]
+    fn a_result_not_stored_is_cancelled_only_from_where_the_cancel_left_off() {
+        assert_eq!(outcome(Some(vec![7]), 5, Some(2)), Outcome::Stored(vec![7]));
+        assert_eq!(outcome(None, 5, None), Outcome::Missing, "no cancel: lost");
+        assert_eq!(
+            outcome(None, 1, Some(2)),
+            Outcome::Missing,
+            "taken before it"
+        );
+        assert_eq!(outcome(None, 2, Some(2)), Outcome::Cancelled);
+        assert_eq!(outcome(None, 3, Some(2)), Outcome::Cancelled);
     }
 
     #[test]

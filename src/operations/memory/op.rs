@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 
-use crate::operations::{Outcome, Snapshot};
+use crate::operations::{Snapshot, outcome};
 
 /// One operation.
 pub(super) struct Op {
@@ -38,15 +38,12 @@ impl Op {
     }
 
     pub(super) fn snapshot(&self, id: &str, results: bool) -> Snapshot {
+        let cancelled_from = self.cancel.then_some(i64::from(self.cancel_from));
         let results = (results && self.done()).then(|| {
-            let outcome = |(i, r): (usize, &Option<Vec<u8>>)| match r {
-                Some(bytes) => Outcome::Stored(bytes.clone()),
-                None if self.cancel && i as u64 >= u64::from(self.cancel_from) => {
-                    Outcome::Cancelled
-                }
-                None => Outcome::Missing,
-            };
-            self.results.iter().enumerate().map(outcome).collect()
+            let results = self.results.iter().cloned().zip(0..);
+            results
+                .map(|(r, i)| outcome(r, i, cancelled_from))
+                .collect()
         });
         Snapshot {
             id: id.to_owned(),

@@ -3,7 +3,7 @@
 //! that is absent or no number reads as absent or zero.
 
 use super::{RedisOperations, unavailable};
-use crate::operations::{Outcome, Snapshot, Unavailable};
+use crate::operations::{Snapshot, Unavailable, outcome};
 
 /// An operation's fields as `get` and `list` read them, in this order.
 pub(super) const FIELDS: [&str; 11] = [
@@ -66,18 +66,6 @@ impl RedisOperations {
     }
 }
 
-/// The outcome of request `i` of a done operation from its stored result:
-/// none stored is a cancelled request when a cancel came before it was
-/// taken (`cancelled_from`: the first request the cancel left untaken), and
-/// a lost result otherwise.
-fn outcome(stored: Option<Vec<u8>>, i: i64, cancelled_from: Option<i64>) -> Outcome {
-    match stored {
-        Some(bytes) => Outcome::Stored(bytes),
-        None if cancelled_from.is_some_and(|from| i >= from) => Outcome::Cancelled,
-        None => Outcome::Missing,
-    }
-}
-
 /// An operation from its [`FIELDS`] (`None` when it does not exist).
 pub(super) fn parse(id: &str, values: &[Vec<u8>]) -> Option<Snapshot> {
     let owner = values.first().filter(|o| !o.is_empty())?;
@@ -110,19 +98,6 @@ fn number(value: Option<&Vec<u8>>) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_result_not_stored_is_cancelled_only_from_where_the_cancel_left_off() {
-        assert_eq!(outcome(Some(vec![7]), 5, Some(2)), Outcome::Stored(vec![7]));
-        assert_eq!(outcome(None, 5, None), Outcome::Missing, "no cancel: lost");
-        assert_eq!(
-            outcome(None, 1, Some(2)),
-            Outcome::Missing,
-            "taken before it"
-        );
-        assert_eq!(outcome(None, 2, Some(2)), Outcome::Cancelled);
-        assert_eq!(outcome(None, 3, Some(2)), Outcome::Cancelled);
-    }
 
     #[test]
     fn bad_stored_fields_read_as_absent_or_zero_never_a_panic() {
