@@ -389,6 +389,13 @@ mod tests {
 
     const T: i64 = 1_000_000;
 
+    #[test]
+    fn a_ticket_is_kept_half_an_interval_past_its_slot_at_most_50_ms() {
+        assert_eq!(claim_late(40_000), 20_000, "fast accounts: half of T");
+        assert_eq!(claim_late(100_000), CLAIM_LATE);
+        assert_eq!(claim_late(T), CLAIM_LATE, "1 rps: 50 ms");
+    }
+
     fn rules() -> Rules {
         Rules {
             interval: T,
