@@ -160,16 +160,11 @@ async fn idle_drainers_of_many_accounts_read_one_set_a_second_not_each_account()
 /// see it.
 #[tokio::test]
 async fn an_emptied_account_leaves_the_active_set_unless_work_came_meanwhile() {
-    use provisioning_gateway::config::{RedisConfig, RedisUrl};
-    use provisioning_gateway::testing::{ActiveAccounts, RedisStore, TIMEOUT};
+    use provisioning_gateway::testing::ActiveAccounts;
     use redis::AsyncCommands;
 
     let redis = RedisServer::start();
-    let store = RedisStore::new(
-        &RedisConfig::new(RedisUrl::new(redis.url()).unwrap()),
-        TIMEOUT,
-    );
-    store.connect().await.unwrap();
+    let store = redis.store().await;
     let mut conn = crate::redis::raw(&redis).await;
     let active = ActiveAccounts::new("t:");
     let members = |conn: &mut redis::aio::MultiplexedConnection| {

@@ -519,16 +519,10 @@ async fn while_redis_is_lost_request_ids_follow_the_fallback() {
 /// the new call's until that one ends. Each claim has an owner of its own.
 #[tokio::test]
 async fn a_late_end_of_a_call_whose_record_was_taken_over_changes_nothing() {
-    use provisioning_gateway::config::{RedisConfig, RedisUrl};
-    use provisioning_gateway::testing::{RedisRecords, RedisStore, TIMEOUT, Taken};
+    use provisioning_gateway::testing::{RedisRecords, Taken};
 
     let redis = RedisServer::start();
-    let store = RedisStore::new(
-        &RedisConfig::new(RedisUrl::new(redis.url()).unwrap()),
-        TIMEOUT,
-    );
-    store.connect().await.unwrap();
-    let records = RedisRecords::new(std::sync::Arc::new(store), "t:");
+    let records = RedisRecords::new(redis.store().await, "t:");
     let lease = Duration::from_millis(200);
     let first = records.claim("r-1", lease).await.expect("free: claimed");
     // The lease lapses: the next claim takes the record over (bounded poll).

@@ -6,10 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use provisioning_gateway::config::{RedisConfig, RedisUrl};
-use provisioning_gateway::testing::{
-    self, Answer, Ask, RedisLine, RedisStore, Refusal, Rules, Schedule, TIMEOUT,
-};
+use provisioning_gateway::testing::{self, Answer, Ask, RedisLine, Refusal, Rules, Schedule};
 
 use crate::redis::raw;
 use crate::support::redis::RedisServer;
@@ -44,13 +41,6 @@ fn anon(ticket: &str) -> Ask {
     ask(ticket, "anonymous", 1, 3600 * T)
 }
 
-async fn store(redis: &RedisServer) -> Arc<RedisStore> {
-    let config = RedisConfig::new(RedisUrl::new(redis.url()).unwrap());
-    let store = RedisStore::new(&config, TIMEOUT);
-    store.connect().await.unwrap();
-    Arc::new(store)
-}
-
 /// One account's line in Redis and in the model, side by side.
 struct Both {
     redis: RedisLine,
@@ -62,7 +52,7 @@ struct Both {
 impl Both {
     async fn new(redis: &RedisServer, base: &str, rules: Rules) -> Self {
         Self {
-            redis: testing::redis_line(store(redis).await, base, rules),
+            redis: testing::redis_line(redis.store().await, base, rules),
             model: Schedule::default(),
             rules,
             origin: Instant::now(),
@@ -264,7 +254,7 @@ async fn script_places_a_fresh_caller_fairly_but_never_past_a_promise() {
 async fn script_shares_slots_by_weight_between_callers_on_two_replicas() {
     let redis = RedisServer::start();
     // Two connections on one account: two replicas.
-    let (a, b) = (store(&redis).await, store(&redis).await);
+    let (a, b) = (redis.store().await, redis.store().await);
     // Nothing is due while the 25 are admitted.
     let r = Rules {
         interval: 20_000,
@@ -354,7 +344,7 @@ async fn script_pushback_holds_every_replica_and_never_shortens() {
     l.pushback(8 * T).await;
     l.pushback(T).await;
     // Another replica, on its own connection.
-    let other = testing::redis_line(store(&redis).await, "t:push", rules());
+    let other = testing::redis_line(redis.store().await, "t:push", rules());
     let wait = wait_of(other.admit(&anon("b")).await.unwrap().answer);
     assert!(wait > 8 * T - JITTER && wait <= 8 * T, "{wait}");
 }
@@ -362,7 +352,7 @@ async fn script_pushback_holds_every_replica_and_never_shortens() {
 #[tokio::test]
 async fn script_resets_a_next_slot_beyond_any_horizon_and_says_so() {
     let redis = RedisServer::start();
-    let line = testing::redis_line(store(&redis).await, "t:clock", rules());
+    let line = testing::redis_line(redis.store().await, "t:clock", rules());
     assert_eq!(
         line.admit(&anon("a")).await.unwrap().answer,
         Answer::Granted
@@ -388,7 +378,7 @@ async fn script_resets_a_next_slot_beyond_any_horizon_and_says_so() {
 #[tokio::test]
 async fn script_keys_expire_and_the_script_comes_back_after_a_flush_and_a_restart() {
     let mut redis = RedisServer::start();
-    let store = store(&redis).await;
+    let store = redis.store().await;
     let line = testing::redis_line(Arc::clone(&store), "t:keys", rules());
     line.admit(&anon("a")).await.unwrap();
     line.admit(&anon("b")).await.unwrap();

@@ -52,6 +52,16 @@ impl RedisServer {
     }
 
     /// `redis://[:password@]127.0.0.1:port`
+    /// A Redis store of the gateway's, connected to this server.
+    pub async fn store(&self) -> std::sync::Arc<provisioning_gateway::testing::RedisStore> {
+        use provisioning_gateway::config::{RedisConfig, RedisUrl};
+        use provisioning_gateway::testing::{RedisStore, TIMEOUT};
+        let config = RedisConfig::new(RedisUrl::new(self.url()).unwrap());
+        let store = RedisStore::new(&config, TIMEOUT);
+        store.connect().await.unwrap();
+        std::sync::Arc::new(store)
+    }
+
     pub fn url(&self) -> String {
         match &self.password {
             Some(p) => format!("redis://:{p}@127.0.0.1:{}", self.port),
