@@ -357,6 +357,42 @@ mod tests {
         assert_eq!(mesh_identity(XFCC, "Hash=ab;Subject=\"CN=x\""), None);
     }
 
+    /// A self-signed certificate's DER with these SANs.
+    fn cert_with(sans: Vec<rcgen::SanType>) -> Vec<u8> {
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = sans;
+        let key = rcgen::KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn a_certificate_names_its_uri_san_as_it_is_only_with_a_scheme_else_its_dns_san() {
+        use rcgen::SanType::{DnsName, URI};
+        let uri = |u: &str| URI(u.try_into().unwrap());
+        let dns = |d: &str| DnsName(d.try_into().unwrap());
+        let spiffe = "spiffe://cluster.test/ns/orders/sa/orders";
+        for (sans, want) in [
+            (vec![uri(spiffe)], Some(spiffe.to_owned())),
+            // Without `://` the URI is marked, so `dns:x` in a URI SAN
+            // cannot pass for the DNS SAN `x`.
+            (
+                vec![uri("dns:orders.svc")],
+                Some("uri:dns:orders.svc".into()),
+            ),
+            (vec![dns("orders.svc")], Some("dns:orders.svc".into())),
+            // The URI SAN first, wherever it stands.
+            (
+                vec![dns("orders.svc"), uri(spiffe)],
+                Some(spiffe.to_owned()),
+            ),
+            (vec![], None),
+        ] {
+            let what = format!("{sans:?}");
+            assert_eq!(cert_identity(&cert_with(sans)), want, "{what}");
+        }
+        assert_eq!(cert_identity(b"not a certificate"), None);
+    }
+
     #[test]
     fn a_token_a_certificate_and_the_mesh_header_never_share_a_name() {
         let billing = TokenCaller::with_token("billing", "t", NonZeroU32::MIN);
