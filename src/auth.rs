@@ -355,6 +355,20 @@ mod tests {
             assert_eq!(mesh_identity("l5d-client-id", bad), None, "{bad:?}");
         }
         assert_eq!(mesh_identity(XFCC, "Hash=ab;Subject=\"CN=x\""), None);
+        // A quoted value (escaped quotes too) cannot smuggle in a URI of its
+        // own, across either separator.
+        for subject in [
+            r#""CN=x,URI=spiffe://evil""#,
+            r#""CN=x;URI=spiffe://evil""#,
+            r#""CN=\"x,URI=spiffe://evil\"""#,
+        ] {
+            let xfcc = format!("Hash=ab;Subject={subject};DNS=orders.svc");
+            assert_eq!(
+                mesh_identity(XFCC, &xfcc).as_deref(),
+                Some("mesh:orders.svc"),
+                "{xfcc}"
+            );
+        }
     }
 
     /// A self-signed certificate's DER with these SANs.
