@@ -355,6 +355,11 @@ mod tests {
             assert_eq!(mesh_identity("l5d-client-id", bad), None, "{bad:?}");
         }
         assert_eq!(mesh_identity(XFCC, "Hash=ab;Subject=\"CN=x\""), None);
+        // Outside quotes a backslash is an ordinary character.
+        assert_eq!(
+            mesh_identity(XFCC, r"Hash=a\;URI=spiffe://c/ns/orders/sa/orders").as_deref(),
+            Some("mesh:spiffe://c/ns/orders/sa/orders")
+        );
         // A quoted value (escaped quotes too) cannot smuggle in a URI of its
         // own, across either separator.
         for subject in [
