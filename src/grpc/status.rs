@@ -15,7 +15,7 @@ use prost_types::Any;
 use tonic::{Code, Status};
 use tonic_types::pb::{BadRequest, RetryInfo, bad_request::FieldViolation};
 
-use super::operation_error::OperationError;
+use super::operation_error::{MAX_VIOLATIONS, OperationError};
 use crate::auth::AuthError;
 use crate::budget::{BudgetError, Rejection};
 use crate::domain::InvalidRequest;
@@ -32,14 +32,14 @@ use vendor::{proto_field, reason_from_vendor, truncate};
 pub const DOMAIN: &str = "provisioning-gateway";
 /// Longest upstream `text` copied into a status message, in bytes.
 const MAX_MESSAGE: usize = 512;
-/// Most vendor validation errors copied into `BadRequest`, and most bytes
-/// of them (field paths and descriptions); each at most [`MAX_VIOLATION`]
-/// bytes. Together with the message, the details stay far under the 8 KiB
-/// of headers common gRPC clients accept (`grpc-status-details-bin` is
-/// base64: 4/3 of these bytes); a vendor 400 listing thousands of problems
-/// would otherwise reach the caller as a protocol error. What is left out
-/// is counted in the ErrorInfo metadata `violations_omitted`.
-const MAX_VIOLATIONS: usize = 20;
+/// Most bytes of vendor validation errors copied into `BadRequest` (field
+/// paths and descriptions), at most [`MAX_VIOLATIONS`] of them (the bound
+/// batch refusals have too), each at most [`MAX_VIOLATION`] bytes. Together
+/// with the message, the details stay far under the 8 KiB of headers common
+/// gRPC clients accept (`grpc-status-details-bin` is base64: 4/3 of these
+/// bytes); a vendor 400 listing thousands of problems would otherwise reach
+/// the caller as a protocol error. What is left out is counted in the
+/// ErrorInfo metadata `violations_omitted`.
 const MAX_VIOLATION_BYTES: usize = 2048;
 const MAX_VIOLATION: usize = 200;
 /// `RetryInfo` is rounded up to this: a hint need not be finer, and identical
@@ -224,10 +224,7 @@ impl CallError {
             retry_after,
         }) = self
         else {
-            return match self {
-                Self::Replayed(status) => from_rpc(status),
-                _ => self.build_status(account),
-            };
+            return self.build_status(account);
         };
         thread_local! {
             static LAST_REFUSAL: RefCell<Option<(String, Rejection, Duration, Status)>> =
@@ -459,6 +456,34 @@ mod tests {
         assert_eq!(violations.len(), 1);
         assert_eq!(violations[0].field, "request_id");
         assert_eq!(details.error_info().unwrap().reason, "REQUEST_ID_REUSED");
+    }
+
+    #[test]
+    fn an_invalid_batch_shows_twenty_violations_and_counts_the_rest() {
+        let invalid = |n: usize| {
+            let all = (0..n)
+                .map(|i| (format!("requests[{i}].resource_id"), "is empty".to_owned()))
+                .collect();
+            CallError::Operation(OperationError::InvalidBatch(all)).to_status("default")
+        };
+        let status = invalid(MAX_VIOLATIONS + 5);
+        assert_eq!(status.code(), Code::InvalidArgument);
+        let details = status.get_error_details();
+        let shown = &details.bad_request().unwrap().field_violations;
+        assert_eq!(shown.len(), MAX_VIOLATIONS);
+        let last = MAX_VIOLATIONS - 1;
+        assert_eq!(shown[last].field, format!("requests[{last}].resource_id"));
+        let info = details.error_info().unwrap();
+        assert_eq!(info.metadata["violations_omitted"], "5");
+        // None left out: no count at all.
+        let details = invalid(MAX_VIOLATIONS).get_error_details();
+        let shown = &details.bad_request().unwrap().field_violations;
+        assert_eq!(shown.len(), MAX_VIOLATIONS);
+        let info = details.error_info().unwrap();
+        assert!(
+            !info.metadata.contains_key("violations_omitted"),
+            "{info:?}"
+        );
     }
 
     #[test]
