@@ -572,6 +572,35 @@ mod tests {
         assert_eq!(info.metadata["http_status"], "400");
     }
 
+    #[test]
+    fn vendor_violations_are_cut_at_their_count_or_their_bytes_whichever_comes_first() {
+        // `n` problems of `size` bytes each (field path and description).
+        let shown_and_omitted = |n: usize, size: usize| {
+            let problem = "x".repeat(size - "field000".len());
+            let e = ServiceException {
+                message_id: Some("BAD_REQUEST".into()),
+                text: Some("Bad request".into()),
+                validation_errors: (0..n)
+                    .map(|i| (format!("field{i:03}"), vec![problem.clone()]))
+                    .collect(),
+            };
+            let details = reply(400, Some(e)).to_status("default").get_error_details();
+            let shown = &details.bad_request().unwrap().field_violations;
+            let fields: Vec<String> = shown.iter().map(|v| v.field.clone()).collect();
+            let info = details.error_info().unwrap();
+            (fields, info.metadata["violations_omitted"].clone())
+        };
+        // 2 KiB holds ten of 200 bytes; the count bound alone lets fifteen in.
+        let (fields, omitted) = shown_and_omitted(15, 200);
+        assert_eq!(fields.len(), MAX_VIOLATION_BYTES / 200, "{fields:?}");
+        assert_eq!((&*fields[0], &*fields[9]), ("field000", "field009"));
+        assert_eq!(omitted, "5");
+        // Small ones stop at the count.
+        let (fields, omitted) = shown_and_omitted(MAX_VIOLATIONS + 5, 20);
+        assert_eq!(fields.len(), MAX_VIOLATIONS, "{fields:?}");
+        assert_eq!(omitted, "5");
+    }
+
     proptest! {
         #[test]
         fn any_upstream_answer_maps_to_a_status_with_one_error_info(
