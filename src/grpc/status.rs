@@ -570,6 +570,11 @@ mod tests {
         let info = d.error_info().unwrap();
         assert_eq!(info.reason, "BAD_REQUEST");
         assert_eq!(info.metadata["http_status"], "400");
+        // Nothing left out, nothing counted.
+        assert!(
+            !info.metadata.contains_key("violations_omitted"),
+            "{info:?}"
+        );
     }
 
     #[test]
