@@ -528,6 +528,19 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_slot_moved_to_the_last_instant_a_late_claim_is_kept_is_served_at_it() {
+        let q = line_with(&store());
+        let start = Instant::now();
+        q.wait_turn(&anon(), start + FAR).await.unwrap();
+        let at = join(&q, &anon(), start + T * 2).await;
+        // A 429 moves the next slot to the deadline and the 50 ms a late
+        // claim is allowed, exactly: still in time.
+        let kept = start + T * 2 + Duration::from_millis(50);
+        q.pushback(Some(kept - Instant::now())).await;
+        assert_eq!(at.await.unwrap(), kept);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn pushback_delays_the_next_turn_and_backs_off() {
         let q = line_with(&store());
         q.wait_turn(&anon(), Instant::now() + FAR).await.unwrap();
