@@ -51,7 +51,6 @@ impl RedisServer {
         self.port
     }
 
-    /// `redis://[:password@]127.0.0.1:port`
     /// A Redis store of the gateway's, connected to this server.
     pub async fn store(&self) -> std::sync::Arc<provisioning_gateway::testing::RedisStore> {
         use provisioning_gateway::config::{RedisConfig, RedisUrl};
@@ -62,6 +61,7 @@ impl RedisServer {
         std::sync::Arc::new(store)
     }
 
+    /// `redis://[:password@]127.0.0.1:port`
     pub fn url(&self) -> String {
         match &self.password {
             Some(p) => format!("redis://:{p}@127.0.0.1:{}", self.port),
